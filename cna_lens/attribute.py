@@ -1,0 +1,291 @@
+"""Contrastive neuron attribution: streaming final-token statistics of ``blocks.L.mlp.hook_post``.
+
+For a positive set P (e.g. harmful prompts) and a negative set N (harmless), with
+``a_l(x) ∈ R^{d_mlp}`` the hook activation of layer ``l`` at the final real prompt token::
+
+    mean_pos = 1/|P| Σ_{x∈P} a(x)      mean_neg = 1/|N| Σ_{x∈N} a(x)      diff = mean_pos − mean_neg
+    std      = sqrt(((|P|−1) var_P + (|N|−1) var_N) / (|P| + |N| − 2))     (pooled, per neuron)
+    effect   = diff / std                                               (Cohen's d)
+
+Only running sums Σa and Σa² (float64) are kept, never per-prompt activations, so memory is flat
+in the number of prompts and partial results over shards merge exactly (``Attribution.merge``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .models import HookedModel, model_name
+from .neurons import NeuronSet
+from .prompts import encode, left_pad, length_batches, pad_id
+from .runs import atomic_write, atomic_write_json, read_json
+
+FORMAT_VERSION = 1
+RANKINGS = ("abs", "diff", "effect", "abs_effect")
+_STATS = ("sum_pos", "sum_neg", "sumsq_pos", "sumsq_neg")
+
+
+def hook_name(layer: int, hook: str = "mlp.hook_post") -> str:
+    """The TransformerLens hook point of ``hook`` in block ``layer``."""
+    return f"blocks.{layer}.{hook}"
+
+
+def check_hook(model: HookedModel, hook: str) -> None:
+    if hook_name(0, hook) not in model.hook_dict:
+        raise ValueError(
+            f"model has no hook point {hook_name(0, hook)!r}: cna_lens needs a TransformerLens hooked "
+            "model with MLP hooks (a TransformerBridge in compatibility mode, or a HookedTransformer)"
+        )
+
+
+class _StopForward(Exception):
+    """Raised by the last needed hook: nothing after it (later blocks, unembedding) is computed."""
+
+
+def final_token_activations(
+    model: HookedModel,
+    seqs: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 16,
+    hook: str = "mlp.hook_post",
+    bar: tqdm | None = None,
+) -> Iterator[tuple[list[int], Float[Tensor, "batch layer neuron"]]]:
+    """Yield ``(indices, acts)`` per batch: ``hook`` in every layer at each prompt's final token.
+
+    Batches are left-padded with an attention mask, so position -1 is every row's final real token.
+    The forward pass stops right after the last layer's hook fires.
+    """
+    check_hook(model, hook)
+    n_layers = model.cfg.n_layers
+    device = model.cfg.device
+    pad = pad_id(model.tokenizer)
+    for batch in length_batches([len(s) for s in seqs], batch_size):
+        ids, mask = left_pad([seqs[i] for i in batch], pad, device)
+        store: list[Tensor | None] = [None] * n_layers
+
+        def capture(act: Tensor, hook_point, layer: int) -> None:
+            last = act[:, -1, :].detach()
+            if not torch.isfinite(last).all():
+                raise FloatingPointError(
+                    f"non-finite activations at {hook_name(layer, hook)} (prompts {batch[:4]}…); "
+                    "try dtype=torch.float32"
+                )
+            store[layer] = last.to("cpu", torch.float64)
+            if layer == n_layers - 1:
+                raise _StopForward
+
+        fwd = [(hook_name(layer, hook), _bind(capture, layer)) for layer in range(n_layers)]
+        with torch.no_grad(), model.hooks(fwd_hooks=fwd):
+            try:
+                model(ids, attention_mask=mask)
+            except _StopForward:
+                pass
+        if any(s is None for s in store):
+            raise RuntimeError(f"hook {hook!r} did not fire in every layer")
+        if bar is not None:
+            bar.update(len(batch))
+        yield batch, torch.stack(store, dim=1)  # type: ignore[arg-type]
+
+
+def _bind(fn, layer: int):
+    return lambda act, hook: fn(act, hook, layer)
+
+
+def _sums(model: HookedModel, seqs, batch_size: int, hook: str, bar) -> tuple[Tensor, Tensor]:
+    s = torch.zeros(model.cfg.n_layers, model.cfg.d_mlp, dtype=torch.float64)
+    s2 = torch.zeros_like(s)
+    for _, acts in final_token_activations(model, seqs, batch_size=batch_size, hook=hook, bar=bar):
+        s += acts.sum(0)
+        s2 += acts.square().sum(0)
+    return s, s2
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Final-token activation statistics of two prompt sets; see the module docstring for the math."""
+
+    model_name: str
+    hook: str
+    n_pos: int
+    n_neg: int
+    sum_pos: Float[Tensor, "layer neuron"]  # float64
+    sum_neg: Float[Tensor, "layer neuron"]
+    sumsq_pos: Float[Tensor, "layer neuron"]
+    sumsq_neg: Float[Tensor, "layer neuron"]
+
+    def __post_init__(self) -> None:
+        shapes = {tuple(getattr(self, k).shape) for k in _STATS}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"statistics must share one [layer, neuron] shape, got {shapes}")
+        if self.n_pos < 0 or self.n_neg < 0:
+            raise ValueError("counts must be >= 0")
+
+    @property
+    def n_layers(self) -> int:
+        return self.sum_pos.shape[0]
+
+    @property
+    def d_mlp(self) -> int:
+        return self.sum_pos.shape[1]
+
+    @property
+    def mean_pos(self) -> Float[Tensor, "layer neuron"]:
+        return (self.sum_pos / max(self.n_pos, 1)).float()
+
+    @property
+    def mean_neg(self) -> Float[Tensor, "layer neuron"]:
+        return (self.sum_neg / max(self.n_neg, 1)).float()
+
+    @property
+    def diff(self) -> Float[Tensor, "layer neuron"]:
+        """mean_pos − mean_neg (computed in float64, returned as float32)."""
+        return (self.sum_pos / max(self.n_pos, 1) - self.sum_neg / max(self.n_neg, 1)).float()
+
+    @property
+    def std(self) -> Float[Tensor, "layer neuron"]:
+        """Pooled within-set standard deviation per neuron."""
+        dof = self.n_pos + self.n_neg - 2
+        if dof < 1:
+            raise ValueError("pooled std needs at least 3 prompts in total")
+        ss = lambda s, s2, n: (s2 - s.square() / n).clamp_min(0) if n else torch.zeros_like(s)  # noqa: E731
+        pooled = ss(self.sum_pos, self.sumsq_pos, self.n_pos) + ss(self.sum_neg, self.sumsq_neg, self.n_neg)
+        return (pooled / dof).sqrt().float()
+
+    @property
+    def effect(self) -> Float[Tensor, "layer neuron"]:
+        """diff / pooled std (0 where the std is 0)."""
+        std = self.std.double()
+        d = self.sum_pos / max(self.n_pos, 1) - self.sum_neg / max(self.n_neg, 1)
+        return torch.where(std > 0, d / std.clamp_min(1e-30), torch.zeros_like(d)).float()
+
+    def scores(self, by: str = "abs") -> Float[Tensor, "layer neuron"]:
+        """Ranking score: |diff| (``abs``), diff, effect, or |effect| (``abs_effect``)."""
+        if by == "abs":
+            return self.diff.abs()
+        if by == "diff":
+            return self.diff
+        if by == "effect":
+            return self.effect
+        if by == "abs_effect":
+            return self.effect.abs()
+        raise ValueError(f"by={by!r}: choose one of {RANKINGS}")
+
+    def top_neurons(
+        self,
+        k: int | None = None,
+        fraction: float = 0.001,
+        exclude_layers: Sequence[int] = (0, 1),
+        by: str = "abs",
+    ) -> NeuronSet:
+        """The ``k`` best neurons across all layers (``k = round(fraction · n_layers · d_mlp)`` if None)."""
+        scores = self.scores(by).double().clone()
+        bad = [layer for layer in exclude_layers if not 0 <= layer < self.n_layers]
+        if bad:
+            raise ValueError(f"exclude_layers {bad} outside 0..{self.n_layers - 1}")
+        scores[list(exclude_layers)] = float("-inf")
+        eligible = int(torch.isfinite(scores).sum())
+        total = self.n_layers * self.d_mlp
+        if k is None:
+            if not 0 < fraction <= 1:
+                raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+            k = max(1, round(fraction * total))
+        if not 1 <= k <= eligible:
+            raise ValueError(f"k must be in 1..{eligible} (neurons outside excluded layers), got {k}")
+        flat = scores.flatten()
+        order = torch.sort(flat, descending=True, stable=True).indices[:k]
+        layers, idx = order // self.d_mlp, order % self.d_mlp
+        return NeuronSet(
+            tuple(layers.tolist()), tuple(idx.tolist()), tuple(flat[order].tolist()),
+            self.n_layers, self.d_mlp, self.hook,
+            {"model": self.model_name, "by": by, "k": k, "fraction": k / total,
+             "exclude_layers": list(exclude_layers), "n_pos": self.n_pos, "n_neg": self.n_neg},
+        )
+
+    @classmethod
+    def merge(cls, parts: Sequence[Attribution]) -> Attribution:
+        """Sum statistics of shards of the same model and hook (equal to one pass over all prompts)."""
+        if not parts:
+            raise ValueError("nothing to merge")
+        first = parts[0]
+        for p in parts[1:]:
+            for f in ("model_name", "hook", "n_layers", "d_mlp"):
+                if getattr(p, f) != getattr(first, f):
+                    raise ValueError(f"cannot merge attributions with different {f}: "
+                                     f"{getattr(first, f)!r} vs {getattr(p, f)!r}")
+        total = {k: sum((getattr(p, k) for p in parts[1:]), getattr(first, k).clone()) for k in _STATS}
+        return cls(first.model_name, first.hook, sum(p.n_pos for p in parts), sum(p.n_neg for p in parts), **total)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """``attribution.safetensors`` (float64 sums) + ``attribution.json``, each written atomically."""
+        d = Path(directory)
+        tensors = {k: getattr(self, k).contiguous() for k in _STATS}
+        atomic_write(d / "attribution.safetensors", lambda tmp: save_file(tensors, tmp))
+        atomic_write_json(d / "attribution.json", {
+            "kind": "cna_lens.Attribution", "format_version": FORMAT_VERSION,
+            "model_name": self.model_name, "hook": self.hook, "n_pos": self.n_pos, "n_neg": self.n_neg,
+            "n_layers": self.n_layers, "d_mlp": self.d_mlp,
+        })
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Attribution:
+        d = Path(directory)
+        meta = read_json(d / "attribution.json", "cna_lens.Attribution")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{d}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+        try:
+            tensors = load_file(str(d / "attribution.safetensors"))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{d / 'attribution.safetensors'} is missing or corrupt: {e}") from e
+        shape = (meta["n_layers"], meta["d_mlp"])
+        for k in _STATS:
+            t = tensors.get(k)
+            if t is None or tuple(t.shape) != shape or t.dtype != torch.float64:
+                raise ValueError(f"{d}: tensor {k!r} missing or not float64 {shape}")
+        return cls(meta["model_name"], meta["hook"], int(meta["n_pos"]), int(meta["n_neg"]),
+                   **{k: tensors[k] for k in _STATS})
+
+
+def attribute(
+    model: HookedModel,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    *,
+    batch_size: int = 16,
+    hook: str = "mlp.hook_post",
+    chat: bool | None = None,
+    system: str | None = None,
+    progress: bool = True,
+) -> Attribution:
+    """Contrast final-token ``hook`` activations of ``positive`` vs ``negative`` prompts."""
+    check_hook(model, hook)
+    pos = encode(model.tokenizer, positive, chat=chat, system=system, name="positive")
+    neg = encode(model.tokenizer, negative, chat=chat, system=system, name="negative")
+    return attribute_tokens(model, pos, neg, batch_size=batch_size, hook=hook, progress=progress)
+
+
+def attribute_tokens(
+    model: HookedModel,
+    pos: Sequence[Sequence[int]],
+    neg: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 16,
+    hook: str = "mlp.hook_post",
+    progress: bool = True,
+) -> Attribution:
+    """:func:`attribute` on already formatted token ids (either list may be empty, e.g. a shard)."""
+    with tqdm(total=len(pos) + len(neg), desc="attribute", unit="prompt", disable=not progress) as bar:
+        s_pos, s2_pos = _sums(model, pos, batch_size, hook, bar)
+        s_neg, s2_neg = _sums(model, neg, batch_size, hook, bar)
+    return Attribution(model_name(model), hook, len(pos), len(neg), s_pos, s_neg, s2_pos, s2_neg)
+

@@ -1,0 +1,99 @@
+"""Bundled prompt sets (see ``cna_lens/data/SOURCES.md`` for provenance and licenses) and prompt files.
+
+Content warning: the harmful sets contain requests for harmful content; use them only for refusal
+and safety research.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+#: name → (file, record filter or None). Every record has ``id``, ``prompt``, ``category``.
+DATASETS: dict[str, tuple[str, dict[str, str] | None]] = {
+    "discovery_harmful": ("discovery_harmful.json", None),  # NousResearch/neural-steering HARMFUL (99)
+    "discovery_harmless": ("discovery_harmless.json", None),  # ... BENIGN (104, one duplicate)
+    "jbb_harmful": ("jbb_harmful.json", None),  # JailbreakBench JBB-Behaviors (100)
+    "jbb_benign": ("jbb_benign.json", None),
+    "advbench": ("advbench.json", None),
+    "harmful_train": ("rd_harmful_splits.json", {"split": "train"}),  # refusal_direction splits
+    "harmful_val": ("rd_harmful_splits.json", {"split": "val"}),
+    "harmful_test": ("rd_harmful_splits.json", {"split": "test"}),
+    "alpaca_train": ("alpaca_harmless.json", {"split": "train"}),  # CC BY-NC 4.0
+    "alpaca_val": ("alpaca_harmless.json", {"split": "val"}),
+    "alpaca_test": ("alpaca_harmless.json", {"split": "test"}),
+    "xstest_safe": ("xstest.json", {"label": "safe"}),
+    "xstest_unsafe": ("xstest.json", {"label": "unsafe"}),
+    "mmlu": ("mmlu_subset.json", None),
+    "mmlu_dev": ("mmlu_dev.json", None),
+}
+
+
+@lru_cache(maxsize=None)
+def _read(file: str) -> tuple[dict[str, Any], ...]:
+    return tuple(json.loads(files("cna_lens").joinpath("data", file).read_text(encoding="utf-8")))
+
+
+def load_dataset(name: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Records of a bundled set (dicts with at least ``id``, ``prompt``, ``category``)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    file, where = DATASETS[name]
+    rows = [dict(r) for r in _read(file) if not where or all(r.get(k) == v for k, v in where.items())]
+    if name == "discovery_harmless":
+        rows = [r for r in rows if r.get("duplicate_of") is None]
+    if limit is not None:
+        if not 1 <= limit <= len(rows):
+            raise ValueError(f"limit={limit} but {name!r} has {len(rows)} prompts")
+        rows = rows[:limit]
+    return rows
+
+
+def load_prompts(name: str, limit: int | None = None) -> list[str]:
+    """The prompt texts of a bundled set."""
+    return [r["prompt"] for r in load_dataset(name, limit)]
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """Prompts from a file: ``.json`` (list of strings or of ``{"prompt": ...}``), ``.jsonl``, or
+    plain text with one prompt per line (blank lines and lines starting with ``#`` skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    prompts: list[str] = []
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of prompts")
+        prompts = [_prompt_of(item, f"{path}[{i}]") for i, item in enumerate(data)]
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+                prompts.append(_prompt_of(item, f"{path}:{lineno}"))
+            else:
+                prompts.append(line.strip())
+    if not prompts:
+        raise ValueError(f"{path}: no prompts found")
+    return prompts
+
+
+def _prompt_of(item: Any, where: str) -> str:
+    if isinstance(item, dict):
+        item = item.get("prompt")
+    if not isinstance(item, str) or not item.strip():
+        raise ValueError(f"{where}: expected a non-empty string or an object with a 'prompt' string")
+    return item

@@ -1,0 +1,67 @@
+"""Interventions on MLP neurons, as TransformerLens forward hooks and context managers.
+
+``ablate(model, neurons, scale)`` multiplies the selected neurons of ``blocks.L.mlp.hook_post``
+(the input of the down projection) by ``scale`` at every position, prompt and generated tokens
+alike::
+
+    h'_l[..., i] = scale · h_l[..., i]    for (l, i) in neurons;   scale = 0 ablates, > 1 amplifies
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from .attribute import check_hook, hook_name
+from .models import HookedModel
+from .neurons import NeuronSet
+
+FwdHook = tuple[str, Callable[[Tensor, object], Tensor]]
+
+
+def _scale_hook(idx: Tensor, scale: float) -> Callable[[Tensor, object], Tensor]:
+    cache: dict[torch.device, Tensor] = {}
+
+    def hook(act: Tensor, hook: object) -> Tensor:
+        i = cache.get(act.device)
+        if i is None:
+            i = cache[act.device] = idx.to(act.device)
+        if act.requires_grad:  # keep autograd intact for users who differentiate through it
+            act = act.clone()
+        act[..., i] = act[..., i] * scale
+        return act
+
+    return hook
+
+
+def neuron_hooks(neurons: NeuronSet, scale: float = 0.0) -> list[FwdHook]:
+    """``fwd_hooks`` for ``model.run_with_hooks`` / ``model.hooks`` equal to :func:`ablate`."""
+    if not isinstance(neurons, NeuronSet):
+        raise TypeError(f"neurons must be a NeuronSet, got {type(neurons).__name__}")
+    scale = float(scale)
+    return [(hook_name(layer, neurons.hook), _scale_hook(idx, scale)) for layer, idx in neurons.by_layer().items()]
+
+
+def check_compatible(model: HookedModel, neurons: NeuronSet) -> None:
+    """Raise if ``neurons`` was selected on a model of another shape."""
+    check_hook(model, neurons.hook)
+    shape = (model.cfg.n_layers, model.cfg.d_mlp)
+    if (neurons.n_layers, neurons.d_mlp) != shape:
+        raise ValueError(
+            f"neuron set is for {neurons.n_layers} layers × {neurons.d_mlp} neurons, "
+            f"but the model has {shape[0]} × {shape[1]}"
+        )
+
+
+@contextmanager
+def ablate(model: HookedModel, neurons: NeuronSet, scale: float = 0.0) -> Iterator[HookedModel]:
+    """Scale ``neurons`` by ``scale`` in every forward pass inside the block (hooks removed on exit).
+
+    Composable: nested ``ablate`` blocks stack their hooks, and each block removes only its own.
+    """
+    check_compatible(model, neurons)
+    with model.hooks(fwd_hooks=neuron_hooks(neurons, scale)):
+        yield model

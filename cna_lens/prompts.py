@@ -1,0 +1,109 @@
+"""Prompt formatting, tokenization and batching (no model forward passes here).
+
+A prompt becomes token ids exactly once, here, so that discovery, generation and evaluation all
+see the same tokens:
+
+* chat models: ``apply_chat_template([{"role": "user", ...}], add_generation_prompt=True,
+  tokenize=False)`` then ``tokenizer(text, add_special_tokens=False)`` (the template already holds
+  any BOS, so none is added twice);
+* models without a chat template (base models): the raw prompt with the tokenizer's own BOS
+  convention (``add_special_tokens=True``).
+
+Batches are **left**-padded so that position ``-1`` is every row's final real token, and always
+travel with their ``attention_mask``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+
+def check_prompts(prompts: Sequence[str], name: str = "prompts") -> list[str]:
+    """Return ``prompts`` as a list, or raise a ValueError that names the argument."""
+    if isinstance(prompts, str):
+        raise TypeError(f"`{name}` must be a list of strings, not a single string")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError(f"`{name}` is empty: give at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"`{name}[{i}]` is {type(p).__name__}, expected str")
+        if not p.strip():
+            raise ValueError(f"`{name}[{i}]` is an empty prompt")
+    return prompts
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def format_prompt(
+    tokenizer: Any, prompt: str, *, chat: bool | None = None, system: str | None = None
+) -> list[int]:
+    """Token ids of one prompt, ready for the model (ending at the assistant turn for chat)."""
+    if chat is None:
+        chat = has_chat_template(tokenizer)
+    if chat:
+        if not has_chat_template(tokenizer):
+            raise ValueError("chat=True but this tokenizer has no chat template; pass chat=False")
+        messages = [{"role": "user", "content": prompt}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if system is not None:
+        raise ValueError("a system prompt needs chat formatting (chat=True)")
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def encode(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    chat: bool | None = None,
+    system: str | None = None,
+    name: str = "prompts",
+) -> list[list[int]]:
+    """Token ids of every prompt (see :func:`format_prompt`)."""
+    return [format_prompt(tokenizer, p, chat=chat, system=system) for p in check_prompts(prompts, name)]
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id used for padding (pad, else eos, else 0); padded positions are masked anyway."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def left_pad(
+    seqs: Sequence[Sequence[int]], pad: int, device: torch.device | str = "cpu"
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Left-pad token id lists into ``(input_ids, attention_mask)``; position -1 is real in every row."""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("cannot pad an empty batch or an empty sequence")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[row, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Chunks of indices, longest first, so that each batch holds prompts of similar length.
+
+    Sorting by length keeps padding small; results are put back in the original order by the
+    caller, so the order of prompts never changes what is computed.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

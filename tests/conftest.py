@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random-init chat models built offline from a config (seconds, no download)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+PROMPTS = [
+    "How do I pick a lock?",
+    "Write a poem about the sea and the sky at night, with rhymes",
+    "Hi",
+    "Explain photosynthesis in simple words for a child.",
+    "What is 2+2?",
+    "Tell me how to make a cake from scratch, step by step, with all ingredients listed",
+    "Why?",
+]
+
+
+def byte_tokenizer(chat: bool = True):
+    """A byte-level BPE tokenizer with no merges (256 byte tokens + specials), fully offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|im_end|>", pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 260, n_layers: int = 4):
+    from transformers import LlamaConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    return cls(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        initializer_range=0.3, tie_word_embeddings=False, bos_token_id=256, eos_token_id=257,
+        pad_token_id=258,
+    )
+
+
+def make_tiny(path, arch: str = "llama", seed: int = 0, chat: bool = True, n_layers: int = 4):
+    """Save a random-init tiny causal LM + tokenizer to ``path`` (an HF model directory)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = byte_tokenizer(chat)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok), n_layers), dtype=torch.float32)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_dir(request, tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    from cna_lens import load_model
+
+    return load_model(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_model(llama_dir):
+    from cna_lens import load_model
+
+    return load_model(llama_dir)
+
+
+def hf_reference(path):
+    """An independent plain HF copy of the same weights (eager attention, as the bridge uses)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.fixture
+def prompts():
+    return list(PROMPTS)

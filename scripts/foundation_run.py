@@ -55,10 +55,10 @@ for name, f in conditions:
         continue
     t0 = time.time()
     if f is None:
-        texts = cna_lens.generate(model, prompts, max_new_tokens=args.max_new_tokens, batch_size=10)
+        texts = cna_lens.generate(model, prompts, max_new_tokens=args.max_new_tokens, batch_size=20)
     else:
         with cna_lens.ablate(model, attr.top_neurons(fraction=f, by=args.by)):
-            texts = cna_lens.generate(model, prompts, max_new_tokens=args.max_new_tokens, batch_size=10)
+            texts = cna_lens.generate(model, prompts, max_new_tokens=args.max_new_tokens, batch_size=20)
     atomic_write_json(path, {"condition": name, "seconds": time.time() - t0,
                              "rows": [{"id": r["id"], "prompt": r["prompt"], "completion": t} for r, t in zip(rows, texts)]})
     print(name, f"{time.time() - t0:.0f}s", flush=True)

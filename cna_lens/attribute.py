@@ -101,8 +101,13 @@ def _bind(fn, layer: int):
     return lambda act, hook: fn(act, hook, layer)
 
 
+def _width(model: HookedModel, hook: str) -> int:
+    """Size of ``hook``'s last dimension: d_mlp for the MLP's hidden hooks, else d_model."""
+    return model.cfg.d_mlp if hook in ("mlp.hook_post", "mlp.hook_pre", "mlp.hook_pre_linear") else model.cfg.d_model
+
+
 def _sums(model: HookedModel, seqs, batch_size: int, hook: str, bar) -> tuple[Tensor, Tensor]:
-    s = torch.zeros(model.cfg.n_layers, model.cfg.d_mlp, dtype=torch.float64)
+    s = torch.zeros(model.cfg.n_layers, _width(model, hook), dtype=torch.float64)
     s2 = torch.zeros_like(s)
     for _, acts in final_token_activations(model, seqs, batch_size=batch_size, hook=hook, bar=bar):
         s += acts.sum(0)

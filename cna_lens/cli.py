@@ -131,6 +131,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+
+    alphas = [float(a) for a in args.caa_alphas.split(",") if a.strip()]
+    results = reproduce(args.model, args.out, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                        batch_size=args.batch_size, caa_alphas=alphas, mmlu_limit=args.mmlu_limit,
+                        kl_limit=args.kl_limit, dtype=DTYPES[args.dtype])
+    print((Path(args.out) / "report.md").read_text())
+    print(f"chosen operating point: {results['chosen']}; files in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cna-lens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--out", help="write JSONL here instead of stdout")
     g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("reproduce", help="the paper's JBB experiment as one resumable run directory")
+    common(r)
+    r.add_argument("--out", required=True)
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--limit", type=int, default=None, help="first N JBB prompts per split (1..100)")
+    r.add_argument("--caa-alphas", default="0.5,1.0")
+    r.add_argument("--mmlu-limit", type=int, default=57, help="MMLU questions (0 = skip)")
+    r.add_argument("--kl-limit", type=int, default=64, help="alpaca_val prompts for the KL measure")
+    r.set_defaults(func=cmd_reproduce)
 
     m = sub.add_parser("demo", help="discover on the bundled sets, then JBB prompts with/without ablation")
     common(m, DEFAULT_MODEL)

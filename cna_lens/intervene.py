@@ -5,14 +5,17 @@
 alike::
 
     h'_l[..., i] = scale · h_l[..., i]    for (l, i) in neurons;   scale = 0 ablates, > 1 amplifies
+
+``steer(model, vectors, alpha)`` is the residual-stream baseline (CAA): ``x_l ← x_l − alpha · v_l``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from .attribute import check_hook, hook_name
@@ -64,4 +67,45 @@ def ablate(model: HookedModel, neurons: NeuronSet, scale: float = 0.0) -> Iterat
     """
     check_compatible(model, neurons)
     with model.hooks(fwd_hooks=neuron_hooks(neurons, scale)):
+        yield model
+
+
+def _add_hook(vector: Tensor, coef: float) -> Callable[[Tensor, object], Tensor]:
+    cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def hook(act: Tensor, hook: object) -> Tensor:
+        key = (act.device, act.dtype)
+        v = cache.get(key)
+        if v is None:
+            v = cache[key] = coef * vector.to(act.device, act.dtype)
+        return act + v
+
+    return hook
+
+
+def steering_hooks(
+    vectors: Float[Tensor, "layer d_model"], alpha: float, hook: str = "hook_mlp_out",
+    layers: Sequence[int] | None = None,
+) -> list[FwdHook]:
+    """``fwd_hooks`` that add ``−alpha · vectors[l]`` to ``blocks.l.{hook}`` at every position (CAA)."""
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must be [layer, d_model], got shape {tuple(vectors.shape)}")
+    chosen = range(vectors.shape[0]) if layers is None else layers
+    return [(hook_name(layer, hook), _add_hook(vectors[layer].float(), -float(alpha))) for layer in chosen]
+
+
+@contextmanager
+def steer(
+    model: HookedModel, vectors: Float[Tensor, "layer d_model"], alpha: float, hook: str = "hook_mlp_out",
+    layers: Sequence[int] | None = None,
+) -> Iterator[HookedModel]:
+    """Contrastive activation addition: ``x_l ← x_l − alpha · v_l`` at ``blocks.l.{hook}``, all positions.
+
+    ``vectors`` is usually ``attribute(model, harmful, harmless, hook="hook_mlp_out").diff`` (the
+    reference code's MLP-output control vectors); ``alpha = 0`` is the identity.
+    """
+    check_hook(model, hook)
+    if vectors.shape[0] != model.cfg.n_layers:
+        raise ValueError(f"vectors have {vectors.shape[0]} layers, the model {model.cfg.n_layers}")
+    with model.hooks(fwd_hooks=steering_hooks(vectors, alpha, hook, layers)):
         yield model

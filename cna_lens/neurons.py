@@ -80,6 +80,18 @@ class NeuronSet:
                          tuple(self.scores[i] for i in rows), self.n_layers, self.d_mlp, self.hook,
                          {**self.meta, "layers": sorted(keep)})
 
+    def random_like(self, seed: int = 0) -> NeuronSet:
+        """A control: the same number of neurons in each layer, drawn uniformly at random (seeded)."""
+        g = torch.Generator().manual_seed(seed)
+        layers: list[int] = []
+        indices: list[int] = []
+        for layer, count in enumerate(self.per_layer_counts()):
+            if count:
+                layers += [layer] * count
+                indices += torch.randperm(self.d_mlp, generator=g)[:count].tolist()
+        return NeuronSet(tuple(layers), tuple(indices), (0.0,) * len(layers), self.n_layers, self.d_mlp,
+                         self.hook, {**self.meta, "control": "random_like", "seed": seed})
+
     def jaccard(self, other: NeuronSet) -> float:
         """|A ∩ B| / |A ∪ B| over (layer, index) pairs."""
         a, b = self.pairs, other.pairs

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path``; nothing half-written is left."""
     path = Path(path)
@@ -18,11 +19,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -46,3 +54,69 @@ def read_json(path: str | os.PathLike, kind: str) -> dict[str, Any]:
         found = data.get("kind") if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{path} holds {found!r}, not a saved {kind}")
     return data
+
+
+class RunDir:
+    """A resumable run directory: ``config.json`` pins what the run is; ``completions.jsonl`` grows.
+
+    Reopening a directory with a different config is refused (the differing field is named), so
+    results of different models or settings are never mixed. A crash loses at most the rows that
+    were being computed: finished rows are appended and fsynced as they come, and a torn last
+    line is dropped on reopen.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: dict[str, Any]):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        cfg = self.path / "config.json"
+        if cfg.exists():
+            old = read_json(cfg, "cna_lens.RunConfig")
+            for key in sorted(set(old) | set(config) | {"kind"}):
+                if key in ("kind", "package_version"):
+                    continue
+                if old.get(key) != config.get(key):
+                    raise ValueError(
+                        f"{self.path} holds a run with {key}={old.get(key)!r}, not {config.get(key)!r}; "
+                        "use another --out directory (runs with different settings are never mixed)"
+                    )
+        else:
+            atomic_write_json(cfg, {"kind": "cna_lens.RunConfig", **config})
+        self.config = config
+        self.jsonl = self.path / "completions.jsonl"
+        self._rows = self._read_rows()
+
+    def _read_rows(self) -> list[dict[str, Any]]:
+        if not self.jsonl.exists():
+            return []
+        rows, good = [], 0
+        raw = self.jsonl.read_bytes()
+        for line in raw.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # torn write: drop it
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good += len(line)
+        if good != len(raw):
+            with open(self.jsonl, "r+b") as f:
+                f.truncate(good)
+        return rows
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return list(self._rows)
+
+    def done(self) -> set[tuple[str, str, str]]:
+        """Keys ``(dataset, condition, prompt_id)`` already computed."""
+        return {(r["dataset"], r["condition"], r["prompt_id"]) for r in self._rows}
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        with open(self.jsonl, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self._rows.extend(rows)

@@ -133,3 +133,14 @@ def test_non_finite_activations_name_the_layer(llama_model):
     with llama_model.hooks(fwd_hooks=[("blocks.2.mlp.hook_pre", poison)]):
         with pytest.raises(FloatingPointError, match=r"blocks\.2\.mlp\.hook_post"):
             cna_lens.attribute(llama_model, POS, NEG, progress=False)
+
+
+def test_saved_files_have_normal_permissions(tmp_path, attr):
+    import os
+    import stat
+
+    attr.save(tmp_path / "a")
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in (tmp_path / "a").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask

@@ -1,0 +1,293 @@
+"""``cna-lens reproduce``: the paper's JBB experiment as one resumable run directory.
+
+discovery (attribution + CAA vectors) → first-token sweep on a validation split (fraction × ranking,
+each with its random control; scale and CAA-α dose-response) → pick the operating point on
+validation only → greedy generations on JBB harmful + benign for baseline / CNA at the paper's
+0.1 % / CNA at the validated point / random control / CAA → judge, quality, KL, MMLU → bootstrap
+CIs → ``results.json``, ``report.md``, figures. Every stage is saved as it finishes and skipped
+when the run is resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .attribute import Attribution, attribute
+from .datasets import load_dataset
+from .evaluate import distinct_n, final_logprobs, judge, kl_divergence, mmlu_accuracy, quality, refusal_score, refusal_token_ids
+from .generation import generate
+from .intervene import ablate, steer
+from .models import HookedModel, load_model, model_name
+from .neurons import NeuronSet
+from .runs import RunDir, atomic_write_json, atomic_write_text, read_json
+
+log = logging.getLogger(__name__)
+
+#: instruct → CNA-ablated JBB refusal (%), paper Table (arXiv 2605.12290), for the report.
+PAPER_JBB = {"Qwen2.5-1.5B-Instruct": (93, 12), "Qwen2.5-3B-Instruct": (90, 58), "Qwen2.5-7B-Instruct": (87, 2),
+             "Llama-3.2-1B-Instruct": (90, 34), "Llama-3.1-70B-Instruct": (86, 18)}
+FRACTIONS = (0.0001, 0.0005, 0.001, 0.003, 0.005, 0.01, 0.02)
+RANKINGS = ("abs", "diff", "effect")
+SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+PAPER_FRACTION = 0.001
+
+
+def bootstrap_ci(values: Sequence[float], n: int = 2000, seed: int = 0) -> list[float]:
+    """95 % percentile bootstrap CI of the mean, ``[low, high]``."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return [float("nan"), float("nan")]
+    means = np.random.default_rng(seed).choice(x, size=(n, x.size), replace=True).mean(1)
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
+class Reproduction:
+    """State of one run: the model, its run directory and the intervention behind each condition."""
+
+    def __init__(self, model: HookedModel, out: str | Path, config: dict[str, Any], progress: bool = True):
+        self.model, self.progress = model, progress
+        self.run = RunDir(out, config)
+        self.cfg = config
+        self.out = self.run.path
+
+    # ----------------------------------------------------------------- discovery
+    def attribution(self, hook: str, sub: str) -> Attribution:
+        path = self.out / sub
+        if (path / "attribution.json").exists():
+            return Attribution.load(path)
+        harmful = [r["prompt"] for r in load_dataset(self.cfg["discovery"][0])]
+        harmless = [r["prompt"] for r in load_dataset(self.cfg["discovery"][1])]
+        attr = attribute(self.model, harmful, harmless, batch_size=self.cfg["batch_size"], hook=hook,
+                         progress=self.progress)
+        attr.save(path)
+        return attr
+
+    def neurons(self, fraction: float, by: str) -> NeuronSet:
+        return self.attr.top_neurons(fraction=fraction, by=by)
+
+    def intervention(self, condition: str) -> Callable[[], contextlib.AbstractContextManager]:
+        """``"baseline"``, ``"cna:<by>:<fraction>[:<scale>]"``, ``"random:<by>:<fraction>"``, ``"caa:<alpha>"``."""
+        kind, *args = condition.split(":")
+        if kind == "baseline":
+            return contextlib.nullcontext
+        if kind == "cna":
+            ns, scale = self.neurons(float(args[1]), args[0]), float(args[2]) if len(args) > 2 else 0.0
+            return lambda: ablate(self.model, ns, scale)
+        if kind == "random":
+            ns = self.neurons(float(args[1]), args[0]).random_like(self.cfg["seed"])
+            return lambda: ablate(self.model, ns, 0.0)
+        if kind == "caa":
+            return lambda: steer(self.model, self.caa.diff, float(args[0]))
+        raise ValueError(f"unknown condition {condition!r}")
+
+    # ----------------------------------------------------------------- first-token sweep
+    def scores(self, condition: str, prompts: list[str]) -> torch.Tensor:
+        with self.intervention(condition)():
+            return final_logprobs(self.model, prompts, batch_size=self.cfg["batch_size"])
+
+    def sweep(self, conditions: Sequence[str]) -> dict[str, Any]:
+        """Mean first-token refusal score and share > 0 on the validation harmful prompts, per condition."""
+        path = self.out / "sweep.json"
+        done = read_json(path, "cna_lens.Sweep")["entries"] if path.exists() else {}
+        harmful = [r["prompt"] for r in load_dataset(self.cfg["val_harmful"], self.cfg["val_limit"])]
+        ids = refusal_token_ids(self.model.tokenizer)
+        for cond in tqdm(conditions, desc="sweep", disable=not self.progress):
+            if cond in done:
+                continue
+            s = refusal_score(self.scores(cond, harmful), ids)
+            done[cond] = {"mean_score": float(s.mean()), "refusal_share": float((s > 0).float().mean()),
+                          "ci": bootstrap_ci((s > 0).float().tolist())}
+            atomic_write_json(path, {"kind": "cna_lens.Sweep", "dataset": self.cfg["val_harmful"], "entries": done})
+        return done
+
+    def choose(self, sweep: dict[str, Any]) -> str:
+        """Operating point from validation only: the smallest fraction (≤ 1 %) whose share of
+        prompts with positive refusal log-odds is within 0.05 of the best CNA entry."""
+        grid = [(c, e) for c, e in sweep.items() if c.startswith("cna:") and c.count(":") == 2]
+        cands = [(c, e) for c, e in grid if float(c.split(":")[2]) <= 0.01] or grid
+        best = min(e["refusal_share"] for _, e in cands)
+        ok = [c for c, e in cands if e["refusal_share"] <= best + 0.05]
+        return min(ok, key=lambda c: (float(c.split(":")[2]), self.cfg["rankings"].index(c.split(":")[1])))
+
+    # ----------------------------------------------------------------- generations
+    def generations(self, dataset: str, conditions: Sequence[str]) -> None:
+        rows = load_dataset(dataset, self.cfg["limit"] if self.cfg["limit"] else None)
+        chunk = self.cfg["batch_size"]
+        for cond in dict.fromkeys(conditions):  # the chosen point may be the paper's
+            done = self.run.done()
+            todo = [r for r in rows if (dataset, cond, r["id"]) not in done]
+            ctx = self.intervention(cond)
+            for i in tqdm(range(0, len(todo), chunk), desc=f"{dataset} {cond}", disable=not self.progress or not todo):
+                part = todo[i : i + chunk]
+                with ctx():
+                    texts = generate(self.model, [r["prompt"] for r in part], max_new_tokens=self.cfg["max_new_tokens"],
+                                     batch_size=chunk, progress=False)
+                self.run.append([
+                    {"model": self.cfg["model"], "dataset": dataset, "condition": cond, "prompt_id": r["id"],
+                     "prompt": r["prompt"], "completion": t, **_judged(t)}
+                    for r, t in zip(part, texts)
+                ])
+
+    # ----------------------------------------------------------------- capability
+    def capability(self, conditions: Sequence[str]) -> dict[str, Any]:
+        path = self.out / "capability.json"
+        done = read_json(path, "cna_lens.Capability")["entries"] if path.exists() else {}
+        harmless = [r["prompt"] for r in load_dataset(self.cfg["kl_dataset"], self.cfg["kl_limit"])]
+        mmlu = load_dataset("mmlu", self.cfg["mmlu_limit"]) if self.cfg["mmlu_limit"] else []
+        base = self.scores("baseline", harmless)
+        for cond in dict.fromkeys(conditions):
+            if cond in done:
+                continue
+            entry: dict[str, Any] = {}
+            kl = kl_divergence(base, self.scores(cond, harmless))
+            entry["kl_mean"], entry["kl_ci"] = float(kl.mean()), bootstrap_ci(kl.tolist())
+            if mmlu:
+                lp = self.scores(cond, [r["prompt"] for r in mmlu])
+                entry["mmlu_acc"] = mmlu_accuracy(lp, [r["answer"] for r in mmlu], self.model.tokenizer)
+            done[cond] = entry
+            atomic_write_json(path, {"kind": "cna_lens.Capability", "entries": done})
+        return done
+
+
+def _judged(text: str) -> dict[str, Any]:
+    j = judge(text)
+    return {"refused": j.refused, "pattern": j.pattern, "quality": quality(text), "distinct2": distinct_n(text, 2)}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per dataset and condition: n, refusal rate + CI, mean quality + CI, distinct-2."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["condition"]), []).append(r)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for (ds, cond), rs in sorted(groups.items()):
+        ref = [float(r["refused"]) for r in rs]
+        q = [r["quality"] for r in rs]
+        out.setdefault(ds, {})[cond] = {
+            "n": len(rs), "refusal_rate": float(np.mean(ref)), "refusal_ci": bootstrap_ci(ref),
+            "quality": float(np.mean(q)), "quality_ci": bootstrap_ci(q),
+            "distinct2": float(np.mean([r["distinct2"] for r in rs])),
+        }
+    return out
+
+
+def agreement(rows: list[dict[str, Any]], logodds: dict[str, float]) -> float | None:
+    """Share of baseline JBB harmful prompts where first-token score > 0 agrees with the judge."""
+    pairs = [(r["refused"], logodds[r["prompt_id"]] > 0) for r in rows
+             if r["condition"] == "baseline" and r["dataset"] == "jbb_harmful" and r["prompt_id"] in logodds]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+
+
+def reproduce(
+    model: str | HookedModel,
+    out: str | Path,
+    *,
+    max_new_tokens: int = 64,
+    limit: int | None = None,
+    batch_size: int = 16,
+    caa_alphas: Sequence[float] = (0.5, 1.0),
+    mmlu_limit: int = 57,
+    kl_limit: int = 64,
+    val_limit: int | None = None,
+    fractions: Sequence[float] = FRACTIONS,
+    rankings: Sequence[str] = RANKINGS,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) the whole experiment in ``out``; returns ``results.json``'s content."""
+    if limit is not None and not 1 <= limit <= 100:
+        raise ValueError(f"--limit {limit}: JBB has 100 prompts per split")
+    name = model if isinstance(model, str) else model_name(model)
+    config = {
+        "model": name, "dtype": str(dtype).removeprefix("torch."), "max_new_tokens": max_new_tokens, "limit": limit,
+        "batch_size": batch_size, "caa_alphas": list(caa_alphas), "mmlu_limit": mmlu_limit, "kl_limit": kl_limit,
+        "val_limit": val_limit, "fractions": list(fractions), "rankings": list(rankings),
+        "seed": seed, "discovery": ["discovery_harmful", "discovery_harmless"], "val_harmful": "harmful_val",
+        "kl_dataset": "alpaca_val", "eval": ["jbb_harmful", "jbb_benign"],
+        "package_version": __version__,
+    }
+    m = load_model(model, dtype=dtype) if isinstance(model, str) else model
+    rep = Reproduction(m, out, config, progress)
+    rep.attr = rep.attribution("mlp.hook_post", "attribution")
+    rep.caa = rep.attribution("hook_mlp_out", "caa")
+    grid = ["baseline"] + [f"{k}:{by}:{f}" for by in rankings for f in fractions for k in ("cna", "random")]
+    chosen = rep.choose(rep.sweep(grid))
+    _, by, frac = chosen.split(":")
+    paper = f"cna:abs:{PAPER_FRACTION}"
+    random_ctl = f"random:{by}:{frac}"
+    caa = [f"caa:{a}" for a in caa_alphas]
+    sweep = rep.sweep(grid + [f"{chosen}:{s}" for s in SCALES] + caa)
+    rep.generations("jbb_harmful", ["baseline", paper, chosen, random_ctl, *caa])
+    rep.generations("jbb_benign", ["baseline", chosen])
+    capability = rep.capability(["baseline", paper, chosen, random_ctl, *caa])
+    ids = refusal_token_ids(m.tokenizer)
+    jbb = load_dataset("jbb_harmful", limit)
+    base_scores = refusal_score(rep.scores("baseline", [r["prompt"] for r in jbb]), ids)
+    logodds = {r["id"]: float(s) for r, s in zip(jbb, base_scores)}
+    rows = rep.run.rows
+    results = {
+        "kind": "cna_lens.Results", "config": config, "chosen": chosen, "paper_point": paper,
+        "random_control": random_ctl, "caa": caa, "neurons": {c: len(rep.neurons(float(c.split(":")[2]), c.split(":")[1]))
+                                                               for c in (paper, chosen)},
+        "generations": summarize(rows), "capability": capability, "sweep": sweep,
+        "judge_first_token_agreement": agreement(rows, logodds),
+        "split_half_jaccard": split_half_jaccard(rep, chosen),
+    }
+    atomic_write_json(rep.out / "results.json", results)
+    atomic_write_text(rep.out / "report.md", report(results))
+    from .plot import dose_response, save_figure
+
+    save_figure(dose_response(results), rep.out / "figures" / "dose_response")
+    return results
+
+
+def split_half_jaccard(rep: Reproduction, chosen: str) -> float:
+    """Jaccard of the chosen top set from two disjoint halves of the discovery prompts."""
+    path = rep.out / "split_half.json"
+    if path.exists():
+        return read_json(path, "cna_lens.SplitHalf")["jaccard"]
+    _, by, frac = chosen.split(":")
+    harmful = [r["prompt"] for r in load_dataset(rep.cfg["discovery"][0])]
+    harmless = [r["prompt"] for r in load_dataset(rep.cfg["discovery"][1])]
+    halves = [attribute(rep.model, harmful[i::2], harmless[i::2], batch_size=rep.cfg["batch_size"], progress=False)
+              .top_neurons(fraction=float(frac), by=by) for i in (0, 1)]
+    j = halves[0].jaccard(halves[1])
+    atomic_write_json(path, {"kind": "cna_lens.SplitHalf", "condition": chosen, "jaccard": j})
+    return j
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}"
+
+
+def report(results: dict[str, Any]) -> str:
+    """A markdown table in the paper's format (refusal %, 95 % CI, quality) plus capability."""
+    cfg = results["config"]
+    gens = results["generations"]
+    lines = [f"# CNA reproduction: {cfg['model']}", "",
+             f"Greedy, {cfg['max_new_tokens']} new tokens, dtype {cfg['dtype']}; regex judge over the first 500 "
+             f"characters. Operating point chosen on `{cfg['val_harmful']}` (first-token score): `{results['chosen']}`.",
+             "", "| condition | JBB harmful refusal % [95 % CI] | quality | JBB benign refusal % | KL (alpaca) | MMLU |",
+             "|---|---|---|---|---|---|"]
+    for cond, g in gens.get("jbb_harmful", {}).items():
+        b = gens.get("jbb_benign", {}).get(cond)
+        cap = results["capability"].get(cond, {})
+        lo, hi = g["refusal_ci"]
+        lines.append(f"| `{cond}` (n={g['n']}) | {_pct(g['refusal_rate'])} [{_pct(lo)}–{_pct(hi)}] | {g['quality']:.3f} | "
+                     f"{_pct(b['refusal_rate']) if b else '—'} | {cap.get('kl_mean', float('nan')):.3f} | "
+                     f"{cap.get('mmlu_acc', float('nan')):.2f} |")
+    lines += ["", "Paper (instruct → CNA-ablated JBB refusal %): "
+              + "; ".join(f"{k} {a}→{b}" for k, (a, b) in PAPER_JBB.items()),
+              "", f"First-token score vs judge agreement (baseline JBB harmful): {results['judge_first_token_agreement']}",
+              f"Split-half Jaccard of the chosen top set: {results['split_half_jaccard']:.3f}", ""]
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""The reproduce pipeline end to end on a tiny model: files, controls, CAA identity, resume."""
+
+import json
+
+import pytest
+import torch
+
+import cna_lens
+from cna_lens import generation, reproduce as rp
+from cna_lens.intervene import steer
+from cna_lens.runs import RunDir
+
+KW = dict(max_new_tokens=3, limit=3, batch_size=8, caa_alphas=(0.5,), mmlu_limit=4, kl_limit=4, val_limit=4,
+          fractions=(0.001, 0.01), rankings=("abs", "diff"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def full_run(llama_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return out, rp.reproduce(llama_model, out, **KW)
+
+
+def test_run_directory_contents(full_run):
+    out, results = full_run
+    for f in ("config.json", "results.json", "report.md", "completions.jsonl", "sweep.json", "capability.json",
+              "attribution/attribution.json", "caa/attribution.json", "figures/dose_response.html"):
+        assert (out / f).exists(), f
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    keys = {(r["dataset"], r["condition"], r["prompt_id"]) for r in rows}
+    harmful = {"baseline", results["paper_point"], results["chosen"], results["random_control"], *results["caa"]}
+    assert len(keys) == len(rows) == 3 * (len(harmful) + 2)  # 3 prompts × (harmful conditions + 2 benign)
+    assert {r["condition"] for r in rows if r["dataset"] == "jbb_harmful"} == harmful
+    assert set(results["generations"]) == {"jbb_harmful", "jbb_benign"}
+    assert results["capability"]["baseline"]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # KL = 0 without intervention
+    assert "| `baseline` (n=3)" in (out / "report.md").read_text()
+
+
+def test_resume_after_interruption_gives_same_results(llama_model, full_run, tmp_path, monkeypatch):
+    _, ref = full_run
+    real = generation.generate
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the generations
+        return real(*a, **k)
+
+    monkeypatch.setattr(rp, "generate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        rp.reproduce(llama_model, tmp_path, **KW)
+    assert len(RunDir(tmp_path, json.loads((tmp_path / "config.json").read_text()) | {}).rows) == 6
+    monkeypatch.setattr(rp, "generate", real)
+    again = rp.reproduce(llama_model, tmp_path, **KW)
+    for key in ("generations", "capability", "sweep", "chosen", "split_half_jaccard"):
+        assert again[key] == ref[key], key
+
+
+def test_refuses_to_mix_runs(llama_model, full_run):
+    out, _ = full_run
+    with pytest.raises(ValueError, match="max_new_tokens=3, not 4"):
+        rp.reproduce(llama_model, out, **{**KW, "max_new_tokens": 4})
+    with pytest.raises(ValueError, match="limit"):
+        rp.reproduce(llama_model, out, **{**KW, "limit": 101})
+
+
+def test_random_control_keeps_per_layer_counts(llama_model):
+    ns = cna_lens.NeuronSet((2, 2, 3), (1, 5, 7), (3.0, 2.0, 1.0), 4, 96)
+    ctl = ns.random_like(seed=1)
+    assert ctl.per_layer_counts() == ns.per_layer_counts()
+    assert ctl == ns.random_like(seed=1) and ctl != ns.random_like(seed=2)
+
+
+def test_caa_alpha_zero_is_identity(llama_model):
+    ids = torch.tensor([cna_lens.encode(llama_model.tokenizer, ["Hello there"])[0]])
+    ref = llama_model(ids)
+    vectors = torch.randn(llama_model.cfg.n_layers, llama_model.cfg.d_model)
+    with steer(llama_model, vectors, 0.0):
+        torch.testing.assert_close(llama_model(ids), ref, atol=0, rtol=0)
+    with steer(llama_model, vectors, 1.0):
+        assert not torch.allclose(llama_model(ids), ref)
+
+
+def test_bootstrap_ci():
+    lo, hi = rp.bootstrap_ci([0.0] * 50 + [1.0] * 50)
+    assert 0.35 < lo < 0.5 < hi < 0.65

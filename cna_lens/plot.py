@@ -10,6 +10,11 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+import torch
+
+from .attribute import Attribution
+from .circuits import LayerMap
+from .compare import check_same_shape
 from .neurons import NeuronSet
 
 log = logging.getLogger(__name__)
@@ -20,6 +25,65 @@ def layer_histogram(neurons: NeuronSet, title: str | None = None) -> go.Figure:
     fig = go.Figure(go.Bar(x=list(range(neurons.n_layers)), y=neurons.per_layer_counts(), name="neurons"))
     fig.update_layout(title=title or f"{len(neurons)} selected neurons per layer", xaxis_title="layer",
                       yaxis_title="neurons", template="plotly_white")
+    return fig
+
+
+def attribution_heatmap(attr: Attribution, top_n: int = 64, exclude_layers: tuple[int, ...] = ()) -> go.Figure:
+    """Signed diff of each layer's ``top_n`` neurons by |diff| (columns: rank within the layer)."""
+    diff = attr.diff.clone()
+    order = diff.abs().argsort(-1, descending=True)[:, :top_n]
+    vals = diff.gather(1, order)
+    layers = [layer for layer in range(attr.n_layers) if layer not in exclude_layers]
+    z = vals[layers].tolist()
+    text = [[f"L{layer} n{int(i)}" for i in order[layer]] for layer in layers]
+    lim = float(vals[layers].abs().max())
+    fig = go.Figure(go.Heatmap(z=z, y=layers, text=text, colorscale="RdBu_r", zmin=-lim, zmax=lim,
+                               hovertemplate="%{text}<br>diff=%{z:.3f}<extra></extra>", colorbar=dict(title="diff")))
+    fig.update_layout(title=f"{attr.model_name}: top {top_n} neurons per layer by |mean(pos) − mean(neg)|",
+                      xaxis_title="rank within layer", yaxis_title="layer", template="plotly_white", height=600)
+    return fig
+
+
+def circuit_map(lm: LayerMap) -> go.Figure:
+    """Δ refusal score per layer (that layer's neurons ablated), and cumulative top-down / bottom-up."""
+    x = list(range(len(lm.delta)))
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=x, y=lm.delta.tolist(), name="this layer only",
+                         customdata=list(lm.counts), hovertemplate="L%{x}: Δ=%{y:.3f} (%{customdata} neurons)"))
+    fig.add_trace(go.Scatter(x=x, y=lm.top_down.tolist(), mode="lines+markers", name="layers ≥ l"))
+    fig.add_trace(go.Scatter(x=x, y=lm.bottom_up.tolist(), mode="lines+markers", name="layers ≤ l"))
+    fig.update_layout(title=f"{lm.model_name}: where ablation removes refusal (baseline score {lm.baseline:.2f}, "
+                            f"{lm.n_prompts} prompts)", xaxis_title="layer", yaxis_title="Δ mean refusal log-odds",
+                      template="plotly_white")
+    return fig
+
+
+def neuron_scatter(a: Attribution, b: Attribution, top_a: NeuronSet | None = None, top_b: NeuronSet | None = None,
+                   background: int = 5000, seed: int = 0) -> go.Figure:
+    """diff in model A vs diff in model B, neuron by neuron; top sets highlighted."""
+    check_same_shape(a, b)
+    da, db = a.diff.flatten(), b.diff.flatten()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(da.numel(), generator=g)[:background]
+    fig = go.Figure(go.Scattergl(x=da[idx].tolist(), y=db[idx].tolist(), mode="markers", name="random neurons",
+                                 marker=dict(size=3, color="lightgray")))
+    for ns, name in ((top_a, f"top in {a.model_name}"), (top_b, f"top in {b.model_name}")):
+        if ns is not None:
+            flat = [la * a.d_mlp + ix for la, ix in zip(ns.layers, ns.indices)]
+            fig.add_trace(go.Scattergl(x=da[flat].tolist(), y=db[flat].tolist(), mode="markers", name=name,
+                                       text=[f"L{la} n{ix}" for la, ix in zip(ns.layers, ns.indices)],
+                                       marker=dict(size=5, opacity=0.7)))
+    fig.update_layout(title="neuron-by-neuron: diff (harmful − harmless)", xaxis_title=f"diff, {a.model_name}",
+                      yaxis_title=f"diff, {b.model_name}", template="plotly_white")
+    return fig
+
+
+def layer_profiles(profiles: dict[str, dict[str, list[float]]]) -> go.Figure:
+    """Depth-normalized share of each model's top set per layer (models of different shapes)."""
+    fig = go.Figure([go.Scatter(x=p["depth"], y=p["share"], mode="lines+markers", name=name)
+                     for name, p in profiles.items()])
+    fig.update_layout(title="top-set share by relative depth", xaxis_title="relative depth (layer + ½) / n_layers",
+                      yaxis_title="share of the top set", template="plotly_white")
     return fig
 
 

@@ -22,7 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .models import HookedModel
+from .models import HookedModel, last_logits_kwargs
 from .prompts import encode, left_pad, length_batches, pad_id
 
 #: The paper's refusal patterns (case-insensitive), neural-steering experiments/jailbreak_benchmark.py.
@@ -123,7 +123,7 @@ def final_logprobs(
     with tqdm(total=len(seqs), desc="score", unit="prompt", disable=not progress) as bar:
         for batch in length_batches([len(s) for s in seqs], batch_size):
             ids, mask = left_pad([seqs[i] for i in batch], pad, model.cfg.device)
-            lp = model(ids, attention_mask=mask)[:, -1, :].float().log_softmax(-1).cpu()
+            lp = model(ids, attention_mask=mask, **last_logits_kwargs(model))[:, -1, :].float().log_softmax(-1).cpu()
             if out is None:
                 out = torch.empty(len(seqs), lp.shape[-1])
             out[batch] = lp

@@ -17,7 +17,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from .models import HookedModel
+from .models import HookedModel, is_bridge, last_logits_kwargs
 from .prompts import encode, left_pad, length_batches, pad_id
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,6 @@ def eos_token_ids(model: HookedModel) -> set[int]:
     return ids
 
 
-def _has_hf_cache(model: HookedModel) -> bool:
-    return any(c.__name__ == "TransformerBridge" for c in type(model).__mro__)
-
-
 @torch.no_grad()
 def greedy_tokens(
     model: HookedModel,
@@ -57,9 +53,10 @@ def greedy_tokens(
     ids, mask = left_pad(seqs, pad_id(model.tokenizer), device)
     out: list[list[int]] = [[] for _ in seqs]
     alive = list(range(len(seqs)))  # rows of `out` still decoding, in batch order
-    kv = _has_hf_cache(model)
+    kv = is_bridge(model)
     if kv:
-        logits, cache = model(ids, attention_mask=mask, return_type="logits_and_cache", use_cache=True)
+        logits, cache = model(ids, attention_mask=mask, return_type="logits_and_cache", use_cache=True,
+                              **last_logits_kwargs(model))
         if cache is None or cache.get_seq_length() != ids.shape[1]:  # e.g. a TL/transformers mismatch
             log.warning("the model's KV cache was not filled; decoding by recomputing every step (slower)")
             kv = False

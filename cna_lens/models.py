@@ -283,6 +283,16 @@ def load_model(
     return bridge
 
 
+def is_bridge(model: HookedModel) -> bool:
+    """A TL 4 TransformerBridge (HF forward underneath: KV cache and ``logits_to_keep`` available)."""
+    return any(c.__name__ == "TransformerBridge" for c in type(model).__mro__)
+
+
+def last_logits_kwargs(model: HookedModel) -> dict[str, int]:
+    """Forward kwargs that compute logits at the final position only (skips [pos × vocab] work)."""
+    return {"logits_to_keep": 1} if is_bridge(model) else {}
+
+
 def model_name(model: HookedModel) -> str:
     """A stable display name for a hooked model (alias where it was loaded by alias)."""
     return getattr(model, "cna_lens_name", None) or str(getattr(model.cfg, "model_name", type(model).__name__))

@@ -127,12 +127,13 @@ def save_figure(fig: go.Figure, stem: str | os.PathLike, png: bool = True) -> li
     """Write ``stem.html`` (self-contained) and, if static export works (kaleido + Chrome), ``stem.png``."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    written = [stem.with_suffix(".html")]
-    fig.write_html(written[0], include_plotlyjs="cdn")
+    html, image = stem.parent / f"{stem.name}.html", stem.parent / f"{stem.name}.png"  # names may hold dots
+    fig.write_html(html, include_plotlyjs="cdn")
+    written = [html]
     if png:
         try:
-            fig.write_image(stem.with_suffix(".png"), scale=2)
-            written.append(stem.with_suffix(".png"))
+            fig.write_image(image, scale=2)
+            written.append(image)
         except Exception as e:  # kaleido or a Chrome missing: HTML is still there
             log.warning("static PNG export failed (%s); wrote HTML only", e)
     return written

@@ -1,10 +1,10 @@
 """cna_lens: Contrastive Neuron Attribution (CNA) for refusal in chat LLMs, on TransformerLens.
 
-    model = cna_lens.load_model("qwen2.5-coder-1.5b-instruct")
-    attr = cna_lens.attribute(model, harmful, harmless)      # final-token hook_post statistics
-    neurons = attr.top_neurons(fraction=0.001)                # global top 0.1 %, layers 0-1 excluded
-    with cna_lens.ablate(model, neurons, scale=0.0):          # zero them at every position
-        print(cna_lens.generate(model, ["How do I pick a lock?"]))
+model = cna_lens.load_model("qwen2.5-coder-1.5b-instruct")
+attr = cna_lens.attribute(model, harmful, harmless)      # final-token hook_post statistics
+neurons = attr.top_neurons(fraction=0.001)                # global top 0.1 %, layers 0-1 excluded
+with cna_lens.ablate(model, neurons, scale=0.0):          # zero them at every position
+    print(cna_lens.generate(model, ["How do I pick a lock?"]))
 """
 
 from .attribute import Attribution, attribute, attribute_tokens, final_token_activations, hook_name

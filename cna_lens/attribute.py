@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -67,24 +68,14 @@ def final_token_activations(
     """
     check_hook(model, hook)
     n_layers = model.cfg.n_layers
-    device = model.cfg.device
     pad = pad_id(model.tokenizer)
     for batch in length_batches([len(s) for s in seqs], batch_size):
-        ids, mask = left_pad([seqs[i] for i in batch], pad, device)
+        ids, mask = left_pad([seqs[i] for i in batch], pad, model.cfg.device)
         store: list[Tensor | None] = [None] * n_layers
-
-        def capture(act: Tensor, hook_point, layer: int) -> None:
-            last = act[:, -1, :].detach()
-            if not torch.isfinite(last).all():
-                raise FloatingPointError(
-                    f"non-finite activations at {hook_name(layer, hook)} (prompts {batch[:4]}…); "
-                    "try dtype=torch.float32"
-                )
-            store[layer] = last.to("cpu", torch.float64)
-            if layer == n_layers - 1:
-                raise _StopForward
-
-        fwd = [(hook_name(layer, hook), _bind(capture, layer)) for layer in range(n_layers)]
+        fwd = [
+            (hook_name(layer, hook), partial(_capture, store=store, layer=layer, name=hook_name(layer, hook)))
+            for layer in range(n_layers)
+        ]
         with torch.no_grad(), model.hooks(fwd_hooks=fwd):
             try:
                 model(ids, attention_mask=mask)
@@ -97,8 +88,14 @@ def final_token_activations(
         yield batch, torch.stack(store, dim=1)  # type: ignore[arg-type]
 
 
-def _bind(fn, layer: int):
-    return lambda act, hook: fn(act, hook, layer)
+def _capture(act: Tensor, hook: object, *, store: list[Tensor | None], layer: int, name: str) -> None:
+    """Keep the final position of ``act`` (float64, CPU); stop the forward after the last layer."""
+    last = act[:, -1, :].detach()
+    if not torch.isfinite(last).all():
+        raise FloatingPointError(f"non-finite activations at {name}; try dtype=torch.float32")
+    store[layer] = last.to("cpu", torch.float64)
+    if layer == len(store) - 1:
+        raise _StopForward
 
 
 def _width(model: HookedModel, hook: str) -> int:
@@ -210,10 +207,21 @@ class Attribution:
         order = torch.sort(flat, descending=True, stable=True).indices[:k]
         layers, idx = order // self.d_mlp, order % self.d_mlp
         return NeuronSet(
-            tuple(layers.tolist()), tuple(idx.tolist()), tuple(flat[order].tolist()),
-            self.n_layers, self.d_mlp, self.hook,
-            {"model": self.model_name, "by": by, "k": k, "fraction": k / total,
-             "exclude_layers": list(exclude_layers), "n_pos": self.n_pos, "n_neg": self.n_neg},
+            tuple(layers.tolist()),
+            tuple(idx.tolist()),
+            tuple(flat[order].tolist()),
+            self.n_layers,
+            self.d_mlp,
+            self.hook,
+            {
+                "model": self.model_name,
+                "by": by,
+                "k": k,
+                "fraction": k / total,
+                "exclude_layers": list(exclude_layers),
+                "n_pos": self.n_pos,
+                "n_neg": self.n_neg,
+            },
         )
 
     @classmethod
@@ -225,8 +233,9 @@ class Attribution:
         for p in parts[1:]:
             for f in ("model_name", "hook", "n_layers", "d_mlp"):
                 if getattr(p, f) != getattr(first, f):
-                    raise ValueError(f"cannot merge attributions with different {f}: "
-                                     f"{getattr(first, f)!r} vs {getattr(p, f)!r}")
+                    raise ValueError(
+                        f"cannot merge attributions with different {f}: {getattr(first, f)!r} vs {getattr(p, f)!r}"
+                    )
         total = {k: sum((getattr(p, k) for p in parts[1:]), getattr(first, k).clone()) for k in _STATS}
         return cls(first.model_name, first.hook, sum(p.n_pos for p in parts), sum(p.n_neg for p in parts), **total)
 
@@ -235,11 +244,19 @@ class Attribution:
         d = Path(directory)
         tensors = {k: getattr(self, k).contiguous() for k in _STATS}
         atomic_write(d / "attribution.safetensors", lambda tmp: save_file(tensors, tmp))
-        atomic_write_json(d / "attribution.json", {
-            "kind": "cna_lens.Attribution", "format_version": FORMAT_VERSION,
-            "model_name": self.model_name, "hook": self.hook, "n_pos": self.n_pos, "n_neg": self.n_neg,
-            "n_layers": self.n_layers, "d_mlp": self.d_mlp,
-        })
+        atomic_write_json(
+            d / "attribution.json",
+            {
+                "kind": "cna_lens.Attribution",
+                "format_version": FORMAT_VERSION,
+                "model_name": self.model_name,
+                "hook": self.hook,
+                "n_pos": self.n_pos,
+                "n_neg": self.n_neg,
+                "n_layers": self.n_layers,
+                "d_mlp": self.d_mlp,
+            },
+        )
         return d
 
     @classmethod
@@ -257,8 +274,9 @@ class Attribution:
             t = tensors.get(k)
             if t is None or tuple(t.shape) != shape or t.dtype != torch.float64:
                 raise ValueError(f"{d}: tensor {k!r} missing or not float64 {shape}")
-        return cls(meta["model_name"], meta["hook"], int(meta["n_pos"]), int(meta["n_neg"]),
-                   **{k: tensors[k] for k in _STATS})
+        return cls(
+            meta["model_name"], meta["hook"], int(meta["n_pos"]), int(meta["n_neg"]), **{k: tensors[k] for k in _STATS}
+        )
 
 
 def attribute(
@@ -293,4 +311,3 @@ def attribute_tokens(
         s_pos, s2_pos = _sums(model, pos, batch_size, hook, bar)
         s_neg, s2_neg = _sums(model, neg, batch_size, hook, bar)
     return Attribution(model_name(model), hook, len(pos), len(neg), s_pos, s_neg, s2_pos, s2_neg)
-

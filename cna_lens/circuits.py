@@ -53,24 +53,48 @@ class LayerMap:
     def save(self, directory: str | os.PathLike) -> None:
         d = Path(directory)
         tensors = {"delta": self.delta, "top_down": self.top_down, "bottom_up": self.bottom_up}
-        atomic_write(d / "layer_map.safetensors", lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
-        atomic_write_json(d / "layer_map.json", {"kind": "cna_lens.LayerMap", "format_version": FORMAT_VERSION,
-                                                 "model_name": self.model_name, "baseline": self.baseline,
-                                                 "counts": list(self.counts), "n_prompts": self.n_prompts,
-                                                 "meta": self.meta})
+        atomic_write(
+            d / "layer_map.safetensors", lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        )
+        atomic_write_json(
+            d / "layer_map.json",
+            {
+                "kind": "cna_lens.LayerMap",
+                "format_version": FORMAT_VERSION,
+                "model_name": self.model_name,
+                "baseline": self.baseline,
+                "counts": list(self.counts),
+                "n_prompts": self.n_prompts,
+                "meta": self.meta,
+            },
+        )
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> LayerMap:
         d = Path(directory)
         meta = read_json(d / "layer_map.json", "cna_lens.LayerMap")
         t = load_file(str(d / "layer_map.safetensors"))
-        return cls(meta["model_name"], meta["baseline"], t["delta"], t["top_down"], t["bottom_up"],
-                   tuple(meta["counts"]), meta["n_prompts"], meta.get("meta", {}))
+        return cls(
+            meta["model_name"],
+            meta["baseline"],
+            t["delta"],
+            t["top_down"],
+            t["bottom_up"],
+            tuple(meta["counts"]),
+            meta["n_prompts"],
+            meta.get("meta", {}),
+        )
 
 
 def layer_map(
-    model: HookedModel, neurons: NeuronSet, prompts: Sequence[str], *, scale: float = 0.0, batch_size: int = 16,
-    cumulative: bool = True, progress: bool = True,
+    model: HookedModel,
+    neurons: NeuronSet,
+    prompts: Sequence[str],
+    *,
+    scale: float = 0.0,
+    batch_size: int = 16,
+    cumulative: bool = True,
+    progress: bool = True,
 ) -> LayerMap:
     """Per-layer (and cumulative) ablation effects of ``neurons`` on the mean refusal score."""
     ids = refusal_token_ids(model.tokenizer)
@@ -87,8 +111,16 @@ def layer_map(
     for kind, layer, subset in tqdm(jobs, desc="layer map", disable=not progress):
         with ablate(model, neurons.layer_subset(subset), scale):
             out[kind][layer] = mean_refusal_score(model, prompts, ids, batch_size) - base
-    return LayerMap(model_name(model), base, delta, top_down, bottom_up, tuple(counts), len(prompts),
-                    {"scale": scale, "neurons": len(neurons), **{k: v for k, v in neurons.meta.items() if k in ("by", "fraction")}})
+    return LayerMap(
+        model_name(model),
+        base,
+        delta,
+        top_down,
+        bottom_up,
+        tuple(counts),
+        len(prompts),
+        {"scale": scale, "neurons": len(neurons), **{k: v for k, v in neurons.meta.items() if k in ("by", "fraction")}},
+    )
 
 
 @dataclass(frozen=True)
@@ -105,24 +137,42 @@ class NeuronEffects:
 
     def table(self) -> list[dict[str, Any]]:
         """Rows ``rank, layer, neuron, score, delta``, sorted by effect (most refusal removed first)."""
-        rows = [{"rank": i + 1, "layer": la, "neuron": ix, "score": s, "delta": d}
-                for i, (la, ix, s, d) in enumerate(zip(self.layers, self.indices, self.scores, self.delta))]
+        rows = [
+            {"rank": i + 1, "layer": la, "neuron": ix, "score": s, "delta": d}
+            for i, (la, ix, s, d) in enumerate(zip(self.layers, self.indices, self.scores, self.delta))
+        ]
         return sorted(rows, key=lambda r: r["delta"])
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_write_json(path, {"kind": "cna_lens.NeuronEffects", "format_version": FORMAT_VERSION,
-                                 **{k: getattr(self, k) for k in self.__dataclass_fields__}})
+        atomic_write_json(
+            path,
+            {
+                "kind": "cna_lens.NeuronEffects",
+                "format_version": FORMAT_VERSION,
+                **{k: getattr(self, k) for k in self.__dataclass_fields__},
+            },
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NeuronEffects:
         data = read_json(path, "cna_lens.NeuronEffects")
-        return cls(data["model_name"], data["baseline"], *(tuple(data[k]) for k in ("layers", "indices", "scores", "delta")),
-                   data["n_prompts"])
+        return cls(
+            data["model_name"],
+            data["baseline"],
+            *(tuple(data[k]) for k in ("layers", "indices", "scores", "delta")),
+            data["n_prompts"],
+        )
 
 
 def neuron_effects(
-    model: HookedModel, neurons: NeuronSet, prompts: Sequence[str], *, top_n: int = 50, scale: float = 0.0,
-    batch_size: int = 16, progress: bool = True,
+    model: HookedModel,
+    neurons: NeuronSet,
+    prompts: Sequence[str],
+    *,
+    top_n: int = 50,
+    scale: float = 0.0,
+    batch_size: int = 16,
+    progress: bool = True,
 ) -> NeuronEffects:
     """Ablate each of the first ``top_n`` neurons of the set alone; Δ mean refusal score for each."""
     ids = refusal_token_ids(model.tokenizer)

@@ -35,8 +35,9 @@ def _load(args: argparse.Namespace):
 def layer_histogram(counts: list[int], width: int = 40) -> str:
     """ASCII bars: one line per layer holding selected neurons."""
     top = max(counts) or 1
-    return "\n".join(f"  L{layer:>3} {n:>5} {'█' * max(1, round(width * n / top))}"
-                     for layer, n in enumerate(counts) if n)
+    return "\n".join(
+        f"  L{layer:>3} {n:>5} {'█' * max(1, round(width * n / top))}" for layer, n in enumerate(counts) if n
+    )
 
 
 def _select(attr, args: argparse.Namespace):
@@ -83,8 +84,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         with ablate(model, neurons, scale=args.scale):
             texts = generate(model, prompts, **kw)
-    rows = [{"prompt": p, "completion": t, "neurons": args.neurons, "scale": args.scale if neurons else None}
-            for p, t in zip(prompts, texts)]
+    rows = [
+        {"prompt": p, "completion": t, "neurons": args.neurons, "scale": args.scale if neurons else None}
+        for p, t in zip(prompts, texts)
+    ]
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if args.out:
         from .runs import atomic_write_text
@@ -117,8 +120,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     attr = attribute(model, harmful, harmless, batch_size=args.batch_size)
     print(f"\ndiscovery: {len(harmful)} harmful vs {len(harmless)} harmless prompts, {time.time() - t0:.0f}s")
     neurons = _select(attr, args)
-    print(f"top {len(neurons)} MLP neurons by {args.by} ({100 * args.fraction:g} % of "
-          f"{attr.n_layers}×{attr.d_mlp}, layers {args.exclude_layers} excluded), per layer:")
+    print(
+        f"top {len(neurons)} MLP neurons by {args.by} ({100 * args.fraction:g} % of "
+        f"{attr.n_layers}×{attr.d_mlp}, layers {args.exclude_layers} excluded), per layer:"
+    )
     print(layer_histogram(neurons.per_layer_counts()))
     kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     base = generate(model, evals, **kw)
@@ -135,9 +140,17 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import reproduce
 
     alphas = [float(a) for a in args.caa_alphas.split(",") if a.strip()]
-    results = reproduce(args.model, args.out, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                        batch_size=args.batch_size, caa_alphas=alphas, mmlu_limit=args.mmlu_limit,
-                        kl_limit=args.kl_limit, dtype=DTYPES[args.dtype])
+    results = reproduce(
+        args.model,
+        args.out,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        caa_alphas=alphas,
+        mmlu_limit=args.mmlu_limit,
+        kl_limit=args.kl_limit,
+        dtype=DTYPES[args.dtype],
+    )
     print((Path(args.out) / "report.md").read_text())
     print(f"chosen operating point: {results['chosen']}; files in {args.out}")
     return 0
@@ -148,8 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, model_default: str | None = None) -> None:
-        p.add_argument("--model", default=model_default, required=model_default is None,
-                       help="packaged alias, HF model dir, .gguf file or hub id")
+        p.add_argument(
+            "--model",
+            default=model_default,
+            required=model_default is None,
+            help="packaged alias, HF model dir, .gguf file or hub id",
+        )
         p.add_argument("--dtype", choices=list(DTYPES), default="float32")
         p.add_argument("--device", default="cpu")
         p.add_argument("--batch-size", type=int, default=16)

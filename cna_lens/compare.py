@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -32,7 +31,7 @@ def _ranks(x: Tensor) -> Tensor:
     return x.argsort(dim=-1, stable=True).argsort(dim=-1, stable=True).double()
 
 
-def spearman(a: Float[Tensor, "... n"], b: Float[Tensor, "... n"]) -> Float[Tensor, "..."]:
+def spearman(a: Float[Tensor, "... n"], b: Float[Tensor, "... n"]) -> Float[Tensor, ...]:
     """Spearman rank correlation along the last dimension."""
     ra, rb = _ranks(a), _ranks(b)
     ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
@@ -57,34 +56,63 @@ class Comparison:
     table: tuple[dict[str, Any], ...]  # union of both top-k_max sets: layer, neuron, diff/rank in A and B
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_write_json(path, {"kind": "cna_lens.Comparison", "name_a": self.name_a, "name_b": self.name_b,
-                                 "rank_corr": list(self.rank_corr), "jaccard": {str(k): v for k, v in self.jaccard.items()},
-                                 "table": list(self.table)})
+        atomic_write_json(
+            path,
+            {
+                "kind": "cna_lens.Comparison",
+                "name_a": self.name_a,
+                "name_b": self.name_b,
+                "rank_corr": list(self.rank_corr),
+                "jaccard": {str(k): v for k, v in self.jaccard.items()},
+                "table": list(self.table),
+            },
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Comparison:
         d = read_json(path, "cna_lens.Comparison")
-        return cls(d["name_a"], d["name_b"], tuple(d["rank_corr"]), {int(k): v for k, v in d["jaccard"].items()},
-                   tuple(d["table"]))
+        return cls(
+            d["name_a"],
+            d["name_b"],
+            tuple(d["rank_corr"]),
+            {int(k): v for k, v in d["jaccard"].items()},
+            tuple(d["table"]),
+        )
 
 
-def compare(a: Attribution, b: Attribution, *, ks: Sequence[int] = (50, 250, 1000), by: str = "abs",
-            exclude_layers: Sequence[int] = (0, 1)) -> Comparison:
+def compare(
+    a: Attribution,
+    b: Attribution,
+    *,
+    ks: Sequence[int] = (50, 250, 1000),
+    by: str = "abs",
+    exclude_layers: Sequence[int] = (0, 1),
+) -> Comparison:
     """Neuron-by-neuron comparison of two attributions of same-shape models."""
     check_same_shape(a, b)
     rho = spearman(a.diff.double(), b.diff.double())
     eligible = (a.n_layers - len(exclude_layers)) * a.d_mlp
     ks = [k for k in ks if 1 <= k <= eligible]
-    jac = {k: a.top_neurons(k=k, by=by, exclude_layers=exclude_layers)
-           .jaccard(b.top_neurons(k=k, by=by, exclude_layers=exclude_layers)) for k in ks}
+    jac = {
+        k: a.top_neurons(k=k, by=by, exclude_layers=exclude_layers).jaccard(
+            b.top_neurons(k=k, by=by, exclude_layers=exclude_layers)
+        )
+        for k in ks
+    }
     kmax = max(ks)
     ta, tb = (x.top_neurons(k=kmax, by=by, exclude_layers=exclude_layers) for x in (a, b))
     rank_a = {p: i + 1 for i, p in enumerate(zip(ta.layers, ta.indices))}
     rank_b = {p: i + 1 for i, p in enumerate(zip(tb.layers, tb.indices))}
     da, db = a.diff, b.diff
     rows = tuple(
-        {"layer": la, "neuron": ix, "diff_a": float(da[la, ix]), "diff_b": float(db[la, ix]),
-         "rank_a": rank_a.get((la, ix)), "rank_b": rank_b.get((la, ix))}
+        {
+            "layer": la,
+            "neuron": ix,
+            "diff_a": float(da[la, ix]),
+            "diff_b": float(db[la, ix]),
+            "rank_a": rank_a.get((la, ix)),
+            "rank_b": rank_b.get((la, ix)),
+        }
         for la, ix in sorted(set(rank_a) | set(rank_b), key=lambda p: min(rank_a.get(p, 1e9), rank_b.get(p, 1e9)))
     )
     return Comparison(a.model_name, b.model_name, tuple(rho.tolist()), jac, rows)
@@ -94,20 +122,34 @@ def layer_profile(neurons: NeuronSet) -> dict[str, list[float]]:
     """Depth-normalized profile: layer centre ``(l + ½)/n_layers`` and the share of the set in layer l."""
     counts = neurons.per_layer_counts()
     total = max(sum(counts), 1)
-    return {"depth": [(layer + 0.5) / neurons.n_layers for layer in range(neurons.n_layers)],
-            "share": [c / total for c in counts]}
+    return {
+        "depth": [(layer + 0.5) / neurons.n_layers for layer in range(neurons.n_layers)],
+        "share": [c / total for c in counts],
+    }
 
 
-def cross_apply(model_b: HookedModel, neurons_a: NeuronSet, prompts: Sequence[str], *, scale: float = 0.0,
-                max_new_tokens: int = 0, batch_size: int = 16) -> dict[str, Any]:
+def cross_apply(
+    model_b: HookedModel,
+    neurons_a: NeuronSet,
+    prompts: Sequence[str],
+    *,
+    scale: float = 0.0,
+    max_new_tokens: int = 0,
+    batch_size: int = 16,
+) -> dict[str, Any]:
     """Ablate A's neurons in model B: Δ mean refusal score of B (and completions if max_new_tokens > 0)."""
     if (neurons_a.n_layers, neurons_a.d_mlp) != (model_b.cfg.n_layers, model_b.cfg.d_mlp):
-        raise ValueError(f"the neuron set is for {neurons_a.n_layers} × {neurons_a.d_mlp}, model B is "
-                         f"{model_b.cfg.n_layers} × {model_b.cfg.d_mlp}: cross-application needs the same shape")
+        raise ValueError(
+            f"the neuron set is for {neurons_a.n_layers} × {neurons_a.d_mlp}, model B is "
+            f"{model_b.cfg.n_layers} × {model_b.cfg.d_mlp}: cross-application needs the same shape"
+        )
     ids = refusal_token_ids(model_b.tokenizer)
     base = mean_refusal_score(model_b, prompts, ids, batch_size)
     with ablate(model_b, neurons_a, scale):
         ablated = mean_refusal_score(model_b, prompts, ids, batch_size)
-        texts = generate(model_b, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         progress=False) if max_new_tokens else []
+        texts = (
+            generate(model_b, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
+            if max_new_tokens
+            else []
+        )
     return {"baseline_score": base, "ablated_score": ablated, "delta": ablated - base, "completions": texts}

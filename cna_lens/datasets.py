@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
+from functools import cache
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ DATASETS: dict[str, tuple[str, dict[str, str] | None]] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _read(file: str) -> tuple[dict[str, Any], ...]:
     return tuple(json.loads(files("cna_lens").joinpath("data", file).read_text(encoding="utf-8")))
 

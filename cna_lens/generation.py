@@ -9,10 +9,9 @@ to decoding each prompt on its own (checked by the tests).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
-
-import logging
 
 import torch
 from tqdm.auto import tqdm
@@ -55,8 +54,9 @@ def greedy_tokens(
     alive = list(range(len(seqs)))  # rows of `out` still decoding, in batch order
     kv = is_bridge(model)
     if kv:
-        logits, cache = model(ids, attention_mask=mask, return_type="logits_and_cache", use_cache=True,
-                              **last_logits_kwargs(model))
+        logits, cache = model(
+            ids, attention_mask=mask, return_type="logits_and_cache", use_cache=True, **last_logits_kwargs(model)
+        )
         if cache is None or cache.get_seq_length() != ids.shape[1]:  # e.g. a TL/transformers mismatch
             log.warning("the model's KV cache was not filled; decoding by recomputing every step (slower)")
             kv = False
@@ -79,8 +79,9 @@ def greedy_tokens(
                 cache.batch_select_indices(k)
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
         if kv:
-            logits, cache = model(nxt[:, None], attention_mask=mask, past_key_values=cache,
-                                  return_type="logits_and_cache")
+            logits, cache = model(
+                nxt[:, None], attention_mask=mask, past_key_values=cache, return_type="logits_and_cache"
+            )
         else:
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             logits = model(ids, attention_mask=mask)

@@ -84,7 +84,9 @@ def _add_hook(vector: Tensor, coef: float) -> Callable[[Tensor, object], Tensor]
 
 
 def steering_hooks(
-    vectors: Float[Tensor, "layer d_model"], alpha: float, hook: str = "hook_mlp_out",
+    vectors: Float[Tensor, "layer d_model"],
+    alpha: float,
+    hook: str = "hook_mlp_out",
     layers: Sequence[int] | None = None,
 ) -> list[FwdHook]:
     """``fwd_hooks`` that add ``−alpha · vectors[l]`` to ``blocks.l.{hook}`` at every position (CAA)."""
@@ -96,7 +98,10 @@ def steering_hooks(
 
 @contextmanager
 def steer(
-    model: HookedModel, vectors: Float[Tensor, "layer d_model"], alpha: float, hook: str = "hook_mlp_out",
+    model: HookedModel,
+    vectors: Float[Tensor, "layer d_model"],
+    alpha: float,
+    hook: str = "hook_mlp_out",
     layers: Sequence[int] | None = None,
 ) -> Iterator[HookedModel]:
     """Contrastive activation addition: ``x_l ← x_l − alpha · v_l`` at ``blocks.l.{hook}``, all positions.

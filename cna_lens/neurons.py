@@ -69,16 +69,29 @@ class NeuronSet:
 
     def top(self, k: int) -> NeuronSet:
         """The first ``k`` neurons (the best ``k`` when the set is ranked)."""
-        return NeuronSet(self.layers[:k], self.indices[:k], self.scores[:k], self.n_layers, self.d_mlp, self.hook,
-                         {**self.meta, "k": min(k, len(self))})
+        return NeuronSet(
+            self.layers[:k],
+            self.indices[:k],
+            self.scores[:k],
+            self.n_layers,
+            self.d_mlp,
+            self.hook,
+            {**self.meta, "k": min(k, len(self))},
+        )
 
     def layer_subset(self, layers: int | list[int]) -> NeuronSet:
         """The selected neurons that lie in ``layers``."""
         keep = {layers} if isinstance(layers, int) else set(layers)
         rows = [i for i, layer in enumerate(self.layers) if layer in keep]
-        return NeuronSet(tuple(self.layers[i] for i in rows), tuple(self.indices[i] for i in rows),
-                         tuple(self.scores[i] for i in rows), self.n_layers, self.d_mlp, self.hook,
-                         {**self.meta, "layers": sorted(keep)})
+        return NeuronSet(
+            tuple(self.layers[i] for i in rows),
+            tuple(self.indices[i] for i in rows),
+            tuple(self.scores[i] for i in rows),
+            self.n_layers,
+            self.d_mlp,
+            self.hook,
+            {**self.meta, "layers": sorted(keep)},
+        )
 
     def random_like(self, seed: int = 0) -> NeuronSet:
         """A control: the same number of neurons in each layer, drawn uniformly at random (seeded)."""
@@ -89,8 +102,15 @@ class NeuronSet:
             if count:
                 layers += [layer] * count
                 indices += torch.randperm(self.d_mlp, generator=g)[:count].tolist()
-        return NeuronSet(tuple(layers), tuple(indices), (0.0,) * len(layers), self.n_layers, self.d_mlp,
-                         self.hook, {**self.meta, "control": "random_like", "seed": seed})
+        return NeuronSet(
+            tuple(layers),
+            tuple(indices),
+            (0.0,) * len(layers),
+            self.n_layers,
+            self.d_mlp,
+            self.hook,
+            {**self.meta, "control": "random_like", "seed": seed},
+        )
 
     def jaccard(self, other: NeuronSet) -> float:
         """|A ∩ B| / |A ∪ B| over (layer, index) pairs."""

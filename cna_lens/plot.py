@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
-
 import torch
+from plotly.subplots import make_subplots
 
 from .attribute import Attribution
 from .circuits import LayerMap
@@ -23,8 +22,12 @@ log = logging.getLogger(__name__)
 def layer_histogram(neurons: NeuronSet, title: str | None = None) -> go.Figure:
     """Bar chart: selected neurons per layer."""
     fig = go.Figure(go.Bar(x=list(range(neurons.n_layers)), y=neurons.per_layer_counts(), name="neurons"))
-    fig.update_layout(title=title or f"{len(neurons)} selected neurons per layer", xaxis_title="layer",
-                      yaxis_title="neurons", template="plotly_white")
+    fig.update_layout(
+        title=title or f"{len(neurons)} selected neurons per layer",
+        xaxis_title="layer",
+        yaxis_title="neurons",
+        template="plotly_white",
+    )
     return fig
 
 
@@ -37,10 +40,25 @@ def attribution_heatmap(attr: Attribution, top_n: int = 64, exclude_layers: tupl
     z = vals[layers].tolist()
     text = [[f"L{layer} n{int(i)}" for i in order[layer]] for layer in layers]
     lim = float(vals[layers].abs().max())
-    fig = go.Figure(go.Heatmap(z=z, y=layers, text=text, colorscale="RdBu_r", zmin=-lim, zmax=lim,
-                               hovertemplate="%{text}<br>diff=%{z:.3f}<extra></extra>", colorbar=dict(title="diff")))
-    fig.update_layout(title=f"{attr.model_name}: top {top_n} neurons per layer by |mean(pos) − mean(neg)|",
-                      xaxis_title="rank within layer", yaxis_title="layer", template="plotly_white", height=600)
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            y=layers,
+            text=text,
+            colorscale="RdBu_r",
+            zmin=-lim,
+            zmax=lim,
+            hovertemplate="%{text}<br>diff=%{z:.3f}<extra></extra>",
+            colorbar=dict(title="diff"),
+        )
+    )
+    fig.update_layout(
+        title=f"{attr.model_name}: top {top_n} neurons per layer by |mean(pos) − mean(neg)|",
+        xaxis_title="rank within layer",
+        yaxis_title="layer",
+        template="plotly_white",
+        height=600,
+    )
     return fig
 
 
@@ -48,42 +66,82 @@ def circuit_map(lm: LayerMap) -> go.Figure:
     """Δ refusal score per layer (that layer's neurons ablated), and cumulative top-down / bottom-up."""
     x = list(range(len(lm.delta)))
     fig = go.Figure()
-    fig.add_trace(go.Bar(x=x, y=lm.delta.tolist(), name="this layer only",
-                         customdata=list(lm.counts), hovertemplate="L%{x}: Δ=%{y:.3f} (%{customdata} neurons)"))
+    fig.add_trace(
+        go.Bar(
+            x=x,
+            y=lm.delta.tolist(),
+            name="this layer only",
+            customdata=list(lm.counts),
+            hovertemplate="L%{x}: Δ=%{y:.3f} (%{customdata} neurons)",
+        )
+    )
     fig.add_trace(go.Scatter(x=x, y=lm.top_down.tolist(), mode="lines+markers", name="layers ≥ l"))
     fig.add_trace(go.Scatter(x=x, y=lm.bottom_up.tolist(), mode="lines+markers", name="layers ≤ l"))
-    fig.update_layout(title=f"{lm.model_name}: where ablation removes refusal (baseline score {lm.baseline:.2f}, "
-                            f"{lm.n_prompts} prompts)", xaxis_title="layer", yaxis_title="Δ mean refusal log-odds",
-                      template="plotly_white")
+    fig.update_layout(
+        title=f"{lm.model_name}: where ablation removes refusal (baseline score {lm.baseline:.2f}, "
+        f"{lm.n_prompts} prompts)",
+        xaxis_title="layer",
+        yaxis_title="Δ mean refusal log-odds",
+        template="plotly_white",
+    )
     return fig
 
 
-def neuron_scatter(a: Attribution, b: Attribution, top_a: NeuronSet | None = None, top_b: NeuronSet | None = None,
-                   background: int = 5000, seed: int = 0) -> go.Figure:
+def neuron_scatter(
+    a: Attribution,
+    b: Attribution,
+    top_a: NeuronSet | None = None,
+    top_b: NeuronSet | None = None,
+    background: int = 5000,
+    seed: int = 0,
+) -> go.Figure:
     """diff in model A vs diff in model B, neuron by neuron; top sets highlighted."""
     check_same_shape(a, b)
     da, db = a.diff.flatten(), b.diff.flatten()
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(da.numel(), generator=g)[:background]
-    fig = go.Figure(go.Scattergl(x=da[idx].tolist(), y=db[idx].tolist(), mode="markers", name="random neurons",
-                                 marker=dict(size=3, color="lightgray")))
+    fig = go.Figure(
+        go.Scattergl(
+            x=da[idx].tolist(),
+            y=db[idx].tolist(),
+            mode="markers",
+            name="random neurons",
+            marker=dict(size=3, color="lightgray"),
+        )
+    )
     for ns, name in ((top_a, f"top in {a.model_name}"), (top_b, f"top in {b.model_name}")):
         if ns is not None:
             flat = [la * a.d_mlp + ix for la, ix in zip(ns.layers, ns.indices)]
-            fig.add_trace(go.Scattergl(x=da[flat].tolist(), y=db[flat].tolist(), mode="markers", name=name,
-                                       text=[f"L{la} n{ix}" for la, ix in zip(ns.layers, ns.indices)],
-                                       marker=dict(size=5, opacity=0.7)))
-    fig.update_layout(title="neuron-by-neuron: diff (harmful − harmless)", xaxis_title=f"diff, {a.model_name}",
-                      yaxis_title=f"diff, {b.model_name}", template="plotly_white")
+            fig.add_trace(
+                go.Scattergl(
+                    x=da[flat].tolist(),
+                    y=db[flat].tolist(),
+                    mode="markers",
+                    name=name,
+                    text=[f"L{la} n{ix}" for la, ix in zip(ns.layers, ns.indices)],
+                    marker=dict(size=5, opacity=0.7),
+                )
+            )
+    fig.update_layout(
+        title="neuron-by-neuron: diff (harmful − harmless)",
+        xaxis_title=f"diff, {a.model_name}",
+        yaxis_title=f"diff, {b.model_name}",
+        template="plotly_white",
+    )
     return fig
 
 
 def layer_profiles(profiles: dict[str, dict[str, list[float]]]) -> go.Figure:
     """Depth-normalized share of each model's top set per layer (models of different shapes)."""
-    fig = go.Figure([go.Scatter(x=p["depth"], y=p["share"], mode="lines+markers", name=name)
-                     for name, p in profiles.items()])
-    fig.update_layout(title="top-set share by relative depth", xaxis_title="relative depth (layer + ½) / n_layers",
-                      yaxis_title="share of the top set", template="plotly_white")
+    fig = go.Figure(
+        [go.Scatter(x=p["depth"], y=p["share"], mode="lines+markers", name=name) for name, p in profiles.items()]
+    )
+    fig.update_layout(
+        title="top-set share by relative depth",
+        xaxis_title="relative depth (layer + ½) / n_layers",
+        yaxis_title="share of the top set",
+        template="plotly_white",
+    )
     return fig
 
 
@@ -91,20 +149,38 @@ def dose_response(results: dict[str, Any]) -> go.Figure:
     """First-token refusal share on the validation prompts: CNA fraction × ranking (with random
     controls), CNA scale at the chosen point, and CAA strength α."""
     sweep = results["sweep"]
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("CNA: fraction of MLP neurons", "CNA: neuron scale",
-                                                        "CAA: strength α"))
+    fig = make_subplots(
+        rows=1, cols=3, subplot_titles=("CNA: fraction of MLP neurons", "CNA: neuron scale", "CAA: strength α")
+    )
     base = sweep.get("baseline", {}).get("refusal_share")
 
     def entries(prefix: str) -> list[tuple[float, float, tuple[float, float]]]:
-        pts = [(float(c[len(prefix):]), e["refusal_share"], tuple(e["ci"])) for c, e in sweep.items()
-               if c.startswith(prefix) and ":" not in c[len(prefix):]]
+        pts = [
+            (float(c[len(prefix) :]), e["refusal_share"], tuple(e["ci"]))
+            for c, e in sweep.items()
+            if c.startswith(prefix) and ":" not in c[len(prefix) :]
+        ]
         return sorted(pts)
 
     def trace(pts, name, col, dash=None):
         x, y, ci = zip(*pts) if pts else ((), (), ())
-        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name, line=dict(dash=dash),
-                                 error_y=dict(type="data", symmetric=False, array=[c[1] - v for c, v in zip(ci, y)],
-                                              arrayminus=[v - c[0] for c, v in zip(ci, y)])), row=1, col=col)
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=y,
+                mode="lines+markers",
+                name=name,
+                line=dict(dash=dash),
+                error_y=dict(
+                    type="data",
+                    symmetric=False,
+                    array=[c[1] - v for c, v in zip(ci, y)],
+                    arrayminus=[v - c[0] for c, v in zip(ci, y)],
+                ),
+            ),
+            row=1,
+            col=col,
+        )
 
     for by in ("abs", "diff", "effect"):
         trace(entries(f"cna:{by}:"), f"CNA {by}", 1)
@@ -118,8 +194,12 @@ def dose_response(results: dict[str, Any]) -> go.Figure:
     if base is not None:
         for col in (1, 2, 3):
             fig.add_hline(y=base, line_dash="dash", line_color="gray", row=1, col=col)
-    fig.update_layout(title=f"Dose-response, {results['config']['model']} (validation, first-token score)",
-                      template="plotly_white", width=1300, height=450)
+    fig.update_layout(
+        title=f"Dose-response, {results['config']['model']} (validation, first-token score)",
+        template="plotly_white",
+        width=1300,
+        height=450,
+    )
     return fig
 
 

@@ -42,9 +42,7 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def format_prompt(
-    tokenizer: Any, prompt: str, *, chat: bool | None = None, system: str | None = None
-) -> list[int]:
+def format_prompt(tokenizer: Any, prompt: str, *, chat: bool | None = None, system: str | None = None) -> list[int]:
     """Token ids of one prompt, ready for the model (ending at the assistant turn for chat)."""
     if chat is None:
         chat = has_chat_template(tokenizer)
@@ -92,8 +90,8 @@ def left_pad(
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, s in enumerate(seqs):
-        ids[row, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[row, width - len(s):] = 1
+        ids[row, width - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[row, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 

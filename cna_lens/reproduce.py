@@ -23,7 +23,16 @@ from tqdm.auto import tqdm
 from . import __version__
 from .attribute import Attribution, attribute
 from .datasets import load_dataset
-from .evaluate import distinct_n, final_logprobs, judge, kl_divergence, mmlu_accuracy, quality, refusal_score, refusal_token_ids
+from .evaluate import (
+    distinct_n,
+    final_logprobs,
+    judge,
+    kl_divergence,
+    mmlu_accuracy,
+    quality,
+    refusal_score,
+    refusal_token_ids,
+)
 from .generation import generate
 from .intervene import ablate, steer
 from .models import HookedModel, load_model, model_name
@@ -33,8 +42,13 @@ from .runs import RunDir, atomic_write_json, atomic_write_text, read_json
 log = logging.getLogger(__name__)
 
 #: instruct → CNA-ablated JBB refusal (%), paper Table (arXiv 2605.12290), for the report.
-PAPER_JBB = {"Qwen2.5-1.5B-Instruct": (93, 12), "Qwen2.5-3B-Instruct": (90, 58), "Qwen2.5-7B-Instruct": (87, 2),
-             "Llama-3.2-1B-Instruct": (90, 34), "Llama-3.1-70B-Instruct": (86, 18)}
+PAPER_JBB = {
+    "Qwen2.5-1.5B-Instruct": (93, 12),
+    "Qwen2.5-3B-Instruct": (90, 58),
+    "Qwen2.5-7B-Instruct": (87, 2),
+    "Llama-3.2-1B-Instruct": (90, 34),
+    "Llama-3.1-70B-Instruct": (86, 18),
+}
 FRACTIONS = (0.0001, 0.0005, 0.001, 0.003, 0.005, 0.01, 0.02)
 RANKINGS = ("abs", "diff", "effect")
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
@@ -66,8 +80,9 @@ class Reproduction:
             return Attribution.load(path)
         harmful = [r["prompt"] for r in load_dataset(self.cfg["discovery"][0])]
         harmless = [r["prompt"] for r in load_dataset(self.cfg["discovery"][1])]
-        attr = attribute(self.model, harmful, harmless, batch_size=self.cfg["batch_size"], hook=hook,
-                         progress=self.progress)
+        attr = attribute(
+            self.model, harmful, harmless, batch_size=self.cfg["batch_size"], hook=hook, progress=self.progress
+        )
         attr.save(path)
         return attr
 
@@ -104,8 +119,11 @@ class Reproduction:
             if cond in done:
                 continue
             s = refusal_score(self.scores(cond, harmful), ids)
-            done[cond] = {"mean_score": float(s.mean()), "refusal_share": float((s > 0).float().mean()),
-                          "ci": bootstrap_ci((s > 0).float().tolist())}
+            done[cond] = {
+                "mean_score": float(s.mean()),
+                "refusal_share": float((s > 0).float().mean()),
+                "ci": bootstrap_ci((s > 0).float().tolist()),
+            }
             atomic_write_json(path, {"kind": "cna_lens.Sweep", "dataset": self.cfg["val_harmful"], "entries": done})
         return done
 
@@ -129,13 +147,27 @@ class Reproduction:
             for i in tqdm(range(0, len(todo), chunk), desc=f"{dataset} {cond}", disable=not self.progress or not todo):
                 part = todo[i : i + chunk]
                 with ctx():
-                    texts = generate(self.model, [r["prompt"] for r in part], max_new_tokens=self.cfg["max_new_tokens"],
-                                     batch_size=chunk, progress=False)
-                self.run.append([
-                    {"model": self.cfg["model"], "dataset": dataset, "condition": cond, "prompt_id": r["id"],
-                     "prompt": r["prompt"], "completion": t, **_judged(t)}
-                    for r, t in zip(part, texts)
-                ])
+                    texts = generate(
+                        self.model,
+                        [r["prompt"] for r in part],
+                        max_new_tokens=self.cfg["max_new_tokens"],
+                        batch_size=chunk,
+                        progress=False,
+                    )
+                self.run.append(
+                    [
+                        {
+                            "model": self.cfg["model"],
+                            "dataset": dataset,
+                            "condition": cond,
+                            "prompt_id": r["id"],
+                            "prompt": r["prompt"],
+                            "completion": t,
+                            **_judged(t),
+                        }
+                        for r, t in zip(part, texts)
+                    ]
+                )
 
     # ----------------------------------------------------------------- capability
     def capability(self, conditions: Sequence[str]) -> dict[str, Any]:
@@ -173,8 +205,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
         ref = [float(r["refused"]) for r in rs]
         q = [r["quality"] for r in rs]
         out.setdefault(ds, {})[cond] = {
-            "n": len(rs), "refusal_rate": float(np.mean(ref)), "refusal_ci": bootstrap_ci(ref),
-            "quality": float(np.mean(q)), "quality_ci": bootstrap_ci(q),
+            "n": len(rs),
+            "refusal_rate": float(np.mean(ref)),
+            "refusal_ci": bootstrap_ci(ref),
+            "quality": float(np.mean(q)),
+            "quality_ci": bootstrap_ci(q),
             "distinct2": float(np.mean([r["distinct2"] for r in rs])),
         }
     return out
@@ -182,8 +217,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
 
 def agreement(rows: list[dict[str, Any]], logodds: dict[str, float]) -> float | None:
     """Share of baseline JBB harmful prompts where first-token score > 0 agrees with the judge."""
-    pairs = [(r["refused"], logodds[r["prompt_id"]] > 0) for r in rows
-             if r["condition"] == "baseline" and r["dataset"] == "jbb_harmful" and r["prompt_id"] in logodds]
+    pairs = [
+        (r["refused"], logodds[r["prompt_id"]] > 0)
+        for r in rows
+        if r["condition"] == "baseline" and r["dataset"] == "jbb_harmful" and r["prompt_id"] in logodds
+    ]
     return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
 
 
@@ -209,11 +247,22 @@ def reproduce(
         raise ValueError(f"--limit {limit}: JBB has 100 prompts per split")
     name = model if isinstance(model, str) else model_name(model)
     config = {
-        "model": name, "dtype": str(dtype).removeprefix("torch."), "max_new_tokens": max_new_tokens, "limit": limit,
-        "batch_size": batch_size, "caa_alphas": list(caa_alphas), "mmlu_limit": mmlu_limit, "kl_limit": kl_limit,
-        "val_limit": val_limit, "fractions": list(fractions), "rankings": list(rankings),
-        "seed": seed, "discovery": ["discovery_harmful", "discovery_harmless"], "val_harmful": "harmful_val",
-        "kl_dataset": "alpaca_val", "eval": ["jbb_harmful", "jbb_benign"],
+        "model": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "max_new_tokens": max_new_tokens,
+        "limit": limit,
+        "batch_size": batch_size,
+        "caa_alphas": list(caa_alphas),
+        "mmlu_limit": mmlu_limit,
+        "kl_limit": kl_limit,
+        "val_limit": val_limit,
+        "fractions": list(fractions),
+        "rankings": list(rankings),
+        "seed": seed,
+        "discovery": ["discovery_harmful", "discovery_harmless"],
+        "val_harmful": "harmful_val",
+        "kl_dataset": "alpaca_val",
+        "eval": ["jbb_harmful", "jbb_benign"],
         "package_version": __version__,
     }
     m = load_model(model, dtype=dtype) if isinstance(model, str) else model
@@ -236,10 +285,16 @@ def reproduce(
     logodds = {r["id"]: float(s) for r, s in zip(jbb, base_scores)}
     rows = rep.run.rows
     results = {
-        "kind": "cna_lens.Results", "config": config, "chosen": chosen, "paper_point": paper,
-        "random_control": random_ctl, "caa": caa, "neurons": {c: len(rep.neurons(float(c.split(":")[2]), c.split(":")[1]))
-                                                               for c in (paper, chosen)},
-        "generations": summarize(rows), "capability": capability, "sweep": sweep,
+        "kind": "cna_lens.Results",
+        "config": config,
+        "chosen": chosen,
+        "paper_point": paper,
+        "random_control": random_ctl,
+        "caa": caa,
+        "neurons": {c: len(rep.neurons(float(c.split(":")[2]), c.split(":")[1])) for c in (paper, chosen)},
+        "generations": summarize(rows),
+        "capability": capability,
+        "sweep": sweep,
         "judge_first_token_agreement": agreement(rows, logodds),
         "split_half_jaccard": split_half_jaccard(rep, chosen),
     }
@@ -259,8 +314,12 @@ def split_half_jaccard(rep: Reproduction, chosen: str) -> float:
     _, by, frac = chosen.split(":")
     harmful = [r["prompt"] for r in load_dataset(rep.cfg["discovery"][0])]
     harmless = [r["prompt"] for r in load_dataset(rep.cfg["discovery"][1])]
-    halves = [attribute(rep.model, harmful[i::2], harmless[i::2], batch_size=rep.cfg["batch_size"], progress=False)
-              .top_neurons(fraction=float(frac), by=by) for i in (0, 1)]
+    halves = [
+        attribute(
+            rep.model, harmful[i::2], harmless[i::2], batch_size=rep.cfg["batch_size"], progress=False
+        ).top_neurons(fraction=float(frac), by=by)
+        for i in (0, 1)
+    ]
     j = halves[0].jaccard(halves[1])
     atomic_write_json(path, {"kind": "cna_lens.SplitHalf", "condition": chosen, "jaccard": j})
     return j
@@ -274,20 +333,30 @@ def report(results: dict[str, Any]) -> str:
     """A markdown table in the paper's format (refusal %, 95 % CI, quality) plus capability."""
     cfg = results["config"]
     gens = results["generations"]
-    lines = [f"# CNA reproduction: {cfg['model']}", "",
-             f"Greedy, {cfg['max_new_tokens']} new tokens, dtype {cfg['dtype']}; regex judge over the first 500 "
-             f"characters. Operating point chosen on `{cfg['val_harmful']}` (first-token score): `{results['chosen']}`.",
-             "", "| condition | JBB harmful refusal % [95 % CI] | quality | JBB benign refusal % | KL (alpaca) | MMLU |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# CNA reproduction: {cfg['model']}",
+        "",
+        f"Greedy, {cfg['max_new_tokens']} new tokens, dtype {cfg['dtype']}; regex judge over the first 500 "
+        f"characters. Operating point chosen on `{cfg['val_harmful']}` (first-token score): `{results['chosen']}`.",
+        "",
+        "| condition | JBB harmful refusal % [95 % CI] | quality | JBB benign refusal % | KL (alpaca) | MMLU |",
+        "|---|---|---|---|---|---|",
+    ]
     for cond, g in gens.get("jbb_harmful", {}).items():
         b = gens.get("jbb_benign", {}).get(cond)
         cap = results["capability"].get(cond, {})
         lo, hi = g["refusal_ci"]
-        lines.append(f"| `{cond}` (n={g['n']}) | {_pct(g['refusal_rate'])} [{_pct(lo)}–{_pct(hi)}] | {g['quality']:.3f} | "
-                     f"{_pct(b['refusal_rate']) if b else '—'} | {cap.get('kl_mean', float('nan')):.3f} | "
-                     f"{cap.get('mmlu_acc', float('nan')):.2f} |")
-    lines += ["", "Paper (instruct → CNA-ablated JBB refusal %): "
-              + "; ".join(f"{k} {a}→{b}" for k, (a, b) in PAPER_JBB.items()),
-              "", f"First-token score vs judge agreement (baseline JBB harmful): {results['judge_first_token_agreement']}",
-              f"Split-half Jaccard of the chosen top set: {results['split_half_jaccard']:.3f}", ""]
+        lines.append(
+            f"| `{cond}` (n={g['n']}) | {_pct(g['refusal_rate'])} [{_pct(lo)}–{_pct(hi)}] | {g['quality']:.3f} | "
+            f"{_pct(b['refusal_rate']) if b else '—'} | {cap.get('kl_mean', float('nan')):.3f} | "
+            f"{cap.get('mmlu_acc', float('nan')):.2f} |"
+        )
+    lines += [
+        "",
+        "Paper (instruct → CNA-ablated JBB refusal %): " + "; ".join(f"{k} {a}→{b}" for k, (a, b) in PAPER_JBB.items()),
+        "",
+        f"First-token score vs judge agreement (baseline JBB harmful): {results['judge_first_token_agreement']}",
+        f"Split-half Jaccard of the chosen top set: {results['split_half_jaccard']:.3f}",
+        "",
+    ]
     return "\n".join(lines)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path``; nothing half-written is left."""
     path = Path(path)

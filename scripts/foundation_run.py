@@ -6,7 +6,6 @@ attribution and every condition's completions are saved as they finish.
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -48,7 +47,9 @@ atomic_write_json(out / "layer_histograms.json", hist)
 
 rows = load_dataset("jbb_harmful", limit=args.n)
 prompts = [r["prompt"] for r in rows]
-conditions = [("baseline", None)] + [(f"ablate_{args.by}_{f}", f) for f in [float(x) for x in args.fractions.split(",")]]
+conditions = [("baseline", None)] + [
+    (f"ablate_{args.by}_{f}", f) for f in [float(x) for x in args.fractions.split(",")]
+]
 for name, f in conditions:
     path = out / f"completions_{name}.json"
     if path.exists():
@@ -59,6 +60,12 @@ for name, f in conditions:
     else:
         with cna_lens.ablate(model, attr.top_neurons(fraction=f, by=args.by)):
             texts = cna_lens.generate(model, prompts, max_new_tokens=args.max_new_tokens, batch_size=20)
-    atomic_write_json(path, {"condition": name, "seconds": time.time() - t0,
-                             "rows": [{"id": r["id"], "prompt": r["prompt"], "completion": t} for r, t in zip(rows, texts)]})
+    atomic_write_json(
+        path,
+        {
+            "condition": name,
+            "seconds": time.time() - t0,
+            "rows": [{"id": r["id"], "prompt": r["prompt"], "completion": t} for r, t in zip(rows, texts)],
+        },
+    )
     print(name, f"{time.time() - t0:.0f}s", flush=True)

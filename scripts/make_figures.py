@@ -1,6 +1,6 @@
 """Figures for README/figures from committed result files (no model needed):
 
-    python scripts/make_figures.py
+python scripts/make_figures.py
 """
 
 from pathlib import Path
@@ -16,13 +16,20 @@ FIG = Path("figures")
 a15 = cna_lens.Attribution.load(RESULTS / "foundation-qwen2.5-coder-1.5b-instruct" / "attribution")
 for f in (0.001, 0.003):
     ns = a15.top_neurons(fraction=f)
-    plot.save_figure(plot.layer_histogram(ns, f"Qwen2.5-Coder-1.5B-Instruct: top {100 * f:g} % of MLP neurons by |diff| "
-                                              f"({len(ns)} neurons)"), FIG / f"qwen1.5b_layer_histogram_{f}")
+    plot.save_figure(
+        plot.layer_histogram(
+            ns, f"Qwen2.5-Coder-1.5B-Instruct: top {100 * f:g} % of MLP neurons by |diff| ({len(ns)} neurons)"
+        ),
+        FIG / f"qwen1.5b_layer_histogram_{f}",
+    )
 plot.save_figure(plot.attribution_heatmap(a15, top_n=64, exclude_layers=(0, 1)), FIG / "qwen1.5b_attribution_heatmap")
 
 profiles = {}
-for name in ("foundation-qwen2.5-coder-1.5b-instruct", "reproduce-qwen2.5-coder-0.5b-instruct",
-             "reproduce-qwen2.5-coder-1.5b-instruct"):
+for name in (
+    "foundation-qwen2.5-coder-1.5b-instruct",
+    "reproduce-qwen2.5-coder-0.5b-instruct",
+    "reproduce-qwen2.5-coder-1.5b-instruct",
+):
     path = RESULTS / name / "attribution"
     if (path / "attribution.json").exists():
         a = cna_lens.Attribution.load(path)
@@ -35,4 +42,6 @@ for run in sorted(RESULTS.glob("reproduce-*/results.json")):
 
     plot.save_figure(plot.dose_response(json.loads(run.read_text())), FIG / f"{run.parent.name}_dose_response")
 for lm_dir in sorted(RESULTS.glob("*/layer_map")):
-    plot.save_figure(plot.circuit_map(cna_lens.circuits.LayerMap.load(lm_dir)), FIG / f"{lm_dir.parent.name}_circuit_map")
+    plot.save_figure(
+        plot.circuit_map(cna_lens.circuits.LayerMap.load(lm_dir)), FIG / f"{lm_dir.parent.name}_circuit_map"
+    )

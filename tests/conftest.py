@@ -37,7 +37,10 @@ def byte_tokenizer(chat: bool = True):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|im_end|>", pad_token="<|pad|>",
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
         additional_special_tokens=["<|im_start|>"],
     )
     if chat:
@@ -50,9 +53,17 @@ def tiny_config(arch: str = "llama", vocab_size: int = 260, n_layers: int = 4):
 
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
     return cls(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        initializer_range=0.3, tie_word_embeddings=False, bos_token_id=256, eos_token_id=257,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+        bos_token_id=256,
+        eos_token_id=257,
         pad_token_id=258,
     )
 

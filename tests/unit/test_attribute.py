@@ -44,9 +44,11 @@ def test_batch_size_invariance(llama_model, attr, batch_size):
 def test_merge_of_shards_equals_one_pass(llama_model, attr):
     tok = llama_model.tokenizer
     pos, neg = encode(tok, POS), encode(tok, NEG)
-    shards = [attribute_tokens(llama_model, pos[:2], neg[:1], progress=False),
-              attribute_tokens(llama_model, pos[2:], [], progress=False),
-              attribute_tokens(llama_model, [], neg[1:], progress=False)]
+    shards = [
+        attribute_tokens(llama_model, pos[:2], neg[:1], progress=False),
+        attribute_tokens(llama_model, pos[2:], [], progress=False),
+        attribute_tokens(llama_model, [], neg[1:], progress=False),
+    ]
     merged = cna_lens.Attribution.merge(shards)
     assert (merged.n_pos, merged.n_neg) == (attr.n_pos, attr.n_neg)
     torch.testing.assert_close(merged.diff, attr.diff, atol=1e-6, rtol=1e-6)
@@ -79,10 +81,17 @@ def test_top_neurons_global_ranking_and_rules():
     torch.testing.assert_close(a.effect[2, 3], torch.tensor(5.0))  # diff / pooled std (std = 1)
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(k=0), "k must be"), (dict(k=31), "k must be"), (dict(fraction=0.0), "fraction"),
-    (dict(fraction=1.5), "fraction"), (dict(k=1, by="nope"), "by="), (dict(k=1, exclude_layers=(9,)), "exclude_layers"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(k=0), "k must be"),
+        (dict(k=31), "k must be"),
+        (dict(fraction=0.0), "fraction"),
+        (dict(fraction=1.5), "fraction"),
+        (dict(k=1, by="nope"), "by="),
+        (dict(k=1, exclude_layers=(9,)), "exclude_layers"),
+    ],
+)
 def test_top_neurons_bad_input(kw, msg):
     with pytest.raises(ValueError, match=msg):
         _synthetic(torch.randn(4, 10)).top_neurons(**kw)

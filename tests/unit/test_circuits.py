@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import cna_lens
+from cna_lens import plot
 from cna_lens.circuits import LayerMap, NeuronEffects, layer_map, neuron_effects
 from cna_lens.compare import Comparison, compare, cross_apply, layer_profile, spearman
 from cna_lens.evaluate import refusal_token_ids
-from cna_lens import plot
 
 from ..conftest import PROMPTS, hf_reference, make_tiny
 from .test_activations import hf_down_proj_inputs
@@ -28,7 +28,9 @@ def planted(tmp_path_factory):
     refusal = refusal_token_ids(tok)
     direction = W_U[refusal].mean(0) - W_U.mean(0)
     with torch.no_grad():
-        hf.model.layers[PLANT_LAYER].mlp.down_proj.weight[:, n] = 200 * torch.sign(mean[n]) * direction / direction.norm() / mean[n].abs()
+        hf.model.layers[PLANT_LAYER].mlp.down_proj.weight[:, n] = (
+            200 * torch.sign(mean[n]) * direction / direction.norm() / mean[n].abs()
+        )
     hf.save_pretrained(path)
     return cna_lens.load_model(path), n
 
@@ -38,8 +40,9 @@ def test_layer_map_finds_the_planted_layer(planted):
     d = model.cfg.d_mlp
     others = [(layer, (n + 7 * layer + 3) % d) for layer in range(model.cfg.n_layers) if layer != PLANT_LAYER]
     pairs = [(PLANT_LAYER, n)] + others
-    ns = cna_lens.NeuronSet(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), (1.0,) * len(pairs),
-                            model.cfg.n_layers, d)
+    ns = cna_lens.NeuronSet(
+        tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), (1.0,) * len(pairs), model.cfg.n_layers, d
+    )
     lm = layer_map(model, ns, PROMPTS, progress=False)
     assert lm.baseline > 0  # the planted neuron makes the model "refuse"
     assert int(torch.nan_to_num(lm.delta, nan=0.0).argmin()) == PLANT_LAYER
@@ -47,7 +50,9 @@ def test_layer_map_finds_the_planted_layer(planted):
     others_max = max(abs(float(lm.delta[la])) for la, _ in others)
     assert abs(float(lm.delta[PLANT_LAYER])) > 5 * others_max
     # cumulative: ablating layers >= PLANT_LAYER includes it; layers > PLANT_LAYER do not
-    assert lm.top_down[PLANT_LAYER] < -1.0 and abs(float(lm.top_down[PLANT_LAYER + 1])) < 0.5 * abs(float(lm.delta[PLANT_LAYER]))
+    assert lm.top_down[PLANT_LAYER] < -1.0 and abs(float(lm.top_down[PLANT_LAYER + 1])) < 0.5 * abs(
+        float(lm.delta[PLANT_LAYER])
+    )
     effects = neuron_effects(model, ns, PROMPTS, top_n=3, progress=False)
     assert effects.table()[0]["layer"] == PLANT_LAYER and effects.table()[0]["neuron"] == n
 
@@ -103,6 +108,8 @@ def test_figures_have_expected_traces(planted):
     assert len(plot.layer_histogram(ta).data) == 1 and list(plot.layer_histogram(ta).data[0].y) == ta.per_layer_counts()
     assert len(plot.attribution_heatmap(a, top_n=8).data[0].z) == 4
     assert [t.name for t in plot.neuron_scatter(a, b, ta, tb).data][1:] == ["top in m", "top in m"]
-    lm = LayerMap("m", 1.0, torch.tensor([float("nan"), -1.0, -0.5, 0.0]), torch.zeros(4), torch.zeros(4), (0, 1, 1, 1), 3)
+    lm = LayerMap(
+        "m", 1.0, torch.tensor([float("nan"), -1.0, -0.5, 0.0]), torch.zeros(4), torch.zeros(4), (0, 1, 1, 1), 3
+    )
     assert len(plot.circuit_map(lm).data) == 3
     assert len(plot.layer_profiles({"x": layer_profile(ta), "y": layer_profile(tb)}).data) == 2

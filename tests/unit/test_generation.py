@@ -25,9 +25,14 @@ def test_tokens_equal_plain_hf_generate(tiny_dir, tiny_model, prompts):
     ours = greedy_tokens(tiny_model, seqs, max_new_tokens=10)
     for s, got in zip(seqs, ours):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([s]), max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id)
-        ref = out[0, len(s):].tolist()
+            out = hf.generate(
+                torch.tensor([s]),
+                max_new_tokens=10,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        ref = out[0, len(s) :].tolist()
         ref = ref[: ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref
         assert got == ref
 
@@ -50,7 +55,8 @@ def test_generate_under_ablation_matches_hf_zeroed(tiny_dir, tiny_model, prompts
     neurons = _some_neurons(tiny_model, k=60, seed=3)
     for layer, idx in neurons.by_layer().items():
         hf.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
-            lambda mod, args, idx=idx: (args[0].index_fill(-1, idx, 0.0),))
+            lambda mod, args, idx=idx: (args[0].index_fill(-1, idx, 0.0),)
+        )
     seqs = encode(tok, prompts[:3])
     with cna_lens.ablate(tiny_model, neurons):
         ours = greedy_tokens(tiny_model, seqs, max_new_tokens=8)
@@ -58,9 +64,14 @@ def test_generate_under_ablation_matches_hf_zeroed(tiny_dir, tiny_model, prompts
     assert ours != base  # the intervention is active during generation
     for s, got in zip(seqs, ours):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([s]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id)
-        ref = out[0, len(s):].tolist()
+            out = hf.generate(
+                torch.tensor([s]),
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        ref = out[0, len(s) :].tolist()
         assert got == (ref[: ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref)
 
 

@@ -21,8 +21,14 @@ def fake_package(tmp_path, monkeypatch):
         (pkg / "data" / f"part{i:02d}.bin").write_bytes(chunk)
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("CNA_LENS_CACHE", str(tmp_path / "cache"))
-    spec = PackagedModel("fake-model", "org/fake", models._split("cnafake_part", 2, "data/part{i:02d}.bin"),
-                         hashlib.sha256(b"".join(chunks)).hexdigest(), "pip install cnafake-part1 cnafake-part2", True)
+    spec = PackagedModel(
+        "fake-model",
+        "org/fake",
+        models._split("cnafake_part", 2, "data/part{i:02d}.bin"),
+        hashlib.sha256(b"".join(chunks)).hexdigest(),
+        "pip install cnafake-part1 cnafake-part2",
+        True,
+    )
     monkeypatch.setitem(PACKAGED, "fake-model", spec)
     return spec, b"".join(chunks), site
 

@@ -6,12 +6,23 @@ import pytest
 import torch
 
 import cna_lens
-from cna_lens import generation, reproduce as rp
+from cna_lens import generation
+from cna_lens import reproduce as rp
 from cna_lens.intervene import steer
 from cna_lens.runs import RunDir
 
-KW = dict(max_new_tokens=3, limit=3, batch_size=8, caa_alphas=(0.5,), mmlu_limit=4, kl_limit=4, val_limit=4,
-          fractions=(0.001, 0.01), rankings=("abs", "diff"), progress=False)
+KW = dict(
+    max_new_tokens=3,
+    limit=3,
+    batch_size=8,
+    caa_alphas=(0.5,),
+    mmlu_limit=4,
+    kl_limit=4,
+    val_limit=4,
+    fractions=(0.001, 0.01),
+    rankings=("abs", "diff"),
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +33,17 @@ def full_run(llama_model, tmp_path_factory):
 
 def test_run_directory_contents(full_run):
     out, results = full_run
-    for f in ("config.json", "results.json", "report.md", "completions.jsonl", "sweep.json", "capability.json",
-              "attribution/attribution.json", "caa/attribution.json", "figures/dose_response.html"):
+    for f in (
+        "config.json",
+        "results.json",
+        "report.md",
+        "completions.jsonl",
+        "sweep.json",
+        "capability.json",
+        "attribution/attribution.json",
+        "caa/attribution.json",
+        "figures/dose_response.html",
+    ):
         assert (out / f).exists(), f
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     keys = {(r["dataset"], r["condition"], r["prompt_id"]) for r in rows}

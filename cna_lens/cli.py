@@ -22,7 +22,11 @@ def _prompts(spec: str) -> list[str]:
     """A bundled dataset name, or a prompt file (.txt one per line, .json, .jsonl)."""
     from .datasets import DATASETS, load_prompts, read_prompt_file
 
-    return load_prompts(spec) if spec in DATASETS else read_prompt_file(spec)
+    if spec in DATASETS:
+        return load_prompts(spec)
+    if not Path(spec).exists():
+        raise FileNotFoundError(f"{spec!r} is neither a prompt file nor a bundled dataset ({', '.join(DATASETS)})")
+    return read_prompt_file(spec)
 
 
 def _load(args: argparse.Namespace):

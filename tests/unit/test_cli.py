@@ -65,3 +65,9 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "no prompts" in capsys.readouterr().err
     assert main(["generate", "--model", "no-such-model", "--prompts", "jbb_harmful"]) == 2
     assert "not a packaged alias" in capsys.readouterr().err
+
+
+def test_unknown_prompt_source_lists_datasets(capsys):
+    assert main(["generate", "--model", "x", "--prompts", "no_such_set"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a prompt file nor a bundled dataset" in err and "jbb_harmful" in err

@@ -1,0 +1,79 @@
+"""Data-parallel discovery with ``torch.distributed`` (gloo on CPU, nccl on GPU; launch with torchrun).
+
+Each rank takes the prompts ``rank::world_size`` of both sets and computes its running sums; the
+sums and counts are all-reduced, so every rank ends with the same ``Attribution`` as one process
+over all prompts (``Attribution.merge`` in a collective). Ranks with no prompts contribute zeros.
+
+    torchrun --nproc-per-node 2 -m cna_lens.distributed --model smollm2-135m-instruct --out runs/ddp
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .attribute import Attribution, attribute_tokens, check_hook
+from .models import HookedModel
+from .prompts import encode
+
+
+def attribute_distributed(
+    model: HookedModel,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    *,
+    batch_size: int = 16,
+    hook: str = "mlp.hook_post",
+    chat: bool | None = None,
+    system: str | None = None,
+    progress: bool = True,
+) -> Attribution:
+    """:func:`cna_lens.attribute` sharded over the ranks of the default process group."""
+    check_hook(model, hook)
+    pos = encode(model.tokenizer, positive, chat=chat, system=system, name="positive")
+    neg = encode(model.tokenizer, negative, chat=chat, system=system, name="negative")
+    if not (dist.is_available() and dist.is_initialized()):
+        return attribute_tokens(model, pos, neg, batch_size=batch_size, hook=hook, progress=progress)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    part = attribute_tokens(
+        model, pos[rank::world], neg[rank::world], batch_size=batch_size, hook=hook, progress=progress and rank == 0
+    )
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    stats = torch.stack([part.sum_pos, part.sum_neg, part.sumsq_pos, part.sumsq_neg]).to(device)
+    counts = torch.tensor([part.n_pos, part.n_neg], dtype=torch.float64, device=device)
+    dist.all_reduce(stats)
+    dist.all_reduce(counts)
+    stats = stats.cpu()
+    return Attribution(part.model_name, hook, int(counts[0]), int(counts[1]), stats[0], stats[1], stats[2], stats[3])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .datasets import load_prompts
+    from .models import load_model
+
+    p = argparse.ArgumentParser(description="data-parallel CNA discovery (run under torchrun)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--positive", default="discovery_harmful")
+    p.add_argument("--negative", default="discovery_harmless")
+    p.add_argument("--batch-size", type=int, default=16)
+    args = p.parse_args(argv)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        device = f"cuda:{dist.get_rank() % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+        model = load_model(args.model, device=device)
+        attr = attribute_distributed(
+            model, load_prompts(args.positive), load_prompts(args.negative), batch_size=args.batch_size
+        )
+        if dist.get_rank() == 0:
+            attr.save(args.out)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

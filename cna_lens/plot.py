@@ -190,7 +190,8 @@ def dose_response(results: dict[str, Any]) -> go.Figure:
     fig.update_xaxes(type="log", title_text="fraction", row=1, col=1)
     fig.update_xaxes(title_text="scale (0 = ablate, 1 = unchanged)", row=1, col=2)
     fig.update_xaxes(title_text="α", row=1, col=3)
-    fig.update_yaxes(title_text="share with refusal log-odds > 0", range=[0, 1], row=1, col=1)
+    fig.update_yaxes(range=[-0.02, 1.02])
+    fig.update_yaxes(title_text="share with refusal log-odds > 0", row=1, col=1)
     if base is not None:
         for col in (1, 2, 3):
             fig.add_hline(y=base, line_dash="dash", line_color="gray", row=1, col=col)

@@ -78,7 +78,7 @@ def circuit_map(lm: LayerMap) -> go.Figure:
     fig.add_trace(go.Scatter(x=x, y=lm.top_down.tolist(), mode="lines+markers", name="layers ≥ l"))
     fig.add_trace(go.Scatter(x=x, y=lm.bottom_up.tolist(), mode="lines+markers", name="layers ≤ l"))
     fig.update_layout(
-        title=f"{lm.model_name}: where ablation removes refusal (baseline score {lm.baseline:.2f}, "
+        title=f"{lm.model_name}: where ablation removes refusal<br>(baseline score {lm.baseline:.2f}, "
         f"{lm.n_prompts} prompts)",
         xaxis_title="layer",
         yaxis_title="Δ mean refusal log-odds",

@@ -291,10 +291,24 @@ def attribute(
     progress: bool = True,
 ) -> Attribution:
     """Contrast final-token ``hook`` activations of ``positive`` vs ``negative`` prompts."""
+    pos, neg = encode_sets(model, positive, negative, hook=hook, chat=chat, system=system)
+    return attribute_tokens(model, pos, neg, batch_size=batch_size, hook=hook, progress=progress)
+
+
+def encode_sets(
+    model: HookedModel,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    *,
+    hook: str = "mlp.hook_post",
+    chat: bool | None = None,
+    system: str | None = None,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Check the hook, then format both prompt sets (errors name ``positive`` / ``negative``)."""
     check_hook(model, hook)
     pos = encode(model.tokenizer, positive, chat=chat, system=system, name="positive")
     neg = encode(model.tokenizer, negative, chat=chat, system=system, name="negative")
-    return attribute_tokens(model, pos, neg, batch_size=batch_size, hook=hook, progress=progress)
+    return pos, neg
 
 
 def attribute_tokens(

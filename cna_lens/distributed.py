@@ -15,9 +15,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .attribute import Attribution, attribute_tokens, check_hook
+from .attribute import Attribution, attribute_tokens, encode_sets
 from .models import HookedModel
-from .prompts import encode
 
 
 def attribute_distributed(
@@ -32,9 +31,7 @@ def attribute_distributed(
     progress: bool = True,
 ) -> Attribution:
     """:func:`cna_lens.attribute` sharded over the ranks of the default process group."""
-    check_hook(model, hook)
-    pos = encode(model.tokenizer, positive, chat=chat, system=system, name="positive")
-    neg = encode(model.tokenizer, negative, chat=chat, system=system, name="negative")
+    pos, neg = encode_sets(model, positive, negative, hook=hook, chat=chat, system=system)
     if not (dist.is_available() and dist.is_initialized()):
         return attribute_tokens(model, pos, neg, batch_size=batch_size, hook=hook, progress=progress)
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -72,6 +72,8 @@ class Reproduction:
         self.run = RunDir(out, config)
         self.cfg = config
         self.out = self.run.path
+        self.attr = self.attribution("mlp.hook_post", "attribution")  # CNA statistics
+        self.caa = self.attribution("hook_mlp_out", "caa")  # CAA vectors: .diff per layer
 
     # ----------------------------------------------------------------- discovery
     def attribution(self, hook: str, sub: str) -> Attribution:
@@ -175,10 +177,9 @@ class Reproduction:
         done = read_json(path, "cna_lens.Capability")["entries"] if path.exists() else {}
         harmless = [r["prompt"] for r in load_dataset(self.cfg["kl_dataset"], self.cfg["kl_limit"])]
         mmlu = load_dataset("mmlu", self.cfg["mmlu_limit"]) if self.cfg["mmlu_limit"] else []
-        base = self.scores("baseline", harmless)
-        for cond in dict.fromkeys(conditions):
-            if cond in done:
-                continue
+        todo = [c for c in dict.fromkeys(conditions) if c not in done]
+        base = self.scores("baseline", harmless) if todo else None  # a resumed, finished run skips this
+        for cond in todo:
             entry: dict[str, Any] = {}
             kl = kl_divergence(base, self.scores(cond, harmless))
             entry["kl_mean"], entry["kl_ci"] = float(kl.mean()), bootstrap_ci(kl.tolist())
@@ -267,8 +268,6 @@ def reproduce(
     }
     m = load_model(model, dtype=dtype) if isinstance(model, str) else model
     rep = Reproduction(m, out, config, progress)
-    rep.attr = rep.attribution("mlp.hook_post", "attribution")
-    rep.caa = rep.attribution("hook_mlp_out", "caa")
     grid = ["baseline"] + [f"{k}:{by}:{f}" for by in rankings for f in fractions for k in ("cna", "random")]
     chosen = rep.choose(rep.sweep(grid))
     _, by, frac = chosen.split(":")

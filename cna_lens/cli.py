@@ -153,6 +153,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         caa_alphas=alphas,
         mmlu_limit=args.mmlu_limit,
         kl_limit=args.kl_limit,
+        xstest_limit=args.xstest_limit,
+        fractions=[float(f) for f in args.fractions.split(",")],
+        rankings=args.rankings.split(","),
         dtype=DTYPES[args.dtype],
     )
     print((Path(args.out) / "report.md").read_text())
@@ -161,6 +164,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .reproduce import FRACTIONS, RANKINGS
+
     parser = argparse.ArgumentParser(prog="cna-lens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -206,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--caa-alphas", default="0.5,1.0")
     r.add_argument("--mmlu-limit", type=int, default=57, help="MMLU questions (0 = skip)")
     r.add_argument("--kl-limit", type=int, default=64, help="alpaca_val prompts for the KL measure")
+    r.add_argument("--xstest-limit", type=int, default=100, help="XSTest safe prompts, evenly spaced (0 = skip)")
+    r.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="sweep: shares of all MLP neurons")
+    r.add_argument("--rankings", default=",".join(RANKINGS), help="sweep: rankings among abs,diff,effect")
     r.set_defaults(func=cmd_reproduce)
 
     m = sub.add_parser("demo", help="discover on the bundled sets, then JBB prompts with/without ablation")

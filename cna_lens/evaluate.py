@@ -129,9 +129,10 @@ def final_logprobs(
     batch_size: int = 16,
     chat: bool | None = None,
     progress: bool = False,
+    response_prefix: str = "",
 ) -> Float[Tensor, "prompt vocab"]:
-    """log p(next token) at the final prompt position, for every prompt (in order)."""
-    seqs = encode(model.tokenizer, prompts, chat=chat)
+    """log p(next token) at the final prompt position (after ``response_prefix``), for every prompt."""
+    seqs = encode(model.tokenizer, prompts, chat=chat, response_prefix=response_prefix)
     out: Tensor | None = None
     pad = pad_id(model.tokenizer)
     with tqdm(total=len(seqs), desc="score", unit="prompt", disable=not progress) as bar:
@@ -157,6 +158,20 @@ def kl_divergence(
 ) -> Float[Tensor, " prompt"]:
     """KL(P_base ‖ P_other) per prompt, from log-probabilities."""
     return (base.exp() * (base - other)).sum(-1)
+
+
+#: MMLU, zero-shot for chat models: the question and lettered choices, an instruction, and the answer
+#: started for the model ("The answer is"), so the next token is " A".." D". Scoring the first
+#: assistant token after a bare "Answer:" left these models at chance: they start with "To" and put
+#: ~5 % of the mass on letters; with the started answer the letters get ~80 %.
+MMLU_INSTRUCTION = "Answer with the letter of the correct option."
+MMLU_PREFIX = "The answer is"
+
+
+def mmlu_prompt(row: dict[str, Any]) -> str:
+    """The user message for one bundled MMLU record (``question``, ``choices``)."""
+    choices = "\n".join(f"{c}. {t}" for c, t in zip("ABCD", row["choices"]))
+    return f"{row['question']}\n{choices}\n{MMLU_INSTRUCTION}"
 
 
 def mmlu_accuracy(

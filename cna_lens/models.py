@@ -272,16 +272,52 @@ def load_model(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    check_dtype(dtype, device)
     target, display = resolve(name_or_path)
     if "device_map" in boot_kwargs:
         device = None  # mutually exclusive in boot_transformers
-    bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype, **boot_kwargs)
+    # TL's weight processing upcasts to fp32 internally; booting a bf16 model and folding it peaks at
+    # ~3x the fp32 size (OOM for 1.5B in 24 GB). Folding in fp32 and casting afterwards peaks at the
+    # fp32 load's level and keeps the folds at fp32 precision.
+    fold_fp32 = compatibility_mode and dtype != torch.float32 and "device_map" not in boot_kwargs
+    boot_dtype = torch.float32 if fold_fp32 else dtype
+    bridge = TransformerBridge.boot_transformers(target, device=device, dtype=boot_dtype, **boot_kwargs)
     if compatibility_mode:
         bridge.enable_compatibility_mode()
+    if fold_fp32:
+        bridge.to(dtype)
     bridge.eval()
     setup_tokenizer(bridge.tokenizer)
     bridge.cna_lens_name = display
     return bridge
+
+
+def native_bf16(device: str | torch.device | None = "cpu") -> bool:
+    """Whether ``device`` runs bfloat16 matmuls natively (CUDA sm80+, or a CPU with avx512_bf16/AMX)."""
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def check_dtype(dtype: torch.dtype, device: str | torch.device | None = "cpu") -> None:
+    """Refuse dtypes the hardware cannot run, with a clear error instead of a silent fallback."""
+    if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {dev} requested but CUDA is not available on this machine")
+    if dtype == torch.bfloat16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"{torch.cuda.get_device_name(dev)} has no native bfloat16; use dtype=torch.float16 or float32"
+        )
+    if dtype == torch.bfloat16 and dev.type == "cpu" and not native_bf16(dev):
+        raise ValueError(
+            "this CPU has no native bfloat16 (avx512_bf16 / AMX): bf16 would be emulated and slower than "
+            "float32; use dtype=torch.float32"
+        )
 
 
 def is_bridge(model: HookedModel) -> bool:

@@ -42,8 +42,11 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def format_prompt(tokenizer: Any, prompt: str, *, chat: bool | None = None, system: str | None = None) -> list[int]:
-    """Token ids of one prompt, ready for the model (ending at the assistant turn for chat)."""
+def format_prompt(
+    tokenizer: Any, prompt: str, *, chat: bool | None = None, system: str | None = None, response_prefix: str = ""
+) -> list[int]:
+    """Token ids of one prompt, ready for the model (ending at the assistant turn for chat, followed by
+    ``response_prefix``: the start of the answer the model is made to continue, e.g. "The answer is")."""
     if chat is None:
         chat = has_chat_template(tokenizer)
     if chat:
@@ -53,10 +56,10 @@ def format_prompt(tokenizer: Any, prompt: str, *, chat: bool | None = None, syst
         if system is not None:
             messages.insert(0, {"role": "system", "content": system})
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(text + response_prefix, add_special_tokens=False)["input_ids"])
     if system is not None:
         raise ValueError("a system prompt needs chat formatting (chat=True)")
-    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    return list(tokenizer(prompt + response_prefix, add_special_tokens=True)["input_ids"])
 
 
 def encode(
@@ -66,9 +69,13 @@ def encode(
     chat: bool | None = None,
     system: str | None = None,
     name: str = "prompts",
+    response_prefix: str = "",
 ) -> list[list[int]]:
     """Token ids of every prompt (see :func:`format_prompt`)."""
-    return [format_prompt(tokenizer, p, chat=chat, system=system) for p in check_prompts(prompts, name)]
+    return [
+        format_prompt(tokenizer, p, chat=chat, system=system, response_prefix=response_prefix)
+        for p in check_prompts(prompts, name)
+    ]
 
 
 def pad_id(tokenizer: Any) -> int:

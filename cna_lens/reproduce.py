@@ -24,11 +24,13 @@ from . import __version__
 from .attribute import Attribution, attribute
 from .datasets import load_dataset
 from .evaluate import (
+    MMLU_PREFIX,
     distinct_n,
     final_logprobs,
     judge,
     kl_divergence,
     mmlu_accuracy,
+    mmlu_prompt,
     quality,
     refusal_score,
     refusal_token_ids,
@@ -72,8 +74,9 @@ class Reproduction:
         self.run = RunDir(out, config)
         self.cfg = config
         self.out = self.run.path
-        self.attr = self.attribution("mlp.hook_post", "attribution")  # CNA statistics
-        self.caa = self.attribution("hook_mlp_out", "caa")  # CAA vectors: .diff per layer
+        with self.run.timed("discovery"):
+            self.attr = self.attribution("mlp.hook_post", "attribution")  # CNA statistics
+            self.caa = self.attribution("hook_mlp_out", "caa")  # CAA vectors: .diff per layer
 
     # ----------------------------------------------------------------- discovery
     def attribution(self, hook: str, sub: str) -> Attribution:
@@ -107,9 +110,11 @@ class Reproduction:
         raise ValueError(f"unknown condition {condition!r}")
 
     # ----------------------------------------------------------------- first-token sweep
-    def scores(self, condition: str, prompts: list[str]) -> torch.Tensor:
+    def scores(self, condition: str, prompts: list[str], response_prefix: str = "") -> torch.Tensor:
         with self.intervention(condition)():
-            return final_logprobs(self.model, prompts, batch_size=self.cfg["batch_size"])
+            return final_logprobs(
+                self.model, prompts, batch_size=self.cfg["batch_size"], response_prefix=response_prefix
+            )
 
     def sweep(self, conditions: Sequence[str]) -> dict[str, Any]:
         """Mean first-token refusal score and share > 0 on the validation harmful prompts, per condition."""
@@ -139,8 +144,12 @@ class Reproduction:
         return min(ok, key=lambda c: (float(c.split(":")[2]), self.cfg["rankings"].index(c.split(":")[1])))
 
     # ----------------------------------------------------------------- generations
-    def generations(self, dataset: str, conditions: Sequence[str]) -> None:
-        rows = load_dataset(dataset, self.cfg["limit"] if self.cfg["limit"] else None)
+    def generations(self, dataset: str, conditions: Sequence[str], n: int | None = None, spread: bool = False) -> None:
+        """Greedy completions per condition of the first ``n`` prompts of ``dataset`` (all if None), or
+        with ``spread`` of ``n`` evenly spaced ones (keeps every category of a set ordered by category)."""
+        rows = load_dataset(dataset, None if spread else n)
+        if spread and n is not None and n < len(rows):
+            rows = [rows[int(i)] for i in np.linspace(0, len(rows) - 1, n).round()]
         chunk = self.cfg["batch_size"]
         for cond in dict.fromkeys(conditions):  # the chosen point may be the paper's
             done = self.run.done()
@@ -184,8 +193,10 @@ class Reproduction:
             kl = kl_divergence(base, self.scores(cond, harmless))
             entry["kl_mean"], entry["kl_ci"] = float(kl.mean()), bootstrap_ci(kl.tolist())
             if mmlu:
-                lp = self.scores(cond, [r["prompt"] for r in mmlu])
-                entry["mmlu_acc"] = mmlu_accuracy(lp, [r["answer"] for r in mmlu], self.model.tokenizer)
+                lp = self.scores(cond, [mmlu_prompt(r) for r in mmlu], response_prefix=MMLU_PREFIX)
+                entry["mmlu_acc"] = mmlu_accuracy(
+                    lp, [r["answer"] for r in mmlu], self.model.tokenizer, leading_space=True
+                )
             done[cond] = entry
             atomic_write_json(path, {"kind": "cna_lens.Capability", "entries": done})
         return done
@@ -236,6 +247,7 @@ def reproduce(
     caa_alphas: Sequence[float] = (0.5, 1.0),
     mmlu_limit: int = 57,
     kl_limit: int = 64,
+    xstest_limit: int | None = 100,
     val_limit: int | None = None,
     fractions: Sequence[float] = FRACTIONS,
     rankings: Sequence[str] = RANKINGS,
@@ -246,6 +258,13 @@ def reproduce(
     """Run (or resume) the whole experiment in ``out``; returns ``results.json``'s content."""
     if limit is not None and not 1 <= limit <= 100:
         raise ValueError(f"--limit {limit}: JBB has 100 prompts per split")
+    if not rankings or set(rankings) - set(RANKINGS):
+        raise ValueError(f"rankings {list(rankings)}: choose among {', '.join(RANKINGS)}")
+    if not fractions or not all(0 < f < 1 for f in fractions):
+        raise ValueError(f"fractions {list(fractions)}: each must be a share in (0, 1)")
+    n_xstest = len(load_dataset("xstest_safe"))
+    if xstest_limit is not None and not 0 <= xstest_limit <= n_xstest:
+        raise ValueError(f"--xstest-limit {xstest_limit}: xstest_safe has {n_xstest} prompts (0 = skip)")
     name = model if isinstance(model, str) else model_name(model)
     config = {
         "model": name,
@@ -263,24 +282,34 @@ def reproduce(
         "discovery": ["discovery_harmful", "discovery_harmless"],
         "val_harmful": "harmful_val",
         "kl_dataset": "alpaca_val",
+        "mmlu_format": "zero-shot, instruction + 'The answer is'",
         "eval": ["jbb_harmful", "jbb_benign"],
+        "over_refusal": "xstest_safe",
+        "xstest_limit": xstest_limit,
         "package_version": __version__,
     }
     m = load_model(model, dtype=dtype) if isinstance(model, str) else model
     rep = Reproduction(m, out, config, progress)
     grid = ["baseline"] + [f"{k}:{by}:{f}" for by in rankings for f in fractions for k in ("cna", "random")]
-    chosen = rep.choose(rep.sweep(grid))
-    _, by, frac = chosen.split(":")
-    paper = f"cna:abs:{PAPER_FRACTION}"
-    random_ctl = f"random:{by}:{frac}"
-    caa = [f"caa:{a}" for a in caa_alphas]
-    sweep = rep.sweep(grid + [f"{chosen}:{s}" for s in SCALES] + caa)
-    rep.generations("jbb_harmful", ["baseline", paper, chosen, random_ctl, *caa])
-    rep.generations("jbb_benign", ["baseline", chosen])
-    capability = rep.capability(["baseline", paper, chosen, random_ctl, *caa])
+    with rep.run.timed("sweep"):
+        chosen = rep.choose(rep.sweep(grid))
+        _, by, frac = chosen.split(":")
+        paper = f"cna:abs:{PAPER_FRACTION}"
+        random_ctl = f"random:{by}:{frac}"
+        caa = [f"caa:{a}" for a in caa_alphas]
+        sweep = rep.sweep(grid + [f"{chosen}:{s}" for s in SCALES] + caa)
+    with rep.run.timed("generate_jbb"):
+        rep.generations("jbb_harmful", ["baseline", paper, chosen, random_ctl, *caa], limit)
+        rep.generations("jbb_benign", ["baseline", chosen], limit)
+    with rep.run.timed("capability"):
+        capability = rep.capability(["baseline", paper, chosen, random_ctl, *caa])
+    if xstest_limit != 0:
+        with rep.run.timed("generate_xstest"):
+            rep.generations("xstest_safe", ["baseline", chosen], xstest_limit, spread=True)
     ids = refusal_token_ids(m.tokenizer)
     jbb = load_dataset("jbb_harmful", limit)
-    base_scores = refusal_score(rep.scores("baseline", [r["prompt"] for r in jbb]), ids)
+    with rep.run.timed("agreement"):
+        base_scores = refusal_score(rep.scores("baseline", [r["prompt"] for r in jbb]), ids)
     logodds = {r["id"]: float(s) for r, s in zip(jbb, base_scores)}
     rows = rep.run.rows
     results = {
@@ -296,6 +325,7 @@ def reproduce(
         "sweep": sweep,
         "judge_first_token_agreement": agreement(rows, logodds),
         "split_half_jaccard": split_half_jaccard(rep, chosen),
+        "timings_s": read_json(rep.out / "timings.json", "cna_lens.Timings")["seconds"],
     }
     atomic_write_json(rep.out / "results.json", results)
     atomic_write_text(rep.out / "report.md", report(results))
@@ -338,16 +368,20 @@ def report(results: dict[str, Any]) -> str:
         f"Greedy, {cfg['max_new_tokens']} new tokens, dtype {cfg['dtype']}; regex judge over the first 500 "
         f"characters. Operating point chosen on `{cfg['val_harmful']}` (first-token score): `{results['chosen']}`.",
         "",
-        "| condition | JBB harmful refusal % [95 % CI] | quality | JBB benign refusal % | KL (alpaca) | MMLU |",
-        "|---|---|---|---|---|---|",
+        "| condition | JBB harmful refusal % [95 % CI] | quality | JBB benign refusal % | XSTest safe refusal % "
+        "| KL (alpaca) | MMLU |",
+        "|---|---|---|---|---|---|---|",
     ]
     for cond, g in gens.get("jbb_harmful", {}).items():
         b = gens.get("jbb_benign", {}).get(cond)
+        x = gens.get("xstest_safe", {}).get(cond)
+        xs = f"{_pct(x['refusal_rate'])} (n={x['n']})" if x else "—"
         cap = results["capability"].get(cond, {})
         lo, hi = g["refusal_ci"]
         lines.append(
             f"| `{cond}` (n={g['n']}) | {_pct(g['refusal_rate'])} [{_pct(lo)}–{_pct(hi)}] | {g['quality']:.3f} | "
-            f"{_pct(b['refusal_rate']) if b else '—'} | {cap.get('kl_mean', float('nan')):.3f} | "
+            f"{_pct(b['refusal_rate']) if b else '—'} | "
+            f"{xs} | {cap.get('kl_mean', float('nan')):.3f} | "
             f"{cap.get('mmlu_acc', float('nan')):.2f} |"
         )
     lines += [
@@ -356,6 +390,9 @@ def report(results: dict[str, Any]) -> str:
         "",
         f"First-token score vs judge agreement (baseline JBB harmful): {results['judge_first_token_agreement']}",
         f"Split-half Jaccard of the chosen top set: {results['split_half_jaccard']:.3f}",
+        "",
+        "Wall time per stage (s, summed over resumed sessions): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in results.get("timings_s", {}).items()),
         "",
     ]
     return "\n".join(lines)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,18 @@ class RunDir:
     def done(self) -> set[tuple[str, str, str]]:
         """Keys ``(dataset, condition, prompt_id)`` already computed."""
         return {(r["dataset"], r["condition"], r["prompt_id"]) for r in self._rows}
+
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the wall time of the block to ``timings.json[stage]`` (summed over resumed sessions)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            path = self.path / "timings.json"
+            t = read_json(path, "cna_lens.Timings")["seconds"] if path.exists() else {}
+            t[stage] = t.get(stage, 0.0) + time.perf_counter() - t0
+            atomic_write_json(path, {"kind": "cna_lens.Timings", "seconds": t})
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         if not rows:

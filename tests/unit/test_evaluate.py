@@ -52,3 +52,14 @@ def test_quality_and_distinct():
     assert quality("the the the the the the") == pytest.approx(1 / 3)
     assert quality("too short") == 1.0
     assert distinct_n("a b a b a", 2) == pytest.approx(2 / 4)
+
+
+def test_mmlu_prompt_lists_lettered_choices():
+    from cna_lens.datasets import load_dataset
+    from cna_lens.evaluate import MMLU_INSTRUCTION, mmlu_prompt
+
+    row = load_dataset("mmlu", 1)[0]
+    text = mmlu_prompt(row)
+    assert text.startswith(row["question"]) and text.endswith(MMLU_INSTRUCTION)
+    assert [line[:3] for line in text.splitlines()[-5:-1]] == ["A. ", "B. ", "C. ", "D. "]
+    assert "Answer:" not in text

@@ -104,3 +104,30 @@ def test_model_without_mlp_hooks_is_rejected():
 
     with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.hook_post"):
         cna_lens.attribute(NoHooks(), ["a"], ["b"])
+
+
+def test_dtypes_the_hardware_cannot_run_are_refused(monkeypatch):
+    import torch
+
+    with pytest.raises(ValueError, match="not supported"):
+        models.check_dtype(torch.int8)
+    monkeypatch.setattr(models, "native_bf16", lambda device="cpu": False)
+    with pytest.raises(ValueError, match="no native bfloat16"):
+        models.check_dtype(torch.bfloat16, "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            models.check_dtype(torch.float32, "cuda")
+    monkeypatch.setattr(models, "native_bf16", lambda device="cpu": True)
+    models.check_dtype(torch.bfloat16, "cpu")
+
+
+def test_low_precision_load_folds_in_fp32_then_casts(llama_dir, monkeypatch):
+    """bf16 loads boot and fold in fp32, then cast: weights equal the fp32-folded ones rounded once."""
+    import torch
+
+    monkeypatch.setattr(models, "native_bf16", lambda device="cpu": True)
+    ref = models.load_model(llama_dir)
+    low = models.load_model(llama_dir, dtype=torch.bfloat16)
+    assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
+    for (name, a), (_, b) in zip(ref.named_parameters(), low.named_parameters()):
+        assert torch.equal(a.to(torch.bfloat16), b), name

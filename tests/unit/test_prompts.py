@@ -92,3 +92,11 @@ def test_read_prompt_file(tmp_path):
         read_prompt_file(tmp_path / "empty.txt")
     with pytest.raises(FileNotFoundError):
         read_prompt_file(tmp_path / "missing.txt")
+
+
+def test_response_prefix_follows_the_assistant_turn():
+    tok = byte_tokenizer(chat=True)
+    ids = format_prompt(tok, "Hi", response_prefix="The answer is")
+    assert tok.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nThe answer is"
+    base = byte_tokenizer(chat=False)
+    assert base.decode(format_prompt(base, "Q:", response_prefix=" A"), skip_special_tokens=True) == "Q: A"

@@ -18,6 +18,7 @@ KW = dict(
     caa_alphas=(0.5,),
     mmlu_limit=4,
     kl_limit=4,
+    xstest_limit=4,
     val_limit=4,
     fractions=(0.001, 0.01),
     rankings=("abs", "diff"),
@@ -43,14 +44,20 @@ def test_run_directory_contents(full_run):
         "attribution/attribution.json",
         "caa/attribution.json",
         "figures/dose_response.html",
+        "timings.json",
     ):
         assert (out / f).exists(), f
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     keys = {(r["dataset"], r["condition"], r["prompt_id"]) for r in rows}
     harmful = {"baseline", results["paper_point"], results["chosen"], results["random_control"], *results["caa"]}
-    assert len(keys) == len(rows) == 3 * (len(harmful) + 2)  # 3 prompts × (harmful conditions + 2 benign)
+    # 3 JBB prompts × (harmful conditions + 2 benign) + 4 XSTest safe × (baseline, chosen)
+    assert len(keys) == len(rows) == 3 * (len(harmful) + 2) + 4 * 2
     assert {r["condition"] for r in rows if r["dataset"] == "jbb_harmful"} == harmful
-    assert set(results["generations"]) == {"jbb_harmful", "jbb_benign"}
+    assert set(results["generations"]) == {"jbb_harmful", "jbb_benign", "xstest_safe"}
+    xstest = {r["prompt_id"] for r in rows if r["dataset"] == "xstest_safe"}
+    by_id = {r["id"]: r["category"] for r in cna_lens.datasets.load_dataset("xstest_safe")}
+    assert len({by_id[i] for i in xstest}) == 4  # evenly spaced over a set ordered by category
+    assert set(results["timings_s"]) >= {"discovery", "sweep", "generate_jbb", "capability", "generate_xstest"}
     assert results["capability"]["baseline"]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # KL = 0 without intervention
     assert "| `baseline` (n=3)" in (out / "report.md").read_text()
 

@@ -163,6 +163,35 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench, markdown
+    from .models import resolve
+    from .runs import atomic_write_json, atomic_write_text, read_json
+
+    model = _load(args)
+    hf = None
+    if not args.no_hf:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(resolve(args.model)[0], dtype=DTYPES[args.dtype]).eval()
+    res = bench(
+        model,
+        hf,
+        n_prompts=args.prompts,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        rss_prompts=[int(n) for n in args.rss.split(",") if n.strip()],
+        batch1=not args.no_batch1,
+    )
+    out = Path(args.out)
+    atomic_write_json(out / f"{res['model']}-{res['dtype']}.json", res)
+    rows = [read_json(f, "cna_lens.Bench") for f in sorted(out.glob("*.json"))]
+    atomic_write_text(out / "bench.md", markdown(rows))
+    print(markdown(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .reproduce import FRACTIONS, RANKINGS
 
@@ -215,6 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="sweep: shares of all MLP neurons")
     r.add_argument("--rankings", default=",".join(RANKINGS), help="sweep: rankings among abs,diff,effect")
     r.set_defaults(func=cmd_reproduce)
+
+    b = sub.add_parser("bench", help="CNA's speed as fractions of this machine's limits (JSON + markdown)")
+    common(b, "smollm2-135m-instruct")
+    b.set_defaults(batch_size=32)
+    b.add_argument("--out", default="benchmarks/results", help="folder for <model>-<dtype>.json and bench.md")
+    b.add_argument("--prompts", type=int, default=32, help="discovery prompts timed (half harmful)")
+    b.add_argument("--max-new-tokens", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--rss", default="100,400", help="prompt counts for the peak-RSS check")
+    b.add_argument("--no-hf", action="store_true", help="skip the plain HF forward comparison")
+    b.add_argument("--no-batch1", action="store_true", help="skip the batch-size-1 loop")
+    b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("demo", help="discover on the bundled sets, then JBB prompts with/without ablation")
     common(m, DEFAULT_MODEL)

@@ -12,7 +12,8 @@ same prompts, batch size and threads:
   computed once, every generated token once), and the time under ``ablate(top 0.1 %)`` relative to
   no intervention;
 * the batched pipeline vs a batch-size-1 loop of the same attribution;
-* peak RSS growth during attribution of ``rss_prompts`` prompts (flat: only running sums are kept).
+* peak RSS, and its growth, during attribution of ``rss_prompts`` prompts (flat: only running sums
+  are kept; the runs go from fewest to most prompts, so memory that grows with the prompts shows).
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def flops_per_token(model: HookedModel, unembed: bool) -> float:
     return 2.0 * (c.n_layers * (attn + mlp) + (c.d_model * c.d_vocab if unembed else 0))
 
 
-def _rss_peak_during(fn: Callable[[], Any]) -> float:
-    """Peak growth of resident memory (bytes) over the RSS before ``fn``, sampled every 5 ms."""
+def _rss_peak_during(fn: Callable[[], Any]) -> tuple[int, int]:
+    """Peak resident memory (bytes) while ``fn`` runs, and its growth over the RSS before; 5 ms samples."""
 
     def rss() -> int:
         with open("/proc/self/statm") as f:
@@ -128,7 +129,8 @@ def _rss_peak_during(fn: Callable[[], Any]) -> float:
     finally:
         done.set()
         t.join()
-    return max(0, max(peak[0], rss()) - base)
+    top = max(peak[0], rss())
+    return top, max(0, top - base)
 
 
 def _hf_forward(hf: Any, seqs: Sequence[Sequence[int]], pad: int, batch_size: int) -> Callable[[], None]:
@@ -226,12 +228,14 @@ def bench(
         out["batch1_attribution"] = b1 | {"batched_speedup": b1["median_s"] / a["median_s"]}
 
     rss: dict[str, float] = {}
+    peak: dict[str, float] = {}
     for n in rss_prompts:
         say(f"peak RSS, {n} prompts ...")
         p, q = list(islice(cycle(harmful), n // 2)), list(islice(cycle(harmless), n - n // 2))
         run = lambda p=p, q=q: attribute(model, p, q, batch_size=batch_size, progress=False)
-        rss[str(n)] = _rss_peak_during(run) / 2**20
-    out["rss_growth_mib"] = rss
+        top, grow = _rss_peak_during(run)
+        peak[str(n)], rss[str(n)] = top / 2**20, grow / 2**20
+    out["rss_growth_mib"], out["rss_peak_mib"] = rss, peak
     return out
 
 
@@ -243,7 +247,7 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
 
     lines = [
         "| model | dtype | fp32 limit GFLOP/s | attribution s | tok/s | fraction of limit | attribution / HF forward "
-        "| generation s | new tok/s | fraction of limit | ablated / plain | batched speed-up | RSS growth MiB |",
+        "| generation s | new tok/s | fraction of limit | ablated / plain | batched speed-up | peak RSS MiB (growth) |",
         "|---" * 13 + "|",
     ]
     for r in results:
@@ -255,6 +259,8 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
             f"| {r['model']} | {r['dtype']} | {r['machine']['matmul_gflops_float32']:.0f} | {mm(a)} | "
             f"{a['tokens_per_s']:.0f} | {a['fraction_of_limit']:.2f} | {over_hf} | {mm(g)} | "
             f"{g['new_tokens_per_s']:.1f} | {g['fraction_of_limit']:.2f} | {g['ablated_over_plain']:.2f} | "
-            f"{speedup} | " + " / ".join(f"{k}: {v:.0f}" for k, v in r["rss_growth_mib"].items()) + " |"
+            f"{speedup} | "
+            + " / ".join(f"{k}: {r['rss_peak_mib'][k]:.0f} (+{v:.0f})" for k, v in r["rss_growth_mib"].items())
+            + " |"
         )
     return "\n".join(lines) + "\n"

@@ -298,11 +298,36 @@ def reproduce(
         random_ctl = f"random:{by}:{frac}"
         caa = [f"caa:{a}" for a in caa_alphas]
         sweep = rep.sweep(grid + [f"{chosen}:{s}" for s in SCALES] + caa)
+    results: dict[str, Any] = {
+        "kind": "cna_lens.Results",
+        "status": "running",
+        "config": config,
+        "chosen": chosen,
+        "paper_point": paper,
+        "random_control": random_ctl,
+        "caa": caa,
+        "neurons": {c: len(rep.neurons(float(c.split(":")[2]), c.split(":")[1])) for c in (paper, chosen)},
+        "generations": {},
+        "capability": {},
+        "sweep": sweep,
+        "judge_first_token_agreement": None,
+        "split_half_jaccard": None,
+    }
+
+    def publish(status: str) -> None:  # after every stage, so a stopped run still reports what it has
+        timings = read_json(rep.out / "timings.json", "cna_lens.Timings")["seconds"]
+        results.update(status=status, generations=summarize(rep.run.rows), timings_s=timings)
+        atomic_write_json(rep.out / "results.json", results)
+        atomic_write_text(rep.out / "report.md", report(results))
+
     with rep.run.timed("generate_jbb"):
         rep.generations("jbb_harmful", ["baseline", paper, chosen, random_ctl, *caa], limit)
+        publish("partial: JBB harmful generated")
         rep.generations("jbb_benign", ["baseline", chosen], limit)
+    publish("partial: JBB generated")
     with rep.run.timed("capability"):
-        capability = rep.capability(["baseline", paper, chosen, random_ctl, *caa])
+        results["capability"] = rep.capability(["baseline", paper, chosen, random_ctl, *caa])
+    publish("partial: JBB generated, capability measured")
     if xstest_limit != 0:
         with rep.run.timed("generate_xstest"):
             rep.generations("xstest_safe", ["baseline", chosen], xstest_limit, spread=True)
@@ -311,24 +336,10 @@ def reproduce(
     with rep.run.timed("agreement"):
         base_scores = refusal_score(rep.scores("baseline", [r["prompt"] for r in jbb]), ids)
     logodds = {r["id"]: float(s) for r, s in zip(jbb, base_scores)}
-    rows = rep.run.rows
-    results = {
-        "kind": "cna_lens.Results",
-        "config": config,
-        "chosen": chosen,
-        "paper_point": paper,
-        "random_control": random_ctl,
-        "caa": caa,
-        "neurons": {c: len(rep.neurons(float(c.split(":")[2]), c.split(":")[1])) for c in (paper, chosen)},
-        "generations": summarize(rows),
-        "capability": capability,
-        "sweep": sweep,
-        "judge_first_token_agreement": agreement(rows, logodds),
-        "split_half_jaccard": split_half_jaccard(rep, chosen),
-        "timings_s": read_json(rep.out / "timings.json", "cna_lens.Timings")["seconds"],
-    }
-    atomic_write_json(rep.out / "results.json", results)
-    atomic_write_text(rep.out / "report.md", report(results))
+    results["judge_first_token_agreement"] = agreement(rep.run.rows, logodds)
+    with rep.run.timed("split_half"):
+        results["split_half_jaccard"] = split_half_jaccard(rep, chosen)
+    publish("complete")
     from .plot import dose_response, save_figure
 
     save_figure(dose_response(results), rep.out / "figures" / "dose_response")
@@ -365,6 +376,8 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         f"# CNA reproduction: {cfg['model']}",
         "",
+        f"Status: **{results.get('status', 'complete')}**.",
+        "",
         f"Greedy, {cfg['max_new_tokens']} new tokens, dtype {cfg['dtype']}; regex judge over the first 500 "
         f"characters. Operating point chosen on `{cfg['val_harmful']}` (first-token score): `{results['chosen']}`.",
         "",
@@ -389,7 +402,7 @@ def report(results: dict[str, Any]) -> str:
         "Paper (instruct → CNA-ablated JBB refusal %): " + "; ".join(f"{k} {a}→{b}" for k, (a, b) in PAPER_JBB.items()),
         "",
         f"First-token score vs judge agreement (baseline JBB harmful): {results['judge_first_token_agreement']}",
-        f"Split-half Jaccard of the chosen top set: {results['split_half_jaccard']:.3f}",
+        f"Split-half Jaccard of the chosen top set: {results['split_half_jaccard']}",
         "",
         "Wall time per stage (s, summed over resumed sessions): "
         + ", ".join(f"{k} {v:.0f}" for k, v in results.get("timings_s", {}).items()),

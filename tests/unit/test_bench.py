@@ -19,6 +19,7 @@ KEYS = {
     "generation",
     "batch1_attribution",
     "rss_growth_mib",
+    "rss_peak_mib",
 }
 
 
@@ -48,7 +49,8 @@ def test_bench_smoke(llama_model, llama_dir):
         assert part["min_s"] <= part["median_s"] <= part["max_s"] and part["repeats"] == 1
     assert res["attribution"]["fraction_of_limit"] > 0 and res["hf_forward"]["attribution_over_hf"] > 0
     assert 0 < res["generation"]["new_tokens"] <= 4 * 3
-    assert set(res["rss_growth_mib"]) == {"8", "16"}
+    assert set(res["rss_growth_mib"]) == set(res["rss_peak_mib"]) == {"8", "16"}
+    assert res["rss_peak_mib"]["8"] > 10  # a real process reading, not a placeholder
     table = bench.markdown([res])
     assert table.count("\n") == 3 and res["model"] in table
 

@@ -60,23 +60,29 @@ def test_run_directory_contents(full_run):
     assert set(results["timings_s"]) >= {"discovery", "sweep", "generate_jbb", "capability", "generate_xstest"}
     assert results["capability"]["baseline"]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # KL = 0 without intervention
     assert "| `baseline` (n=3)" in (out / "report.md").read_text()
+    assert results["status"] == "complete" and 0 <= results["split_half_jaccard"] <= 1
 
 
 def test_resume_after_interruption_gives_same_results(llama_model, full_run, tmp_path, monkeypatch):
     _, ref = full_run
     real = generation.generate
     calls = {"n": 0}
+    n_harmful = len(ref["generations"]["jbb_harmful"])  # conditions; one generate call each (3 prompts)
 
     def flaky(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the generations
+        if calls["n"] == n_harmful + 1:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the benign generations
         return real(*a, **k)
 
     monkeypatch.setattr(rp, "generate", flaky)
     with pytest.raises(KeyboardInterrupt):
         rp.reproduce(llama_model, tmp_path, **KW)
-    assert len(RunDir(tmp_path, json.loads((tmp_path / "config.json").read_text()) | {}).rows) == 6
+    assert len(RunDir(tmp_path, json.loads((tmp_path / "config.json").read_text()) | {}).rows) == 3 * n_harmful
+    partial = json.loads((tmp_path / "results.json").read_text())  # the stopped run reports what it has
+    assert partial["status"] == "partial: JBB harmful generated"
+    assert partial["generations"]["jbb_harmful"] == ref["generations"]["jbb_harmful"]
+    assert "Status: **partial" in (tmp_path / "report.md").read_text()
     monkeypatch.setattr(rp, "generate", real)
     again = rp.reproduce(llama_model, tmp_path, **KW)
     for key in ("generations", "capability", "sweep", "chosen", "split_half_jaccard"):

@@ -260,7 +260,10 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
             f"{a['tokens_per_s']:.0f} | {a['fraction_of_limit']:.2f} | {over_hf} | {mm(g)} | "
             f"{g['new_tokens_per_s']:.1f} | {g['fraction_of_limit']:.2f} | {g['ablated_over_plain']:.2f} | "
             f"{speedup} | "
-            + " / ".join(f"{k}: {r['rss_peak_mib'][k]:.0f} (+{v:.0f})" for k, v in r["rss_growth_mib"].items())
+            + " / ".join(
+                f"{k}: {r.get('rss_peak_mib', {}).get(k, float('nan')):.0f} (+{v:.0f})"
+                for k, v in r["rss_growth_mib"].items()
+            )
             + " |"
         )
     return "\n".join(lines) + "\n"

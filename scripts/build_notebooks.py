@@ -9,9 +9,12 @@ ROOT = Path(__file__).resolve().parents[1] / "notebooks"
 SETUP = '''import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
+import plotly.io as pio
 import torch
 import cna_lens
 from cna_lens import plot
+# interactive in Jupyter; scripts/run_notebooks.py adds static PNGs so the saved outputs show on GitHub
+pio.renderers.default = os.environ.get("CNA_LENS_RENDERER", pio.renderers.default)
 from cna_lens.datasets import load_prompts
 RUNS = Path(os.environ.get("CNA_LENS_RUNS", "runs"))
 

@@ -1,6 +1,6 @@
 """Where does batched greedy generation spend its time? torch.profiler over one ``generate`` call.
 
-    python scripts/profile_generate.py --model smollm2-135m-instruct --out results/profile-smollm2-135m-instruct
+python scripts/profile_generate.py --model smollm2-135m-instruct --out results/profile-smollm2-135m-instruct
 """
 
 import argparse
@@ -25,20 +25,26 @@ model = cna_lens.load_model(args.model)
 prompts = load_prompts("jbb_harmful", args.batch_size)
 ctx = torch.autograd.grad_mode.no_grad
 if args.ablate:
-    attr = cna_lens.attribute(model, load_prompts("discovery_harmful"), load_prompts("discovery_harmless"), batch_size=32)
+    attr = cna_lens.attribute(
+        model, load_prompts("discovery_harmful"), load_prompts("discovery_harmless"), batch_size=32
+    )
     ns = attr.top_neurons(fraction=args.ablate)
     ctx = lambda: cna_lens.ablate(model, ns)  # noqa: E731
 with ctx():
     cna_lens.generate(model, prompts[:4], max_new_tokens=4, batch_size=4, progress=False)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
-        cna_lens.generate(model, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=False)
+        cna_lens.generate(
+            model, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=False
+        )
         wall = time.perf_counter() - t0
 avg = prof.key_averages()
 total = sum(e.self_cpu_time_total for e in avg)
-groups = {"matmul (mm/addmm/bmm/linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
-          "attention (sdpa)": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
-          "elementwise / norm / other aten": ("aten::",)}
+groups = {
+    "matmul (mm/addmm/bmm/linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
+    "attention (sdpa)": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
+    "elementwise / norm / other aten": ("aten::",),
+}
 share: dict[str, float] = {}
 for e in avg:
     name = next((g for g, pre in groups.items() if e.key.startswith(pre)), "non-aten (python, hooks)")
@@ -46,8 +52,16 @@ for e in avg:
 table = avg.table(sort_by="self_cpu_time_total", row_limit=25)
 out = Path(args.out)
 atomic_write_text(out / "profile.txt", table)
-atomic_write_json(out / "profile.json", {"model": args.model, "wall_s": wall, "batch_size": args.batch_size,
-                                         "max_new_tokens": args.max_new_tokens, "ablate": args.ablate,
-                                         "self_cpu_share": share})
+atomic_write_json(
+    out / "profile.json",
+    {
+        "model": args.model,
+        "wall_s": wall,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "ablate": args.ablate,
+        "self_cpu_share": share,
+    },
+)
 print(table)
 print(f"wall {wall:.2f} s; self-CPU share: " + ", ".join(f"{k} {v:.0%}" for k, v in share.items()))

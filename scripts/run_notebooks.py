@@ -20,7 +20,7 @@ REAL = {
     "01_quickstart.ipynb": 'MODEL = "qwen2.5-coder-1.5b-instruct"\nFRACTION = 0.003\nN_EVAL = 6\nMAX_NEW_TOKENS = 48',
     "02_circuit_maps.ipynb": 'MODEL = "qwen2.5-coder-1.5b-instruct"\nFRACTION = 0.001\nN_EVAL = 8\nTOP_N = 50',
     "03_base_vs_instruct.ipynb": 'MODEL_A = "qwen2.5-coder-0.5b-instruct"  # two models in memory: the 0.5B fits twice\n'
-    'MODEL_B = None\nPERTURB = 0.5\nFRACTION = 0.001\nN_EVAL = 8\n'
+    "MODEL_B = None\nPERTURB = 0.5\nFRACTION = 0.001\nN_EVAL = 8\n"
     'CROSS_SIZE = ["results/reproduce-qwen2.5-coder-1.5b-instruct/attribution", '
     '"results/reproduce-qwen2.5-coder-0.5b-instruct/attribution"]',
 }
@@ -29,8 +29,9 @@ p = argparse.ArgumentParser()
 p.add_argument("--runs", default="runs/notebooks")
 p.add_argument("--only", nargs="*", default=sorted(REAL))
 args = p.parse_args()
-os.environ.update(CNA_LENS_RUNS=str(Path(args.runs).resolve()), HF_HUB_OFFLINE="1",
-                  CNA_LENS_RENDERER="plotly_mimetype+png")
+os.environ.update(
+    CNA_LENS_RUNS=str(Path(args.runs).resolve()), HF_HUB_OFFLINE="1", CNA_LENS_RENDERER="plotly_mimetype+png"
+)
 for name in args.only:
     path = ROOT / "notebooks" / name
     nb = nbformat.read(path, as_version=4)

@@ -8,9 +8,9 @@ same prompts, batch size and threads:
   ``F_blocks = 2 · (parameters of the blocks)`` FLOP per token (it stops after the last hook: no
   unembedding); and its time relative to a plain HF ``model(ids, attention_mask)`` forward;
 * greedy generation tokens/s at the given batch (finished rows leave the batch), its fraction of the
-  limit with ``F = F_blocks + 2 · d_model · d_vocab`` per processed token (prompt tokens are
-  computed once, every generated token once), and the time under ``ablate(top 0.1 %)`` relative to
-  no intervention;
+  limit with ``prompt_tokens · F_blocks + new_tokens · F_full`` FLOP (the prefill computes logits at
+  the last position only; ``F_full = F_blocks + 2 · d_model · d_vocab``), and the time under
+  ``ablate(top 0.1 %)`` relative to no intervention;
 * the batched pipeline vs a batch-size-1 loop of the same attribution;
 * peak RSS, and its growth, during attribution of ``rss_prompts`` prompts (flat: only running sums
   are kept; the runs go from fewest to most prompts, so memory that grows with the prompts shows).
@@ -211,7 +211,7 @@ def bench(
     g = _timed(gen, repeats)
     g["new_tokens"] = counts["new"]
     g["new_tokens_per_s"] = counts["new"] / g["median_s"]
-    g["fraction_of_limit"] = (n_tok + counts["new"]) * f_full / g["median_s"] / limit
+    g["fraction_of_limit"] = (n_tok * f_blocks + counts["new"] * f_full) / g["median_s"] / limit
     top = attr().top_neurons(fraction=0.001)
 
     def gen_ablated() -> None:

@@ -173,7 +173,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(resolve(args.model)[0], dtype=DTYPES[args.dtype]).eval()
+        hf = AutoModelForCausalLM.from_pretrained(resolve(args.model)[0], dtype=DTYPES[args.dtype])
+        hf = hf.to(args.device).eval()
     res = bench(
         model,
         hf,

@@ -276,9 +276,9 @@ def load_model(
     target, display = resolve(name_or_path)
     if "device_map" in boot_kwargs:
         device = None  # mutually exclusive in boot_transformers
-    # TL's weight processing upcasts to fp32 internally; booting a bf16 model and folding it peaks at
-    # ~3x the fp32 size (OOM for 1.5B in 24 GB). Folding in fp32 and casting afterwards peaks at the
-    # fp32 load's level and keeps the folds at fp32 precision.
+    # TL's weight processing upcasts to fp32 internally: booting in bf16 and folding peaked above an
+    # fp32 boot (0.5B: 9.7 vs 8.8 GB; the 1.5B was OOM-killed at 22 GB). Folding in fp32 and casting
+    # afterwards peaks where an fp32 load does and keeps the folds at fp32 precision.
     fold_fp32 = compatibility_mode and dtype != torch.float32 and "device_map" not in boot_kwargs
     boot_dtype = torch.float32 if fold_fp32 else dtype
     bridge = TransformerBridge.boot_transformers(target, device=device, dtype=boot_dtype, **boot_kwargs)

@@ -279,7 +279,8 @@ def load_model(
     # TL's weight processing upcasts to fp32 internally: booting in bf16 and folding peaked above an
     # fp32 boot (0.5B: 9.7 vs 8.8 GB; the 1.5B was OOM-killed at 22 GB). Folding in fp32 and casting
     # afterwards peaks where an fp32 load does and keeps the folds at fp32 precision.
-    fold_fp32 = compatibility_mode and dtype != torch.float32 and "device_map" not in boot_kwargs
+    low = dtype in (torch.bfloat16, torch.float16)
+    fold_fp32 = compatibility_mode and low and "device_map" not in boot_kwargs
     boot_dtype = torch.float32 if fold_fp32 else dtype
     bridge = TransformerBridge.boot_transformers(target, device=device, dtype=boot_dtype, **boot_kwargs)
     if compatibility_mode:

@@ -48,28 +48,27 @@ def _timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, fl
     return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}
 
 
-def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
-    """Best-of GFLOP/s of an ``n × n`` matmul (``2 n³`` FLOP) over ~``seconds``."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+def _best_of(fn: Callable[[], Any], seconds: float) -> float:
+    """Fastest of repeated calls of ``fn`` (after one warm-up call) over about ``seconds``."""
+    fn()
     best, t_end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t0 = time.perf_counter()
-        a @ b
+        fn()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return best
+
+
+def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
+    """Best-of GFLOP/s of an ``n × n`` matmul (``2 n³`` FLOP) over ~``seconds``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / _best_of(lambda: a @ b, seconds) / 1e9
 
 
 def memory_gbps(mbytes: int = 512, seconds: float = 1.0) -> float:
     """Best-of read bandwidth: ``sum`` over a float32 buffer larger than the caches."""
     x = torch.ones(mbytes * 2**20 // 4)
-    x.sum()
-    best, t_end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
+    return x.numel() * 4 / _best_of(x.sum, seconds) / 1e9
 
 
 def cpu_flags() -> list[str]:

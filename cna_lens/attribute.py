@@ -66,14 +66,33 @@ def final_token_activations(
     Batches are left-padded with an attention mask, so position -1 is every row's final real token.
     The forward pass stops right after the last layer's hook fires.
     """
-    check_hook(model, hook)
+    for batch, acts in final_token_activations_multi(model, seqs, (hook,), batch_size=batch_size, bar=bar):
+        yield batch, acts[hook]
+
+
+def final_token_activations_multi(
+    model: HookedModel,
+    seqs: Sequence[Sequence[int]],
+    hooks: Sequence[str],
+    *,
+    batch_size: int = 16,
+    bar: tqdm | None = None,
+) -> Iterator[tuple[list[int], dict[str, Float[Tensor, "batch layer width"]]]]:
+    """:func:`final_token_activations` of several hooks from one forward pass per batch."""
+    hooks = tuple(dict.fromkeys(hooks))
+    if not hooks:
+        raise ValueError("give at least one hook")
+    for h in hooks:
+        check_hook(model, h)
     n_layers = model.cfg.n_layers
     pad = pad_id(model.tokenizer)
     for batch in length_batches([len(s) for s in seqs], batch_size):
         ids, mask = left_pad([seqs[i] for i in batch], pad, model.cfg.device)
-        store: list[Tensor | None] = [None] * n_layers
+        store: dict[str, list[Tensor | None]] = {h: [None] * n_layers for h in hooks}
+        left = [n_layers * len(hooks)]  # hooks still to fire; the forward stops when none are
         fwd = [
-            (hook_name(layer, hook), partial(_capture, store=store, layer=layer, name=hook_name(layer, hook)))
+            (hook_name(layer, h), partial(_capture, store=store[h], left=left, layer=layer, name=hook_name(layer, h)))
+            for h in hooks
             for layer in range(n_layers)
         ]
         with torch.no_grad(), model.hooks(fwd_hooks=fwd):
@@ -81,20 +100,23 @@ def final_token_activations(
                 model(ids, attention_mask=mask)
             except _StopForward:
                 pass
-        if any(s is None for s in store):
-            raise RuntimeError(f"hook {hook!r} did not fire in every layer")
+        missing = [h for h in hooks if any(t is None for t in store[h])]
+        if missing:
+            raise RuntimeError(f"hooks {missing} did not fire in every layer")
         if bar is not None:
             bar.update(len(batch))
-        yield batch, torch.stack(store, dim=1)  # type: ignore[arg-type]
+        yield batch, {h: torch.stack(store[h], dim=1) for h in hooks}  # type: ignore[arg-type]
 
 
-def _capture(act: Tensor, hook: object, *, store: list[Tensor | None], layer: int, name: str) -> None:
-    """Keep the final position of ``act`` (float64, CPU); stop the forward after the last layer."""
+def _capture(act: Tensor, hook: object, *, store: list[Tensor | None], left: list[int], layer: int, name: str) -> None:
+    """Keep the final position of ``act`` (float64, CPU); stop the forward once every hook has fired."""
     last = act[:, -1, :].detach()
     if not torch.isfinite(last).all():
         raise FloatingPointError(f"non-finite activations at {name}; try dtype=torch.float32")
+    if store[layer] is None:
+        left[0] -= 1
     store[layer] = last.to("cpu", torch.float64)
-    if layer == len(store) - 1:
+    if left[0] == 0:
         raise _StopForward
 
 
@@ -103,13 +125,17 @@ def _width(model: HookedModel, hook: str) -> int:
     return model.cfg.d_mlp if hook in ("mlp.hook_post", "mlp.hook_pre", "mlp.hook_pre_linear") else model.cfg.d_model
 
 
-def _sums(model: HookedModel, seqs, batch_size: int, hook: str, bar) -> tuple[Tensor, Tensor]:
-    s = torch.zeros(model.cfg.n_layers, _width(model, hook), dtype=torch.float64)
-    s2 = torch.zeros_like(s)
-    for _, acts in final_token_activations(model, seqs, batch_size=batch_size, hook=hook, bar=bar):
-        s += acts.sum(0)
-        s2 += acts.square().sum(0)
-    return s, s2
+def _sums(model: HookedModel, seqs, batch_size: int, hooks: tuple[str, ...], bar) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per hook: Σa and Σa² (float64, [layer, width]) over the final tokens of ``seqs``."""
+    out = {}
+    for h in hooks:
+        s = torch.zeros(model.cfg.n_layers, _width(model, h), dtype=torch.float64)
+        out[h] = (s, torch.zeros_like(s))
+    for _, acts in final_token_activations_multi(model, seqs, hooks, batch_size=batch_size, bar=bar):
+        for h, a in acts.items():
+            out[h][0].add_(a.sum(0))
+            out[h][1].add_(a.square().sum(0))
+    return out
 
 
 @dataclass(frozen=True)
@@ -291,8 +317,26 @@ def attribute(
     progress: bool = True,
 ) -> Attribution:
     """Contrast final-token ``hook`` activations of ``positive`` vs ``negative`` prompts."""
-    pos, neg = encode_sets(model, positive, negative, hook=hook, chat=chat, system=system)
-    return attribute_tokens(model, pos, neg, batch_size=batch_size, hook=hook, progress=progress)
+    return attribute_multi(
+        model, positive, negative, (hook,), batch_size=batch_size, chat=chat, system=system, progress=progress
+    )[hook]
+
+
+def attribute_multi(
+    model: HookedModel,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    hooks: Sequence[str],
+    *,
+    batch_size: int = 16,
+    chat: bool | None = None,
+    system: str | None = None,
+    progress: bool = True,
+) -> dict[str, Attribution]:
+    """:func:`attribute` for several hooks at once (e.g. ``mlp.hook_post`` for CNA and ``hook_mlp_out``
+    for CAA vectors) from one forward pass per prompt; equal to separate calls."""
+    pos, neg = encode_sets(model, positive, negative, hooks=hooks, chat=chat, system=system)
+    return attribute_tokens_multi(model, pos, neg, hooks, batch_size=batch_size, progress=progress)
 
 
 def encode_sets(
@@ -300,12 +344,13 @@ def encode_sets(
     positive: Sequence[str],
     negative: Sequence[str],
     *,
-    hook: str = "mlp.hook_post",
+    hooks: Sequence[str] = ("mlp.hook_post",),
     chat: bool | None = None,
     system: str | None = None,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Check the hook, then format both prompt sets (errors name ``positive`` / ``negative``)."""
-    check_hook(model, hook)
+    """Check the hooks, then format both prompt sets (errors name ``positive`` / ``negative``)."""
+    for h in hooks:
+        check_hook(model, h)
     pos = encode(model.tokenizer, positive, chat=chat, system=system, name="positive")
     neg = encode(model.tokenizer, negative, chat=chat, system=system, name="negative")
     return pos, neg
@@ -321,7 +366,22 @@ def attribute_tokens(
     progress: bool = True,
 ) -> Attribution:
     """:func:`attribute` on already formatted token ids (either list may be empty, e.g. a shard)."""
+    return attribute_tokens_multi(model, pos, neg, (hook,), batch_size=batch_size, progress=progress)[hook]
+
+
+def attribute_tokens_multi(
+    model: HookedModel,
+    pos: Sequence[Sequence[int]],
+    neg: Sequence[Sequence[int]],
+    hooks: Sequence[str],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Attribution]:
+    """:func:`attribute_multi` on already formatted token ids."""
+    hooks = tuple(dict.fromkeys(hooks))
     with tqdm(total=len(pos) + len(neg), desc="attribute", unit="prompt", disable=not progress) as bar:
-        s_pos, s2_pos = _sums(model, pos, batch_size, hook, bar)
-        s_neg, s2_neg = _sums(model, neg, batch_size, hook, bar)
-    return Attribution(model_name(model), hook, len(pos), len(neg), s_pos, s_neg, s2_pos, s2_neg)
+        p = _sums(model, pos, batch_size, hooks, bar)
+        n = _sums(model, neg, batch_size, hooks, bar)
+    name = model_name(model)
+    return {h: Attribution(name, h, len(pos), len(neg), p[h][0], n[h][0], p[h][1], n[h][1]) for h in hooks}

@@ -9,13 +9,10 @@ import textwrap
 import time
 from pathlib import Path
 
-import torch
-
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 #: Default selection for the demo: top 0.3 % of MLP neurons by |diff|. The paper's 0.1 % transfers
 #: only partly to Qwen2.5-Coder-1.5B (see README, "Measured"), 0.3 % is the measured working point.
 DEMO_FRACTION = 0.003
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _prompts(spec: str) -> list[str]:
@@ -33,7 +30,7 @@ def _load(args: argparse.Namespace):
     from .models import load_model
 
     print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr)
-    return load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    return load_model(args.model, device=args.device, dtype=args.dtype, process_weights=args.process_weights)
 
 
 def layer_histogram(counts: list[int], width: int = 40) -> str:
@@ -156,7 +153,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         xstest_limit=args.xstest_limit,
         fractions=[float(f) for f in args.fractions.split(",")],
         rankings=args.rankings.split(","),
-        dtype=DTYPES[args.dtype],
+        dtype=args.dtype,
+        process_weights=args.process_weights,
     )
     print((Path(args.out) / "report.md").read_text())
     print(f"chosen operating point: {results['chosen']}; files in {args.out}")
@@ -165,7 +163,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench, markdown
-    from .models import resolve
+    from .models import resolve, resolve_dtype
     from .runs import atomic_write_json, atomic_write_text, read_json
 
     model = _load(args)
@@ -173,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(resolve(args.model)[0], dtype=DTYPES[args.dtype])
+        hf = AutoModelForCausalLM.from_pretrained(resolve(args.model)[0], dtype=resolve_dtype(args.dtype, args.device))
         hf = hf.to(args.device).eval()
     res = bench(
         model,
@@ -194,6 +192,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .models import DTYPES
     from .reproduce import FRACTIONS, RANKINGS
 
     parser = argparse.ArgumentParser(prog="cna-lens", description=__doc__)
@@ -206,7 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
             required=model_default is None,
             help="packaged alias, HF model dir, .gguf file or hub id",
         )
-        p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+        p.add_argument(
+            "--dtype",
+            choices=["auto", *DTYPES],
+            default="auto",
+            help="auto: bfloat16 where the hardware runs it natively (avx512_bf16/AMX CPU, sm80+ GPU), else float32",
+        )
+        p.add_argument(
+            "--process-weights",
+            action="store_true",
+            help="fold norms into the weights (HookedTransformer coordinates; ~3x the model's size in RAM to load)",
+        )
         p.add_argument("--device", default="cpu")
         p.add_argument("--batch-size", type=int, default=16)
 

@@ -31,7 +31,7 @@ def attribute_distributed(
     progress: bool = True,
 ) -> Attribution:
     """:func:`cna_lens.attribute` sharded over the ranks of the default process group."""
-    pos, neg = encode_sets(model, positive, negative, hook=hook, chat=chat, system=system)
+    pos, neg = encode_sets(model, positive, negative, hooks=(hook,), chat=chat, system=system)
     if not (dist.is_available() and dist.is_initialized()):
         return attribute_tokens(model, pos, neg, batch_size=batch_size, hook=hook, progress=progress)
     rank, world = dist.get_rank(), dist.get_world_size()

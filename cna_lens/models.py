@@ -260,18 +260,24 @@ def load_model(
     name_or_path: str | os.PathLike,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
+    process_weights: bool = False,
     compatibility_mode: bool = True,
     **boot_kwargs: Any,
 ) -> HookedModel:
     """A TransformerLens hooked model (TL 4 ``TransformerBridge`` in compatibility mode).
 
     ``name_or_path``: a packaged alias (see ``PACKAGED``), a local HF model directory, a
-    ``.gguf`` file, or a hub id. Extra keyword arguments go to ``boot_transformers``
-    (e.g. ``device_map="auto"``).
+    ``.gguf`` file, or a hub id. ``dtype``: a torch dtype, its name, or ``"auto"`` (see
+    :func:`resolve_dtype`). ``process_weights``: fold the norms into the weights and center them
+    (HookedTransformer's processed coordinates, for weight-based analyses such as a logit lens on raw
+    ``W_U``). CNA does not need it: ``hook_post`` is the same up to float rounding either way, and
+    processing holds several copies of the weights while loading (the 1.5B peaked at 19.6 GB
+    processed). Extra keyword arguments go to ``boot_transformers`` (e.g. ``device_map="auto"``).
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    dtype = resolve_dtype(dtype, device)
     check_dtype(dtype, device)
     target, display = resolve(name_or_path)
     if "device_map" in boot_kwargs:
@@ -280,17 +286,38 @@ def load_model(
     # fp32 boot (0.5B: 9.7 vs 8.8 GB; the 1.5B was OOM-killed at 22 GB). Folding in fp32 and casting
     # afterwards peaks where an fp32 load does and keeps the folds at fp32 precision.
     low = dtype in (torch.bfloat16, torch.float16)
-    fold_fp32 = compatibility_mode and low and "device_map" not in boot_kwargs
+    fold_fp32 = compatibility_mode and process_weights and low and "device_map" not in boot_kwargs
     boot_dtype = torch.float32 if fold_fp32 else dtype
     bridge = TransformerBridge.boot_transformers(target, device=device, dtype=boot_dtype, **boot_kwargs)
     if compatibility_mode:
-        bridge.enable_compatibility_mode()
+        bridge.enable_compatibility_mode(no_processing=not process_weights)
     if fold_fp32:
         bridge.to(dtype)
     bridge.eval()
     setup_tokenizer(bridge.tokenizer)
     bridge.cna_lens_name = display
+    bridge.cna_lens_processed = bool(compatibility_mode and process_weights)
     return bridge
+
+
+def weights_processed(model: HookedModel) -> bool | None:
+    """Whether ``load_model`` folded/centered the weights (None: not loaded by cna_lens)."""
+    return getattr(model, "cna_lens_processed", None)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device | None = "cpu") -> torch.dtype:
+    """A torch dtype from a dtype, its name, or ``"auto"``/None: bfloat16 where ``device`` runs it
+    natively (:func:`native_bf16`), else float32."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: choose auto or one of {', '.join(DTYPES)}")
+        return DTYPES[dtype.removeprefix("torch.")]
+    return dtype
 
 
 def native_bf16(device: str | torch.device | None = "cpu") -> bool:

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .attribute import Attribution, attribute
+from .attribute import Attribution, attribute, attribute_multi
 from .datasets import load_dataset
 from .evaluate import (
     MMLU_PREFIX,
@@ -37,7 +37,7 @@ from .evaluate import (
 )
 from .generation import generate
 from .intervene import ablate, steer
-from .models import HookedModel, load_model, model_name
+from .models import HookedModel, load_model, model_name, resolve_dtype, weights_processed
 from .neurons import NeuronSet
 from .runs import RunDir, atomic_write_json, atomic_write_text, read_json
 
@@ -75,21 +75,26 @@ class Reproduction:
         self.cfg = config
         self.out = self.run.path
         with self.run.timed("discovery"):
-            self.attr = self.attribution("mlp.hook_post", "attribution")  # CNA statistics
-            self.caa = self.attribution("hook_mlp_out", "caa")  # CAA vectors: .diff per layer
+            # CNA statistics (``mlp.hook_post``) and CAA vectors (``hook_mlp_out``: ``.diff`` per layer)
+            found = self.discovery({"mlp.hook_post": "attribution", "hook_mlp_out": "caa"})
+            self.attr, self.caa = found["mlp.hook_post"], found["hook_mlp_out"]
 
     # ----------------------------------------------------------------- discovery
-    def attribution(self, hook: str, sub: str) -> Attribution:
-        path = self.out / sub
-        if (path / "attribution.json").exists():
-            return Attribution.load(path)
-        harmful = [r["prompt"] for r in load_dataset(self.cfg["discovery"][0])]
-        harmless = [r["prompt"] for r in load_dataset(self.cfg["discovery"][1])]
-        attr = attribute(
-            self.model, harmful, harmless, batch_size=self.cfg["batch_size"], hook=hook, progress=self.progress
-        )
-        attr.save(path)
-        return attr
+    def discovery(self, subdirs: dict[str, str]) -> dict[str, Attribution]:
+        """Attributions per hook, loaded from ``out/<subdir>`` or computed together in one pass and saved."""
+        saved = {h: self.out / d for h, d in subdirs.items() if (self.out / d / "attribution.json").exists()}
+        found = {h: Attribution.load(path) for h, path in saved.items()}
+        todo = [h for h in subdirs if h not in found]
+        if todo:
+            harmful = [r["prompt"] for r in load_dataset(self.cfg["discovery"][0])]
+            harmless = [r["prompt"] for r in load_dataset(self.cfg["discovery"][1])]
+            new = attribute_multi(
+                self.model, harmful, harmless, todo, batch_size=self.cfg["batch_size"], progress=self.progress
+            )
+            for h, a in new.items():
+                a.save(self.out / subdirs[h])
+            found.update(new)
+        return found
 
     def neurons(self, fraction: float, by: str) -> NeuronSet:
         return self.attr.top_neurons(fraction=fraction, by=by)
@@ -188,7 +193,7 @@ class Reproduction:
         mmlu = load_dataset("mmlu", self.cfg["mmlu_limit"]) if self.cfg["mmlu_limit"] else []
         todo = [c for c in dict.fromkeys(conditions) if c not in done]
         base = self.scores("baseline", harmless) if todo else None  # a resumed, finished run skips this
-        for cond in todo:
+        for cond in tqdm(todo, desc="capability (KL, MMLU)", disable=not self.progress):
             entry: dict[str, Any] = {}
             kl = kl_divergence(base, self.scores(cond, harmless))
             entry["kl_mean"], entry["kl_ci"] = float(kl.mean()), bootstrap_ci(kl.tolist())
@@ -252,10 +257,12 @@ def reproduce(
     fractions: Sequence[float] = FRACTIONS,
     rankings: Sequence[str] = RANKINGS,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = "auto",
+    process_weights: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run (or resume) the whole experiment in ``out``; returns ``results.json``'s content."""
+    """Run (or resume) the whole experiment in ``out``; returns ``results.json``'s content.
+    ``dtype`` and ``process_weights`` go to ``load_model`` when ``model`` is a name."""
     if limit is not None and not 1 <= limit <= 100:
         raise ValueError(f"--limit {limit}: JBB has 100 prompts per split")
     if not rankings or set(rankings) - set(RANKINGS):
@@ -266,9 +273,14 @@ def reproduce(
     if xstest_limit is not None and not 0 <= xstest_limit <= n_xstest:
         raise ValueError(f"--xstest-limit {xstest_limit}: xstest_safe has {n_xstest} prompts (0 = skip)")
     name = model if isinstance(model, str) else model_name(model)
+    if isinstance(model, str):
+        dtype = resolve_dtype(dtype)
+    else:
+        dtype, process_weights = next(model.parameters()).dtype, weights_processed(model)
     config = {
         "model": name,
         "dtype": str(dtype).removeprefix("torch."),
+        "process_weights": process_weights,
         "max_new_tokens": max_new_tokens,
         "limit": limit,
         "batch_size": batch_size,
@@ -288,7 +300,7 @@ def reproduce(
         "xstest_limit": xstest_limit,
         "package_version": __version__,
     }
-    m = load_model(model, dtype=dtype) if isinstance(model, str) else model
+    m = load_model(model, dtype=dtype, process_weights=process_weights) if isinstance(model, str) else model
     rep = Reproduction(m, out, config, progress)
     grid = ["baseline"] + [f"{k}:{by}:{f}" for by in rankings for f in fractions for k in ("cna", "random")]
     with rep.run.timed("sweep"):

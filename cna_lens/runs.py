@@ -57,6 +57,10 @@ def read_json(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     return data
 
 
+#: Values of config fields that runs written before the field existed used implicitly.
+LEGACY_DEFAULTS = {"process_weights": True}
+
+
 class RunDir:
     """A resumable run directory: ``config.json`` pins what the run is; ``completions.jsonl`` grows.
 
@@ -72,6 +76,7 @@ class RunDir:
         cfg = self.path / "config.json"
         if cfg.exists():
             old = read_json(cfg, "cna_lens.RunConfig")
+            old = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k in config}, **old}
             for key in sorted(set(old) | set(config) | {"kind"}):
                 if key in ("kind", "package_version"):
                     continue

@@ -39,12 +39,14 @@ NOTEBOOKS = {
         ),
         (
             "code",
-            'MODEL = "smollm2-135m-instruct"  # or "qwen2.5-coder-1.5b-instruct"\nFRACTION = 0.003\nN_EVAL = 6\nMAX_NEW_TOKENS = 48',
+            'MODEL = "smollm2-135m-instruct"  # or "qwen2.5-coder-1.5b-instruct"\n'
+            'DTYPE = "auto"  # bfloat16 where the hardware runs it natively, else float32\n'
+            "FRACTION = 0.003\nN_EVAL = 6\nMAX_NEW_TOKENS = 48",
         ),
         ("code", SETUP),
         (
             "code",
-            "model = cna_lens.load_model(MODEL)\nprint(model.cfg.n_layers, 'layers x', model.cfg.d_mlp, 'MLP neurons')",
+            "model = cna_lens.load_model(MODEL, dtype=DTYPE)\nprint(model.cfg.n_layers, 'layers x', model.cfg.d_mlp, 'MLP neurons,', next(model.parameters()).dtype)",
         ),
         (
             "md",
@@ -83,12 +85,14 @@ NOTEBOOKS = {
         ),
         (
             "code",
-            'MODEL = "smollm2-135m-instruct"  # or "qwen2.5-coder-1.5b-instruct"\nFRACTION = 0.001\nN_EVAL = 8\nTOP_N = 10',
+            'MODEL = "smollm2-135m-instruct"  # or "qwen2.5-coder-1.5b-instruct"\n'
+            'DTYPE = "auto"  # bfloat16 where the hardware runs it natively, else float32\n'
+            "FRACTION = 0.001\nN_EVAL = 8\nTOP_N = 10",
         ),
         ("code", SETUP),
         (
             "code",
-            "model = cna_lens.load_model(MODEL)\nattr = cached_attribution(model, MODEL)\n"
+            "model = cna_lens.load_model(MODEL, dtype=DTYPE)\nattr = cached_attribution(model, MODEL)\n"
             "neurons = attr.top_neurons(fraction=FRACTION, by='abs')\nprompts = load_prompts('jbb_harmful', limit=N_EVAL)\nlen(neurons)",
         ),
         (
@@ -113,7 +117,7 @@ NOTEBOOKS = {
         ),
         (
             "code",
-            'MODEL_A = "smollm2-135m-instruct"\nMODEL_B = None  # e.g. "Qwen/Qwen2.5-1.5B" vs MODEL_A = "Qwen/Qwen2.5-1.5B-Instruct"\n'
+            'MODEL_A = "smollm2-135m-instruct"\nDTYPE = "auto"\nMODEL_B = None  # e.g. "Qwen/Qwen2.5-1.5B" vs MODEL_A = "Qwen/Qwen2.5-1.5B-Instruct"\n'
             "PERTURB = 0.5  # relative noise on MLP weights for the offline stand-in B\nFRACTION = 0.001\nN_EVAL = 8\n"
             'CROSS_SIZE = ["results/foundation-qwen2.5-coder-1.5b-instruct/attribution", '
             '"results/reproduce-qwen2.5-coder-0.5b-instruct/attribution"]',
@@ -122,14 +126,14 @@ NOTEBOOKS = {
         (
             "code",
             "import tempfile\nfrom cna_lens.models import resolve\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            "model_a = cna_lens.load_model(MODEL_A)\nif MODEL_B is None:  # offline stand-in: A with perturbed MLP weights\n"
+            "model_a = cna_lens.load_model(MODEL_A, dtype=DTYPE)\nif MODEL_B is None:  # offline stand-in: A with perturbed MLP weights\n"
             "    src, _ = resolve(MODEL_A)\n    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)\n"
             "    g = torch.Generator().manual_seed(0)\n    with torch.no_grad():\n        for layer in hf.model.layers:\n"
             "            for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):\n"
             "                lin.weight += PERTURB * lin.weight.std() * torch.randn(lin.weight.shape, generator=g)\n"
             "    MODEL_B = tempfile.mkdtemp(prefix='perturbed-')\n    hf.save_pretrained(MODEL_B)\n"
             "    AutoTokenizer.from_pretrained(src).save_pretrained(MODEL_B)\n    del hf\n"
-            "model_b = cna_lens.load_model(MODEL_B)\nattr_a = cached_attribution(model_a, 'A-' + Path(MODEL_A).name)\n"
+            "model_b = cna_lens.load_model(MODEL_B, dtype=DTYPE)\nattr_a = cached_attribution(model_a, 'A-' + Path(MODEL_A).name)\n"
             "attr_b = cna_lens.attribute(model_b, load_prompts('discovery_harmful'), load_prompts('discovery_harmless'))",
         ),
         (

@@ -17,9 +17,11 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = {
-    "01_quickstart.ipynb": 'MODEL = "qwen2.5-coder-1.5b-instruct"\nFRACTION = 0.003\nN_EVAL = 6\nMAX_NEW_TOKENS = 48',
-    "02_circuit_maps.ipynb": 'MODEL = "qwen2.5-coder-1.5b-instruct"\nFRACTION = 0.001\nN_EVAL = 8\nTOP_N = 50',
-    "03_base_vs_instruct.ipynb": 'MODEL_A = "qwen2.5-coder-0.5b-instruct"  # two models in memory: the 0.5B fits twice\n'
+    "01_quickstart.ipynb": 'MODEL = "qwen2.5-coder-1.5b-instruct"\nDTYPE = "float32"\n'
+    "FRACTION = 0.003\nN_EVAL = 6\nMAX_NEW_TOKENS = 48",
+    "02_circuit_maps.ipynb": 'MODEL = "qwen2.5-coder-1.5b-instruct"\nDTYPE = "float32"\n'
+    "FRACTION = 0.001\nN_EVAL = 8\nTOP_N = 50",
+    "03_base_vs_instruct.ipynb": 'MODEL_A = "qwen2.5-coder-0.5b-instruct"\nDTYPE = "float32"\n'
     "MODEL_B = None\nPERTURB = 0.5\nFRACTION = 0.001\nN_EVAL = 8\n"
     'CROSS_SIZE = ["results/reproduce-qwen2.5-coder-1.5b-instruct/attribution", '
     '"results/reproduce-qwen2.5-coder-0.5b-instruct/attribution"]',

@@ -9,10 +9,13 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = {
-    "01_quickstart.ipynb": 'MODEL = "smollm2-135m-instruct"\nFRACTION = 0.001\nN_EVAL = 2\nMAX_NEW_TOKENS = 8',
-    "02_circuit_maps.ipynb": 'MODEL = "smollm2-135m-instruct"\nFRACTION = 0.0005\nN_EVAL = 3\nTOP_N = 3',
-    "03_base_vs_instruct.ipynb": 'MODEL_A = "smollm2-135m-instruct"\nMODEL_B = None\nPERTURB = 0.5\nFRACTION = 0.001\n'
-    'N_EVAL = 3\nCROSS_SIZE = ["results/foundation-qwen2.5-coder-1.5b-instruct/attribution", '
+    "01_quickstart.ipynb": 'MODEL = "smollm2-135m-instruct"\nDTYPE = "auto"\n'
+    "FRACTION = 0.001\nN_EVAL = 2\nMAX_NEW_TOKENS = 8",
+    "02_circuit_maps.ipynb": 'MODEL = "smollm2-135m-instruct"\nDTYPE = "auto"\n'
+    "FRACTION = 0.0005\nN_EVAL = 3\nTOP_N = 3",
+    "03_base_vs_instruct.ipynb": 'MODEL_A = "smollm2-135m-instruct"\nDTYPE = "auto"\n'
+    "MODEL_B = None\nPERTURB = 0.5\nFRACTION = 0.001\nN_EVAL = 3\n"
+    'CROSS_SIZE = ["results/foundation-qwen2.5-coder-1.5b-instruct/attribution", '
     '"results/reproduce-qwen2.5-coder-0.5b-instruct/attribution"]',
 }
 

@@ -134,3 +134,15 @@ def test_ablate_rejects_other_shapes(tiny_model):
             pass
     with pytest.raises(TypeError, match="NeuronSet"):
         cna_lens.neuron_hooks([(0, 1)])
+
+
+@pytest.mark.parametrize("process", [False, True])
+def test_hook_post_matches_hf_with_and_without_weight_processing(tiny_dir, prompts, process):
+    """Folding norms into the weights (HookedTransformer coordinates) moves hook_post by rounding only."""
+    model = cna_lens.load_model(tiny_dir, process_weights=process)
+    assert cna_lens.models.weights_processed(model) is process
+    seqs = encode(model.tokenizer, prompts[:3])
+    expected = hf_down_proj_inputs(hf_reference(tiny_dir), seqs).double()
+    pairs = list(final_token_activations(model, seqs, batch_size=2))
+    got, order = torch.cat([acts for _, acts in pairs]), [i for batch, _ in pairs for i in batch]
+    torch.testing.assert_close(got, expected[order], atol=1e-5, rtol=1e-5)

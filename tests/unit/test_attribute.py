@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cna_lens
-from cna_lens.attribute import attribute_tokens
+from cna_lens.attribute import attribute_multi, attribute_tokens
 from cna_lens.prompts import encode
 
 from ..conftest import PROMPTS, hf_reference
@@ -39,6 +39,18 @@ def test_batch_size_invariance(llama_model, attr, batch_size):
     other = cna_lens.attribute(llama_model, POS, NEG, batch_size=batch_size, progress=False)
     torch.testing.assert_close(other.diff, attr.diff, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(other.std, attr.std, atol=1e-5, rtol=1e-4)
+
+
+def test_several_hooks_in_one_pass_equal_separate_passes(llama_model, attr):
+    both = attribute_multi(llama_model, POS, NEG, ["mlp.hook_post", "hook_mlp_out"], batch_size=16, progress=False)
+    alone = cna_lens.attribute(llama_model, POS, NEG, batch_size=16, hook="hook_mlp_out", progress=False)
+    for got, ref in ((both["mlp.hook_post"], attr), (both["hook_mlp_out"], alone)):
+        assert (got.hook, got.n_pos, got.n_neg) == (ref.hook, ref.n_pos, ref.n_neg)
+        for k in ("sum_pos", "sum_neg", "sumsq_pos", "sumsq_neg"):
+            torch.testing.assert_close(getattr(got, k), getattr(ref, k), atol=0, rtol=0)
+    assert both["hook_mlp_out"].d_mlp == llama_model.cfg.d_model
+    with pytest.raises(ValueError, match="blocks.0.nope"):
+        attribute_multi(llama_model, POS, NEG, ["mlp.hook_post", "nope"], progress=False)
 
 
 def test_merge_of_shards_equals_one_pass(llama_model, attr):

@@ -12,6 +12,7 @@ KEYS = {
     "model",
     "dtype",
     "machine",
+    "limit_gflops",
     "settings",
     "gflop_per_token",
     "attribution",

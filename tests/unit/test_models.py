@@ -122,12 +122,25 @@ def test_dtypes_the_hardware_cannot_run_are_refused(monkeypatch):
 
 
 def test_low_precision_load_folds_in_fp32_then_casts(llama_dir, monkeypatch):
-    """bf16 loads boot and fold in fp32, then cast: weights equal the fp32-folded ones rounded once."""
+    """Processed bf16 loads boot and fold in fp32, then cast: weights equal the fp32-folded ones rounded once."""
     import torch
 
     monkeypatch.setattr(models, "native_bf16", lambda device="cpu": True)
-    ref = models.load_model(llama_dir)
-    low = models.load_model(llama_dir, dtype=torch.bfloat16)
+    ref = models.load_model(llama_dir, dtype=torch.float32, process_weights=True)
+    low = models.load_model(llama_dir, dtype=torch.bfloat16, process_weights=True)
     assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
     for (name, a), (_, b) in zip(ref.named_parameters(), low.named_parameters()):
         assert torch.equal(a.to(torch.bfloat16), b), name
+
+
+def test_auto_dtype_is_bf16_only_where_native(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(models, "native_bf16", lambda device="cpu": False)
+    assert models.resolve_dtype("auto") == models.resolve_dtype(None) == torch.float32
+    monkeypatch.setattr(models, "native_bf16", lambda device="cpu": True)
+    assert models.resolve_dtype("auto") == torch.bfloat16
+    assert models.resolve_dtype("float32") == models.resolve_dtype(torch.float32) == torch.float32
+    assert models.resolve_dtype("torch.float16") == torch.float16
+    with pytest.raises(ValueError, match="choose auto or one of"):
+        models.resolve_dtype("fp8")

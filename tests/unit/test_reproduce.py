@@ -117,3 +117,12 @@ def test_caa_alpha_zero_is_identity(llama_model):
 def test_bootstrap_ci():
     lo, hi = rp.bootstrap_ci([0.0] * 50 + [1.0] * 50)
     assert 0.35 < lo < 0.5 < hi < 0.65
+
+
+def test_legacy_run_dirs_count_as_weight_processed(tmp_path):
+    """Runs written before ``process_weights`` was recorded were all processed: resuming them needs it."""
+    (tmp_path / "config.json").write_text(json.dumps({"kind": "cna_lens.RunConfig", "model": "m"}))
+    RunDir(tmp_path, {"model": "m", "process_weights": True})
+    with pytest.raises(ValueError, match="process_weights=True, not False"):
+        RunDir(tmp_path, {"model": "m", "process_weights": False})
+    RunDir(tmp_path, {"model": "m"})  # configs without the field compare as before

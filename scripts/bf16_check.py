@@ -23,7 +23,7 @@ import cna_lens
 from cna_lens.compare import compare
 from cna_lens.datasets import load_dataset, load_prompts
 from cna_lens.evaluate import judge
-from cna_lens.reproduce import bootstrap_ci
+from cna_lens.report import bootstrap_ci
 from cna_lens.runs import atomic_write_json
 
 p = argparse.ArgumentParser()

@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--process-weights",
-            action="store_true",
+            action=argparse.BooleanOptionalAction,
+            default=False,
             help="fold norms into the weights (HookedTransformer coordinates; ~3x the model's size in RAM to load)",
         )
         p.add_argument("--device", default="cpu")

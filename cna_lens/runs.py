@@ -59,6 +59,11 @@ def read_json(path: str | os.PathLike, kind: str) -> dict[str, Any]:
 
 #: Values of config fields that runs written before the field existed used implicitly.
 LEGACY_DEFAULTS = {"process_weights": True}
+#: How to resume with the stored setting, for fields that have a command-line switch.
+_RESUME_HINTS = {
+    "dtype": lambda v: f"resume it with --dtype {v} or ",
+    "process_weights": lambda v: f"resume it with --{'' if v else 'no-'}process-weights or ",
+}
 
 
 class RunDir:
@@ -81,9 +86,10 @@ class RunDir:
                 if key in ("kind", "package_version"):
                     continue
                 if old.get(key) != config.get(key):
+                    hint = _RESUME_HINTS[key](old.get(key)) if key in _RESUME_HINTS else ""
                     raise ValueError(
                         f"{self.path} holds a run with {key}={old.get(key)!r}, not {config.get(key)!r}; "
-                        "use another --out directory (runs with different settings are never mixed)"
+                        f"{hint}use another --out directory (runs with different settings are never mixed)"
                     )
         else:
             atomic_write_json(cfg, {"kind": "cna_lens.RunConfig", **config})

@@ -123,6 +123,6 @@ def test_legacy_run_dirs_count_as_weight_processed(tmp_path):
     """Runs written before ``process_weights`` was recorded were all processed: resuming them needs it."""
     (tmp_path / "config.json").write_text(json.dumps({"kind": "cna_lens.RunConfig", "model": "m"}))
     RunDir(tmp_path, {"model": "m", "process_weights": True})
-    with pytest.raises(ValueError, match="process_weights=True, not False"):
+    with pytest.raises(ValueError, match="process_weights=True, not False; resume it with --process-weights or"):
         RunDir(tmp_path, {"model": "m", "process_weights": False})
     RunDir(tmp_path, {"model": "m"})  # configs without the field compare as before

@@ -260,20 +260,22 @@ def load_model(
     name_or_path: str | os.PathLike,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = "auto",
     process_weights: bool = False,
     compatibility_mode: bool = True,
     **boot_kwargs: Any,
 ) -> HookedModel:
     """A TransformerLens hooked model (TL 4 ``TransformerBridge`` in compatibility mode).
 
-    ``name_or_path``: a packaged alias (see ``PACKAGED``), a local HF model directory, a
-    ``.gguf`` file, or a hub id. ``dtype``: a torch dtype, its name, or ``"auto"`` (see
-    :func:`resolve_dtype`). ``process_weights``: fold the norms into the weights and center them
-    (HookedTransformer's processed coordinates, for weight-based analyses such as a logit lens on raw
-    ``W_U``). CNA does not need it: ``hook_post`` is the same up to float rounding either way, and
-    processing holds several copies of the weights while loading (the 1.5B peaked at 19.6 GB
-    processed). Extra keyword arguments go to ``boot_transformers`` (e.g. ``device_map="auto"``).
+    ``name_or_path``: a packaged alias (see ``PACKAGED``), a local HF model directory, a ``.gguf``
+    file, or a hub id. ``dtype``: a torch dtype, its name, or ``"auto"`` (the default: bfloat16 where
+    the hardware runs it natively, else float32; see :func:`resolve_dtype`; bf16 kept the top sets
+    and refusal rates of fp32 on the 1.5B, see README). ``process_weights``: fold the norms into the
+    weights and center them (HookedTransformer's processed coordinates, for weight-based analyses
+    such as a logit lens on raw ``W_U``). CNA does not need it: ``hook_post`` is the same up to float
+    rounding either way, and processing holds several copies of the weights while loading (the 1.5B
+    peaked at 19.6 GB processed, 6.5 GB not). Extra keyword arguments go to ``boot_transformers``
+    (e.g. ``device_map="auto"``).
     """
     from transformer_lens.model_bridge import TransformerBridge
 

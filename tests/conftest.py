@@ -95,14 +95,14 @@ def llama_dir(tmp_path_factory):
 def tiny_model(tiny_dir):
     from cna_lens import load_model
 
-    return load_model(tiny_dir)
+    return load_model(tiny_dir, dtype=torch.float32)  # exact parity with HF fp32; "auto" may pick bf16
 
 
 @pytest.fixture(scope="session")
 def llama_model(llama_dir):
     from cna_lens import load_model
 
-    return load_model(llama_dir)
+    return load_model(llama_dir, dtype=torch.float32)
 
 
 def hf_reference(path):

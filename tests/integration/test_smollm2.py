@@ -25,7 +25,7 @@ ALIAS = "smollm2-135m-instruct"
 
 @pytest.fixture(scope="module")
 def smol():
-    return cna_lens.load_model(ALIAS)
+    return cna_lens.load_model(ALIAS, dtype=torch.float32)
 
 
 def test_shape_and_chat_format(smol):

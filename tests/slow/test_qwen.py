@@ -25,7 +25,7 @@ def _installed(alias):
 def test_real_qwen_hooks_and_generation(alias):
     if not _installed(alias):
         pytest.skip(f"install with: {PACKAGED[alias].install}")
-    model = cna_lens.load_model(alias)
+    model = cna_lens.load_model(alias, dtype=torch.float32)
     prompts = load_prompts("discovery_harmful", limit=3) + load_prompts("discovery_harmless", limit=3)
     seqs = encode(model.tokenizer, prompts)
     hf = hf_reference(packaged_model_dir(alias))

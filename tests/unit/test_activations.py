@@ -139,7 +139,7 @@ def test_ablate_rejects_other_shapes(tiny_model):
 @pytest.mark.parametrize("process", [False, True])
 def test_hook_post_matches_hf_with_and_without_weight_processing(tiny_dir, prompts, process):
     """Folding norms into the weights (HookedTransformer coordinates) moves hook_post by rounding only."""
-    model = cna_lens.load_model(tiny_dir, process_weights=process)
+    model = cna_lens.load_model(tiny_dir, dtype=torch.float32, process_weights=process)
     assert cna_lens.models.weights_processed(model) is process
     seqs = encode(model.tokenizer, prompts[:3])
     expected = hf_down_proj_inputs(hf_reference(tiny_dir), seqs).double()

@@ -20,7 +20,7 @@ def planted(tmp_path_factory):
     """A tiny model whose neuron (PLANT_LAYER, n) writes the refusal tokens' unembedding direction."""
     path = make_tiny(tmp_path_factory.mktemp("planted"), "llama", seed=1)
     hf = hf_reference(path)
-    tok = cna_lens.load_model(path).tokenizer
+    tok = cna_lens.load_model(path, dtype=torch.float32).tokenizer
     acts = hf_down_proj_inputs(hf, cna_lens.encode(tok, PROMPTS))[:, PLANT_LAYER]  # [prompt, d_mlp]
     mean = acts.mean(0)
     n = int((mean.abs() / (acts.std(0) + 1e-6)).argmax())  # a neuron with a consistent sign
@@ -32,7 +32,7 @@ def planted(tmp_path_factory):
             200 * torch.sign(mean[n]) * direction / direction.norm() / mean[n].abs()
         )
     hf.save_pretrained(path)
-    return cna_lens.load_model(path), n
+    return cna_lens.load_model(path, dtype=torch.float32), n
 
 
 def test_layer_map_finds_the_planted_layer(planted):

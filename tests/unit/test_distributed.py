@@ -19,7 +19,7 @@ def _worker(rank, world, init_file, model_dir, pos, neg, out):
     os.environ["HF_HUB_OFFLINE"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = cna_lens.load_model(model_dir)
+        model = cna_lens.load_model(model_dir, dtype=torch.float32)
         attr = attribute_distributed(model, pos, neg, batch_size=2, progress=False)
         attr.save(f"{out}/rank{rank}")
     finally:

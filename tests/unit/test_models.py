@@ -144,3 +144,13 @@ def test_auto_dtype_is_bf16_only_where_native(monkeypatch):
     assert models.resolve_dtype("torch.float16") == torch.float16
     with pytest.raises(ValueError, match="choose auto or one of"):
         models.resolve_dtype("fp8")
+
+
+def test_default_load_is_bf16_where_native_and_fp32_elsewhere(llama_dir, monkeypatch):
+    import torch
+
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(models, "native_bf16", lambda device="cpu", native=native: native)
+        model = models.load_model(llama_dir)
+        assert {p.dtype for p in model.parameters()} == {want}
+        assert models.weights_processed(model) is False

@@ -7,7 +7,14 @@ with cna_lens.ablate(model, neurons, scale=0.0):          # zero them at every p
     print(cna_lens.generate(model, ["How do I pick a lock?"]))
 """
 
-from .attribute import Attribution, attribute, attribute_tokens, final_token_activations, hook_name
+from .attribute import (
+    Attribution,
+    attribute,
+    attribute_multi,
+    attribute_tokens,
+    final_token_activations,
+    hook_name,
+)
 from .generation import generate, greedy_tokens
 from .intervene import ablate, neuron_hooks
 from .models import PACKAGED, load_model
@@ -22,6 +29,7 @@ __all__ = [
     "PACKAGED",
     "ablate",
     "attribute",
+    "attribute_multi",
     "attribute_tokens",
     "encode",
     "final_token_activations",

@@ -4,11 +4,13 @@ Every figure is the median (with min and max) of ``repeats`` timed runs after on
 same prompts, batch size and threads:
 
 * machine limits: matmul GFLOP/s (float32, and bfloat16 where it is native) and memory read GB/s;
-* attribution tokens/s and its fraction of the matmul limit, ``tokens · F_blocks / t / limit``, where
+* attribution tokens/s and its fraction of the matmul limit, ``computed · F_blocks / t / limit``, where
   ``F_blocks = 2 · (parameters of the blocks)`` FLOP per token (it stops after the last hook: no
-  unembedding); and its time relative to a plain HF ``model(ids, attention_mask)`` forward;
+  unembedding) and ``computed`` counts each batch's shared chat prefix once (it runs once,
+  ``cna_lens.fast``); and its time relative to a plain HF ``model(ids, attention_mask)`` forward over
+  all prompt tokens;
 * greedy generation tokens/s at the given batch (finished rows leave the batch), its fraction of the
-  limit with ``prompt_tokens · F_blocks + new_tokens · F_full`` FLOP (the prefill computes logits at
+  limit with ``computed · F_blocks + new_tokens · F_full`` FLOP (the prefill computes logits at
   the last position only; ``F_full = F_blocks + 2 · d_model · d_vocab``), and the time under
   ``ablate(top 0.1 %)`` relative to no intervention;
 * the batched pipeline vs a batch-size-1 loop of the same attribution;
@@ -31,6 +33,7 @@ import torch
 
 from .attribute import attribute
 from .datasets import load_prompts
+from .fast import computed_tokens
 from .generation import eos_token_ids, greedy_tokens
 from .intervene import ablate
 from .models import HookedModel, model_name, native_bf16
@@ -167,6 +170,7 @@ def bench(
     pos, neg = harmful[: n_prompts // 2], harmless[: n_prompts - n_prompts // 2]
     seqs = encode(model.tokenizer, pos + neg)
     n_tok = sum(len(s) for s in seqs)
+    computed = computed_tokens(model, seqs, batch_size)  # the shared prefix runs once per batch
     f_blocks, f_full = flops_per_token(model, unembed=False), flops_per_token(model, unembed=True)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     # the limit of the dtype the model computes in (bf16 is only benchmarked where it is native)
@@ -181,6 +185,7 @@ def bench(
         "settings": {
             "n_prompts": len(seqs),
             "prompt_tokens": n_tok,
+            "computed_prompt_tokens": computed,
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
             "repeats": repeats,
@@ -194,7 +199,7 @@ def bench(
     say("attribution ...")
     a = _timed(attr, repeats)
     a["tokens_per_s"] = n_tok / a["median_s"]
-    a["fraction_of_limit"] = n_tok * f_blocks / a["median_s"] / limit
+    a["fraction_of_limit"] = computed * f_blocks / a["median_s"] / limit
     out["attribution"] = a
     if hf_model is not None:
         say("plain HF forward ...")
@@ -214,7 +219,7 @@ def bench(
     g = _timed(gen, repeats)
     g["new_tokens"] = counts["new"]
     g["new_tokens_per_s"] = counts["new"] / g["median_s"]
-    g["fraction_of_limit"] = (n_tok * f_blocks + counts["new"] * f_full) / g["median_s"] / limit
+    g["fraction_of_limit"] = (computed * f_blocks + counts["new"] * f_full) / g["median_s"] / limit
     top = attr().top_neurons(fraction=0.001)
 
     def gen_ablated() -> None:

@@ -22,8 +22,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .fast import prefilled
 from .models import HookedModel, last_logits_kwargs
-from .prompts import encode, left_pad, length_batches, pad_id
+from .prompts import encode, length_batches, pad_id
 
 #: The paper's refusal patterns (case-insensitive), neural-steering experiments/jailbreak_benchmark.py.
 PAPER_PATTERNS = (
@@ -131,14 +132,16 @@ def final_logprobs(
     progress: bool = False,
     response_prefix: str = "",
 ) -> Float[Tensor, "prompt vocab"]:
-    """log p(next token) at the final prompt position (after ``response_prefix``), for every prompt."""
+    """log p(next token) at the final prompt position (after ``response_prefix``), for every prompt.
+    A batch's common token prefix runs once (see :func:`cna_lens.fast.prefilled`)."""
     seqs = encode(model.tokenizer, prompts, chat=chat, response_prefix=response_prefix)
     out: Tensor | None = None
     pad = pad_id(model.tokenizer)
     with tqdm(total=len(seqs), desc="score", unit="prompt", disable=not progress) as bar:
         for batch in length_batches([len(s) for s in seqs], batch_size):
-            ids, mask = left_pad([seqs[i] for i in batch], pad, model.cfg.device)
-            lp = model(ids, attention_mask=mask, **last_logits_kwargs(model))[:, -1, :].float().log_softmax(-1).cpu()
+            ids, mask, kw = prefilled(model, [seqs[i] for i in batch], pad)
+            logits = model(ids, attention_mask=mask, **kw, **last_logits_kwargs(model))
+            lp = logits[:, -1, :].float().log_softmax(-1).cpu()
             if out is None:
                 out = torch.empty(len(seqs), lp.shape[-1])
             out[batch] = lp

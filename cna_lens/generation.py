@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .fast import prefilled
 from .models import HookedModel, is_bridge, last_logits_kwargs
 from .prompts import encode, left_pad, length_batches, pad_id
 
@@ -44,23 +45,31 @@ def greedy_tokens(
     max_new_tokens: int,
     eos: set[int] | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations of a batch of token id lists, without the end-of-sequence token."""
+    """Greedy continuations of a batch of token id lists, without the end-of-sequence token (with the
+    KV cache, the batch's common prefix is run once: :func:`cna_lens.fast.prefilled`)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = eos_token_ids(model) if eos is None else eos
-    device = model.cfg.device
-    ids, mask = left_pad(seqs, pad_id(model.tokenizer), device)
     out: list[list[int]] = [[] for _ in seqs]
     alive = list(range(len(seqs)))  # rows of `out` still decoding, in batch order
     kv = is_bridge(model)
     if kv:
+        ids, mask, past = prefilled(model, seqs, pad_id(model.tokenizer))
         logits, cache = model(
-            ids, attention_mask=mask, return_type="logits_and_cache", use_cache=True, **last_logits_kwargs(model)
+            ids,
+            attention_mask=mask,
+            return_type="logits_and_cache",
+            use_cache=True,
+            **past,
+            **last_logits_kwargs(model),
         )
-        if cache is None or cache.get_seq_length() != ids.shape[1]:  # e.g. a TL/transformers mismatch
+        if cache is None or cache.get_seq_length() != mask.shape[1]:  # e.g. a TL/transformers mismatch
             log.warning("the model's KV cache was not filled; decoding by recomputing every step (slower)")
             kv = False
+            ids, mask = left_pad(seqs, pad_id(model.tokenizer), model.cfg.device)
+            logits = model(ids, attention_mask=mask)
     else:
+        ids, mask = left_pad(seqs, pad_id(model.tokenizer), model.cfg.device)
         logits = model(ids, attention_mask=mask)
     for step in range(max_new_tokens):
         nxt = logits[:, -1, :].argmax(-1)

@@ -45,11 +45,12 @@ avg = prof.key_averages()
 total = sum(e.self_cpu_time_total for e in avg)
 groups = {
     "matmul (mm/addmm/bmm)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
-    "copy_/cat (KV cache, GQA repeat)": ("aten::copy_", "aten::cat"),
+    "copy_/cat (KV cache, GQA repeat, dtype casts)": ("aten::copy_", "aten::cat"),
     "other aten ops": ("aten::",),
 }
-# shares of wall time x threads: what no op accounts for is Python / bridge glue between the ops
-budget = wall * torch.get_num_threads() * 1e6
+# shares of wall time: the profiler's CPU time is the calling thread's time inside each op (intra-op
+# threads work within it), so what no op accounts for is Python / bridge glue between the ops
+budget = wall * 1e6
 share: dict[str, float] = {"outside ops (python, hooks, glue)": max(0.0, 1 - total / budget)}
 for e in avg:
     name = next((g for g, pre in groups.items() if e.key.startswith(pre)), "other")

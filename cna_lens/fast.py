@@ -1,0 +1,217 @@
+"""Speed-ups of the TL 4 bridge forward that keep its results: copy-free GQA, shared prefixes.
+
+**Grouped-query attention.** TransformerLens reimplements attention (so that ``hook_attn_scores`` and
+``hook_pattern`` fire) and expands K and V with ``repeat_kv``: a copy of ``n_heads / n_kv_heads``
+times the whole KV cache in every layer at every decoding step. At 150 new tokens and batch 100
+that copy and the ``[1 × d_head] @ [d_head × kv_len]`` products per head cost more than the MLPs.
+:func:`grouped_attention` hands TL a stand-in for the expanded tensor instead; both of TL's
+``matmul`` calls then run once per KV head on the stacked query heads::
+
+    scores[b, kv·G + g, s, :] = q[b, kv·G + g, s, :] @ K[b, kv]ᵀ      (G = n_heads / n_kv_heads)
+
+the same products as before, so the hooks see the same ``[batch, head, q_pos, k_pos]`` tensors.
+
+**Shared prefix.** Chat-formatted prompts share their template's head (Qwen's default system
+prompt is 24 of a JBB prompt's ~44 tokens). :func:`prefilled` runs that common prefix once
+(batch 1, under whatever hooks are active, so interventions still act on it), repeats its KV cache
+over the batch, and returns the left-padded suffixes with a mask over prefix + suffix. The bridge
+derives positions from the mask, so every real token keeps the position it has without sharing.
+The split is the template's head whatever the batch. Results differ from unshared batches, and
+between batchings, by float rounding only (the padding sits between prefix and suffix, which
+reorders sums: ~1e-7 relative in a layer's output, see the tests). ``shared_prefix(False)`` turns
+it off, e.g. for bit-for-bit comparisons across batch sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from .models import HookedModel, is_bridge
+from .prompts import encode, has_chat_template, left_pad, length_batches
+
+log = logging.getLogger(__name__)
+
+#: prefixes shorter than this are not worth a separate forward pass
+MIN_PREFIX = 4
+_SHARE = contextvars.ContextVar("cna_lens_shared_prefix", default=True)
+
+
+@contextlib.contextmanager
+def shared_prefix(enabled: bool = True) -> Iterator[None]:
+    """Turn prefix sharing on (the default) or off for the forward passes inside the block."""
+    token = _SHARE.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _SHARE.reset(token)
+
+
+# ----------------------------------------------------------------------------- grouped attention
+class _GroupedKV:
+    """Stands in for ``repeat_kv(x, groups)`` ([batch, kv·G, pos, d_head]) without building it."""
+
+    def __init__(self, x: Tensor, groups: int, transposed: bool = False) -> None:
+        self.x, self.groups, self.transposed = x, groups, transposed
+
+    @property
+    def shape(self) -> torch.Size:
+        b, kv, pos, d = self.x.shape
+        return torch.Size((b, kv * self.groups, d, pos) if self.transposed else (b, kv * self.groups, pos, d))
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def transpose(self, a: int, b: int) -> _GroupedKV:
+        if sorted((a % 4, b % 4)) != [2, 3]:
+            raise NotImplementedError(f"grouped K/V only transposes its last two dims, not ({a}, {b})")
+        return _GroupedKV(self.x, self.groups, not self.transposed)
+
+    @classmethod
+    def __torch_function__(cls, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in (torch.matmul, Tensor.matmul, Tensor.__matmul__) and not kwargs and len(args) == 2:
+            a, b = args
+            if isinstance(a, Tensor) and isinstance(b, _GroupedKV) and a.ndim == 4:
+                return b._left_matmul(a)
+        raise NotImplementedError(f"grouped K/V supports only `tensor @ kv`, not {getattr(func, '__name__', func)}")
+
+    def _left_matmul(self, a: Tensor) -> Tensor:
+        """``a @ repeat_kv(x)`` (or its transpose) as one product per KV head over its G query heads."""
+        batch, heads, q_len, _ = a.shape
+        kv = self.x.shape[1]
+        other = self.x.transpose(-2, -1) if self.transposed else self.x
+        out = a.reshape(batch, kv, self.groups * q_len, a.shape[-1]) @ other
+        return out.view(batch, heads, q_len, out.shape[-1])
+
+
+def _repeat_kv(x: Tensor, groups: int) -> Tensor | _GroupedKV:
+    return x if groups == 1 else _GroupedKV(x, groups)
+
+
+@contextlib.contextmanager
+def _patched_repeat_kv() -> Iterator[None]:
+    """TL's attention imports ``repeat_kv`` from the llama module on every call: swap it meanwhile."""
+    import transformers.models.llama.modeling_llama as llama
+
+    original = llama.repeat_kv
+    llama.repeat_kv = _repeat_kv
+    try:
+        yield
+    finally:
+        llama.repeat_kv = original
+
+
+def _grouped_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with _patched_repeat_kv():
+            return forward(*args, **kwargs)
+
+    wrapped.cna_lens_grouped = forward  # type: ignore[attr-defined]
+    return wrapped
+
+
+def grouped_attention(model: HookedModel, enabled: bool = True) -> int:
+    """Turn copy-free GQA on (or off) in every TL position-embedding attention of ``model``.
+
+    Returns the number of attention modules changed. Outputs and hook values are those of TL's own
+    path up to float rounding (the tests compare both); models with one KV head per query head, and
+    hooked models that are not TL 4 bridges, are left as they are.
+    """
+    changed = 0
+    for module in model.modules():
+        if type(module).__name__ != "PositionEmbeddingsAttentionBridge":
+            continue
+        original = module.__dict__.get("forward")
+        active = original is not None and hasattr(original, "cna_lens_grouped")
+        # object.__setattr__: TL components forward unknown attribute writes to the HF module
+        if enabled and not active:
+            object.__setattr__(module, "forward", _grouped_forward(module.forward))
+            changed += 1
+        elif not enabled and active:
+            del module.__dict__["forward"]  # back to the class's forward
+            changed += 1
+    return changed
+
+
+# ----------------------------------------------------------------------------- shared prefix
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of ``seqs``, leaving every sequence at least one token."""
+    if not seqs:
+        return 0
+    first, n = seqs[0], min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+def template_head(tokenizer: Any) -> int:
+    """Tokens every default chat-formatted prompt starts with (system turn, user tag); 0 without a
+    chat template. Cached on the tokenizer."""
+    head = getattr(tokenizer, "_cna_lens_head", None)
+    if head is None:
+        head = common_prefix(encode(tokenizer, ["A", "B"])) if has_chat_template(tokenizer) else 0
+        tokenizer._cna_lens_head = head
+    return head
+
+
+def shared_len(model: HookedModel, seqs: Sequence[Sequence[int]]) -> int:
+    """Where :func:`prefilled` splits ``seqs``: their common prefix, but never past the chat template's
+    head, so that the split, and with it the rounding, does not depend on how prompts are batched."""
+    if not _SHARE.get() or not is_bridge(model):  # a bridge's forward returns an HF cache to repeat
+        return 0
+    p = min(common_prefix(seqs), template_head(model.tokenizer))
+    return p if p >= MIN_PREFIX else 0
+
+
+def computed_tokens(model: HookedModel, seqs: Sequence[Sequence[int]], batch_size: int) -> int:
+    """Token positions the forward passes actually run over ``seqs`` batched as our pipelines batch them
+    (longest first, see ``length_batches``): each batch's shared prefix counts once."""
+    total = 0
+    for batch in length_batches([len(s) for s in seqs], batch_size):
+        rows = [seqs[i] for i in batch]
+        total += sum(map(len, rows)) - (len(rows) - 1) * shared_len(model, rows)
+    return total
+
+
+@torch.no_grad()
+def prefilled(
+    model: HookedModel, seqs: Sequence[Sequence[int]], pad: int
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch past_and_pos"], dict[str, Any]]:
+    """``(input_ids, attention_mask, forward_kwargs)`` for ``seqs``: the common prefix already run.
+
+    Without a usable prefix (or inside ``shared_prefix(False)``) this is the plain left-padded batch and ``{}``.
+    The mask covers prefix + suffix; ``forward_kwargs`` holds the prefix's ``past_key_values``.
+    """
+    device = model.cfg.device
+    p = shared_len(model, seqs)
+    if not p:
+        ids, mask = left_pad(seqs, pad, device)
+        return ids, mask, {}
+    head = torch.tensor([list(seqs[0][:p])], device=device)
+    _, cache = model(head, return_type="logits_and_cache", use_cache=True, logits_to_keep=1)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave") or cache.get_seq_length() != p:
+        log.warning("the model returned no repeatable KV cache; running prompts without a shared prefix")
+        ids, mask = left_pad(seqs, pad, device)
+        return ids, mask, {}
+    cache.batch_repeat_interleave(len(seqs))
+    ids, mask = left_pad([s[p:] for s in seqs], pad, device)
+    mask = torch.cat([mask.new_ones(len(seqs), p), mask], dim=1)
+    return ids, mask, {"past_key_values": cache}

@@ -12,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import cna_lens
 from cna_lens.datasets import load_prompts
+from cna_lens.fast import shared_prefix
 from cna_lens.runs import atomic_write_json, atomic_write_text
 
 p = argparse.ArgumentParser()
@@ -21,10 +22,11 @@ p.add_argument("--batch-size", type=int, default=32)
 p.add_argument("--max-new-tokens", type=int, default=32)
 p.add_argument("--ablate", type=float, default=None, help="also ablate this top fraction (e.g. 0.001)")
 p.add_argument("--threads", type=int, default=None)
+p.add_argument("--no-fast", action="store_true", help="TL's own attention and no shared prefix (the 'before')")
 args = p.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
-model = cna_lens.load_model(args.model)
+model = cna_lens.load_model(args.model, fast_attention=not args.no_fast)
 prompts = load_prompts("jbb_harmful", args.batch_size)
 ctx = torch.autograd.grad_mode.no_grad
 if args.ablate:
@@ -33,7 +35,7 @@ if args.ablate:
     )
     ns = attr.top_neurons(fraction=args.ablate)
     ctx = lambda: cna_lens.ablate(model, ns)  # noqa: E731
-with ctx():
+with ctx(), shared_prefix(not args.no_fast):
     cna_lens.generate(model, prompts[:4], max_new_tokens=4, batch_size=4, progress=False)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
@@ -66,6 +68,7 @@ atomic_write_json(
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "ablate": args.ablate,
+        "fast": not args.no_fast,
         "threads": torch.get_num_threads(),
         "self_cpu_share": share,
     },

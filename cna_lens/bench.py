@@ -12,7 +12,8 @@ same prompts, batch size and threads:
 * greedy generation tokens/s at the given batch (finished rows leave the batch), its fraction of the
   limit with ``computed · F_blocks + new_tokens · F_full`` FLOP (the prefill computes logits at
   the last position only; ``F_full = F_blocks + 2 · d_model · d_vocab``), and the time under
-  ``ablate(top 0.1 %)`` relative to no intervention;
+  ``ablate(top 0.1 %)`` relative to no intervention (also per new token: ablated models refuse
+  less and write more);
 * the batched pipeline vs a batch-size-1 loop of the same attribution;
 * peak RSS, and its growth, during attribution of ``rss_prompts`` prompts (flat: only running sums
   are kept; the runs go from fewest to most prompts, so memory that grows with the prompts shows).
@@ -228,7 +229,13 @@ def bench(
 
     say("generation under ablate ...")
     ga = _timed(gen_ablated, repeats)
-    out["generation"] = g | {"ablated": ga, "ablated_over_plain": ga["median_s"] / g["median_s"]}
+    ga["new_tokens"] = counts["new"]  # ablated models refuse less, so they often write more tokens
+    per_token = (ga["median_s"] / ga["new_tokens"]) / (g["median_s"] / g["new_tokens"])
+    out["generation"] = g | {
+        "ablated": ga,
+        "ablated_over_plain": ga["median_s"] / g["median_s"],
+        "ablated_over_plain_per_new_token": per_token,
+    }
 
     if batch1:
         say("batch-size-1 loop ...")
@@ -265,10 +272,12 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
         b1 = r.get("batch1_attribution", {}).get("batched_speedup")
         over_hf = f"{h['attribution_over_hf']:.2f}" if h else "—"
         speedup = f"{b1:.1f}x" if b1 else "—"
+        pt = g.get("ablated_over_plain_per_new_token")  # results before it: time ratio only
+        per_tok = f" ({pt:.2f} per token)" if pt else ""
         lines.append(
             f"| {r['model']} | {r['dtype']} | {limit:.0f} | {mm(a)} | "
             f"{a['tokens_per_s']:.0f} | {a['fraction_of_limit']:.2f} | {over_hf} | {mm(g)} | "
-            f"{g['new_tokens_per_s']:.1f} | {g['fraction_of_limit']:.2f} | {g['ablated_over_plain']:.2f} | "
+            f"{g['new_tokens_per_s']:.1f} | {g['fraction_of_limit']:.2f} | {g['ablated_over_plain']:.2f}{per_tok} | "
             f"{speedup} | "
             + " / ".join(
                 f"{k}: {r.get('rss_peak_mib', {}).get(k, float('nan')):.0f} (+{v:.0f})"

@@ -16,8 +16,8 @@ prompt is 24 of a JBB prompt's ~44 tokens). :func:`prefilled` runs that common p
 (batch 1, under whatever hooks are active, so interventions still act on it), repeats its KV cache
 over the batch, and returns the left-padded suffixes with a mask over prefix + suffix. The bridge
 derives positions from the mask, so every real token keeps the position it has without sharing.
-The split is the template's head whatever the batch. Results differ from unshared batches, and
-between batchings, by float rounding only (the padding sits between prefix and suffix, which
+The split is the template's head in every batch of two or more. Results differ from unshared
+batches, and between batchings, by float rounding only (the padding sits between prefix and suffix, which
 reorders sums: ~1e-7 relative in a layer's output, see the tests). ``shared_prefix(False)`` turns
 it off, e.g. for bit-for-bit comparisons across batch sizes.
 """
@@ -174,8 +174,8 @@ def template_head(tokenizer: Any) -> int:
 
 def shared_len(model: HookedModel, seqs: Sequence[Sequence[int]]) -> int:
     """Where :func:`prefilled` splits ``seqs``: their common prefix, but never past the chat template's
-    head, so that the split, and with it the rounding, does not depend on how prompts are batched."""
-    if not _SHARE.get() or not is_bridge(model):  # a bridge's forward returns an HF cache to repeat
+    head, so that every batch splits at the same place. 0 for a lone prompt (nothing to share)."""
+    if not _SHARE.get() or len(seqs) < 2 or not is_bridge(model):  # a bridge returns an HF cache
         return 0
     p = min(common_prefix(seqs), template_head(model.tokenizer))
     return p if p >= MIN_PREFIX else 0

@@ -90,8 +90,8 @@ def final_token_activations_multi(
     n_layers = model.cfg.n_layers
     pad = pad_id(model.tokenizer)
     for batch in length_batches([len(s) for s in seqs], batch_size):
-        with torch.no_grad():  # outside the capture hooks: the prefix's last token is not a prompt's
-            ids, mask, kw = prefilled(model, [seqs[i] for i in batch], pad)
+        # before the capture hooks are added: the prefix's last token is not a prompt's
+        ids, mask, kw = prefilled(model, [seqs[i] for i in batch], pad)
         store: dict[str, list[Tensor | None]] = {h: [None] * n_layers for h in hooks}
         left = [n_layers * len(hooks)]  # hooks still to fire; the forward stops when none are
         fwd = [

@@ -202,16 +202,14 @@ def prefilled(
     """
     device = model.cfg.device
     p = shared_len(model, seqs)
-    if not p:
-        ids, mask = left_pad(seqs, pad, device)
-        return ids, mask, {}
-    head = torch.tensor([list(seqs[0][:p])], device=device)
-    _, cache = model(head, return_type="logits_and_cache", use_cache=True, logits_to_keep=1)
-    if cache is None or not hasattr(cache, "batch_repeat_interleave") or cache.get_seq_length() != p:
+    if p:
+        head = torch.tensor([list(seqs[0][:p])], device=device)
+        _, cache = model(head, return_type="logits_and_cache", use_cache=True, logits_to_keep=1)
+        if cache is not None and hasattr(cache, "batch_repeat_interleave") and cache.get_seq_length() == p:
+            cache.batch_repeat_interleave(len(seqs))
+            ids, mask = left_pad([s[p:] for s in seqs], pad, device)
+            mask = torch.cat([mask.new_ones(len(seqs), p), mask], dim=1)
+            return ids, mask, {"past_key_values": cache}
         log.warning("the model returned no repeatable KV cache; running prompts without a shared prefix")
-        ids, mask = left_pad(seqs, pad, device)
-        return ids, mask, {}
-    cache.batch_repeat_interleave(len(seqs))
-    ids, mask = left_pad([s[p:] for s in seqs], pad, device)
-    mask = torch.cat([mask.new_ones(len(seqs), p), mask], dim=1)
-    return ids, mask, {"past_key_values": cache}
+    ids, mask = left_pad(seqs, pad, device)
+    return ids, mask, {}

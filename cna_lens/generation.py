@@ -66,9 +66,7 @@ def greedy_tokens(
         if cache is None or cache.get_seq_length() != mask.shape[1]:  # e.g. a TL/transformers mismatch
             log.warning("the model's KV cache was not filled; decoding by recomputing every step (slower)")
             kv = False
-            ids, mask = left_pad(seqs, pad_id(model.tokenizer), model.cfg.device)
-            logits = model(ids, attention_mask=mask)
-    else:
+    if not kv:
         ids, mask = left_pad(seqs, pad_id(model.tokenizer), model.cfg.device)
         logits = model(ids, attention_mask=mask)
     for step in range(max_new_tokens):

@@ -15,8 +15,8 @@ from .attribute import (
     final_token_activations,
     hook_name,
 )
-from .generation import generate, greedy_tokens
-from .intervene import ablate, neuron_hooks
+from .generation import generate, generate_many, greedy_many, greedy_tokens
+from .intervene import ablate, neuron_hooks, steer, steering_hooks
 from .models import PACKAGED, load_model
 from .neurons import NeuronSet
 from .prompts import encode, format_prompt
@@ -35,8 +35,12 @@ __all__ = [
     "final_token_activations",
     "format_prompt",
     "generate",
+    "generate_many",
+    "greedy_many",
     "greedy_tokens",
     "hook_name",
     "load_model",
     "neuron_hooks",
+    "steer",
+    "steering_hooks",
 ]

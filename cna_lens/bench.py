@@ -35,7 +35,7 @@ import torch
 from .attribute import attribute
 from .datasets import load_prompts
 from .fast import computed_tokens
-from .generation import eos_token_ids, greedy_tokens
+from .generation import eos_token_ids, greedy_many
 from .intervene import ablate
 from .models import HookedModel, model_name, native_bf16
 from .prompts import encode, left_pad, length_batches, pad_id
@@ -211,10 +211,8 @@ def bench(
     counts: dict[str, int] = {}
 
     def gen() -> None:
-        new = 0
-        for batch in length_batches([len(s) for s in seqs], batch_size):
-            new += sum(map(len, greedy_tokens(model, [seqs[i] for i in batch], max_new_tokens, eos)))
-        counts["new"] = new
+        toks = greedy_many(model, [([], seqs)], max_new_tokens, batch_size=batch_size, eos=eos)[0]
+        counts["new"] = sum(map(len, toks))
 
     say("generation ...")
     g = _timed(gen, repeats)

@@ -102,13 +102,31 @@ def left_pad(
     return ids.to(device), mask.to(device)
 
 
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Chunks of indices, longest first, so that each batch holds prompts of similar length.
+#: fixed cost of one forward pass, in token positions (≈ 0.5 s on a 1.5B model on this CPU: the
+#: batch's shared-prefix pass plus per-call overhead, against ≈ 8 ms per token in a large batch)
+PASS_OVERHEAD = 64
 
-    Sorting by length keeps padding small; results are put back in the original order by the
-    caller, so the order of prompts never changes what is computed.
+
+def length_batches(lengths: Sequence[int], batch_size: int, overhead: int = PASS_OVERHEAD) -> list[list[int]]:
+    """Chunks of at most ``batch_size`` indices, longest first, cut where padding costs more than a pass.
+
+    The prompts are sorted by length and split into contiguous chunks minimizing (dynamic programme)
+    ``Σ_chunks (rows × longest + overhead)``: the token positions computed with left padding plus a
+    per-pass cost. Results are put back in the original order by the caller, so batching never changes
+    what is computed beyond float rounding.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    longest = [lengths[i] for i in order]  # non-increasing: a chunk [s, e) costs (e - s) · longest[s]
+    cost, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for e in range(1, len(order) + 1):
+        for s in range(max(0, e - batch_size), e):
+            c = cost[s] + (e - s) * longest[s] + overhead
+            if c < cost[e]:
+                cost[e], cut[e] = c, s
+    chunks, e = [], len(order)
+    while e:
+        chunks.append(order[cut[e] : e])
+        e = cut[e]
+    return chunks[::-1]

@@ -35,8 +35,8 @@ from .evaluate import (
     refusal_score,
     refusal_token_ids,
 )
-from .generation import generate
-from .intervene import ablate, steer
+from .generation import FwdHook, generate_many
+from .intervene import check_compatible, neuron_hooks, steering_hooks
 from .models import HookedModel, load_model, model_name, resolve_dtype, weights_processed
 from .neurons import NeuronSet
 from .report import agreement, bootstrap_ci, report, summarize
@@ -83,20 +83,26 @@ class Reproduction:
     def neurons(self, fraction: float, by: str) -> NeuronSet:
         return self.attr.top_neurons(fraction=fraction, by=by)
 
-    def intervention(self, condition: str) -> Callable[[], contextlib.AbstractContextManager]:
-        """``"baseline"``, ``"cna:<by>:<fraction>[:<scale>]"``, ``"random:<by>:<fraction>"``, ``"caa:<alpha>"``."""
+    def hooks(self, condition: str) -> list[FwdHook]:
+        """Forward hooks of ``"baseline"``, ``"cna:<by>:<fraction>[:<scale>]"``, ``"random:<by>:<fraction>"``,
+        ``"caa:<alpha>"``."""
         kind, *args = condition.split(":")
         if kind == "baseline":
-            return contextlib.nullcontext
-        if kind == "cna":
-            ns, scale = self.neurons(float(args[1]), args[0]), float(args[2]) if len(args) > 2 else 0.0
-            return lambda: ablate(self.model, ns, scale)
-        if kind == "random":
-            ns = self.neurons(float(args[1]), args[0]).random_like(self.cfg["seed"])
-            return lambda: ablate(self.model, ns, 0.0)
+            return []
+        if kind in ("cna", "random"):
+            ns = self.neurons(float(args[1]), args[0])
+            if kind == "random":
+                ns = ns.random_like(self.cfg["seed"])
+            check_compatible(self.model, ns)
+            return neuron_hooks(ns, float(args[2]) if kind == "cna" and len(args) > 2 else 0.0)
         if kind == "caa":
-            return lambda: steer(self.model, self.caa.diff, float(args[0]))
+            return steering_hooks(self.caa.diff, float(args[0]))
         raise ValueError(f"unknown condition {condition!r}")
+
+    def intervention(self, condition: str) -> Callable[[], contextlib.AbstractContextManager]:
+        """A context manager factory that applies ``condition`` (see :meth:`hooks`)."""
+        hooks = self.hooks(condition)
+        return lambda: self.model.hooks(fwd_hooks=hooks)
 
     # ----------------------------------------------------------------- first-token sweep
     def scores(self, condition: str, prompts: list[str], response_prefix: str = "") -> torch.Tensor:
@@ -133,41 +139,36 @@ class Reproduction:
         return min(ok, key=lambda c: (float(c.split(":")[2]), self.cfg["rankings"].index(c.split(":")[1])))
 
     # ----------------------------------------------------------------- generations
-    def generations(self, dataset: str, conditions: Sequence[str], n: int | None = None, spread: bool = False) -> None:
-        """Greedy completions per condition of the first ``n`` prompts of ``dataset`` (all if None), or
-        with ``spread`` of ``n`` evenly spaced ones (keeps every category of a set ordered by category)."""
-        rows = load_dataset(dataset, None if spread else n)
-        if spread and n is not None and n < len(rows):
-            rows = [rows[int(i)] for i in np.linspace(0, len(rows) - 1, n).round()]
-        chunk = self.cfg["batch_size"]
-        for cond in dict.fromkeys(conditions):  # the chosen point may be the paper's
-            done = self.run.done()
-            todo = [r for r in rows if (dataset, cond, r["id"]) not in done]
-            ctx = self.intervention(cond)
-            for i in tqdm(range(0, len(todo), chunk), desc=f"{dataset} {cond}", disable=not self.progress or not todo):
-                part = todo[i : i + chunk]
-                with ctx():
-                    texts = generate(
-                        self.model,
-                        [r["prompt"] for r in part],
-                        max_new_tokens=self.cfg["max_new_tokens"],
-                        batch_size=chunk,
-                        progress=False,
-                    )
-                self.run.append(
-                    [
-                        {
-                            "model": self.cfg["model"],
-                            "dataset": dataset,
-                            "condition": cond,
-                            "prompt_id": r["id"],
-                            "prompt": r["prompt"],
-                            "completion": t,
-                            **_judged(t),
-                        }
-                        for r, t in zip(part, texts)
-                    ]
-                )
+    def generations(self, plan: dict[str, Sequence[str]], n: int | None = None, spread: bool = False) -> None:
+        """Greedy completions of the first ``n`` prompts (all if None; with ``spread``, ``n`` evenly spaced
+        ones, which keeps every category of a set ordered by category) of each dataset in ``plan``, under
+        each of its conditions. All (dataset, condition) jobs share one continuously refilled batch
+        (:func:`cna_lens.generation.generate_many`); each completion is saved as it finishes."""
+        done, jobs, meta = self.run.done(), [], []
+        for dataset, conditions in plan.items():
+            rows = load_dataset(dataset, None if spread else n)
+            if spread and n is not None and n < len(rows):
+                rows = [rows[int(i)] for i in np.linspace(0, len(rows) - 1, n).round()]
+            for cond in dict.fromkeys(conditions):  # the chosen point may be the paper's
+                todo = [r for r in rows if (dataset, cond, r["id"]) not in done]
+                if todo:
+                    jobs.append((self.hooks(cond), [r["prompt"] for r in todo]))
+                    meta.append((dataset, cond, todo))
+
+        def save(j: int, i: int, text: str) -> None:
+            dataset, cond, todo = meta[j]
+            row = {"model": self.cfg["model"], "dataset": dataset, "condition": cond, "prompt_id": todo[i]["id"]}
+            self.run.append([row | {"prompt": todo[i]["prompt"], "completion": text, **_judged(text)}])
+
+        if jobs:
+            generate_many(
+                self.model,
+                jobs,
+                max_new_tokens=self.cfg["max_new_tokens"],
+                batch_size=self.cfg["batch_size"],
+                progress=self.progress,
+                on_done=save,
+            )
 
     # ----------------------------------------------------------------- capability
     def capability(self, conditions: Sequence[str]) -> dict[str, Any]:
@@ -287,16 +288,16 @@ def reproduce(
         atomic_write_text(rep.out / "report.md", report(results))
 
     with rep.run.timed("generate_jbb"):
-        rep.generations("jbb_harmful", ["baseline", paper, chosen, random_ctl, *caa], limit)
-        publish("partial: JBB harmful generated")
-        rep.generations("jbb_benign", ["baseline", chosen], limit)
+        rep.generations(
+            {"jbb_harmful": ["baseline", paper, chosen, random_ctl, *caa], "jbb_benign": ["baseline", chosen]}, limit
+        )
     publish("partial: JBB generated")
     with rep.run.timed("capability"):
         results["capability"] = rep.capability(["baseline", paper, chosen, random_ctl, *caa])
     publish("partial: JBB generated, capability measured")
     if xstest_limit != 0:
         with rep.run.timed("generate_xstest"):
-            rep.generations("xstest_safe", ["baseline", chosen], xstest_limit, spread=True)
+            rep.generations({"xstest_safe": ["baseline", chosen]}, xstest_limit, spread=True)
     ids = refusal_token_ids(m.tokenizer)
     jbb = load_dataset("jbb_harmful", limit)
     with rep.run.timed("agreement"):

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 import cna_lens
-from cna_lens.generation import greedy_tokens
+from cna_lens import generation
+from cna_lens.generation import generate_many, greedy_many, greedy_tokens
+from cna_lens.intervene import steering_hooks
 from cna_lens.prompts import encode
 
-from ..conftest import hf_reference
+from ..conftest import PROMPTS, hf_reference
 from .test_activations import _some_neurons
 
 
@@ -82,3 +84,76 @@ def test_bad_input(tiny_model):
         cna_lens.generate(tiny_model, ["hi"], max_new_tokens=0)
     with pytest.raises(ValueError, match="batch_size"):
         cna_lens.generate(tiny_model, ["hi"], batch_size=0)
+
+
+def _jobs(model):
+    """Three conditions on the same prompts: as is, 60 neurons ablated, residual steering."""
+    seqs = encode(model.tokenizer, PROMPTS)
+    vectors = torch.randn(model.cfg.n_layers, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    conditions = [
+        [],
+        cna_lens.neuron_hooks(_some_neurons(model, k=60, seed=3)),
+        steering_hooks(vectors, 2.0),
+    ]
+    return [(c, seqs) for c in conditions]
+
+
+def _alone(model, jobs, max_new_tokens, eos=None):
+    out = []
+    for hooks, seqs in jobs:
+        with model.hooks(fwd_hooks=hooks):
+            out.append([greedy_tokens(model, [s], max_new_tokens, eos)[0] for s in seqs])
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 64])
+def test_pooled_conditions_equal_each_prompt_alone(tiny_model, batch_size):
+    """Rows of different conditions share a refilled batch; each row gets only its own hooks."""
+    jobs = _jobs(tiny_model)
+    alone = _alone(tiny_model, jobs, 10)
+    assert alone[0] != alone[1] and alone[0] != alone[2]  # every condition changes the tokens
+    finished = []
+    pooled = greedy_many(tiny_model, jobs, 10, batch_size=batch_size, on_done=finished.extend)
+    assert pooled == alone
+    assert sorted((j, i) for j, i, _ in finished) == [(j, i) for j in range(3) for i in range(len(PROMPTS))]
+    assert all(toks == pooled[j][i] for j, i, toks in finished)
+
+
+def test_pool_refills_after_early_exits(tiny_model):
+    """Rows that hit EOS leave; new prompts are prefilled and left-padded into the running cache."""
+    jobs = _jobs(tiny_model)
+    free = _alone(tiny_model, jobs, 8, eos=set())
+    eos = {free[0][0][2], free[1][2][0], free[2][4][1]}
+    alone = _alone(tiny_model, jobs, 8, eos=eos)
+    assert sum(len(t) < 8 for job in alone for t in job) >= 3  # some rows stop early
+    calls = []
+    real = generation._merge
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generation, "_merge", lambda *a: calls.append(1) or real(*a))
+        pooled = greedy_many(tiny_model, jobs, 8, batch_size=4, eos=eos)
+    assert pooled == alone
+    assert calls  # rows joined a running pool
+
+
+def test_pool_without_kv_cache_equals_cached(tiny_model, monkeypatch):
+    """Hooked models without an HF cache (TL 3) decode by recomputing: same tokens, same pooling."""
+    jobs = _jobs(tiny_model)
+    cached = greedy_many(tiny_model, jobs, 6, batch_size=5)
+    monkeypatch.setattr(generation, "is_bridge", lambda m: False)
+    assert greedy_many(tiny_model, jobs, 6, batch_size=5) == cached
+
+
+def test_generate_many_texts_and_callback(tiny_model):
+    jobs = [([], PROMPTS[:3]), (cna_lens.neuron_hooks(_some_neurons(tiny_model, k=60, seed=3)), PROMPTS[3:])]
+    seen = {}
+    texts = generate_many(
+        tiny_model,
+        jobs,
+        max_new_tokens=6,
+        batch_size=2,
+        progress=False,
+        on_done=lambda j, i, t: seen.update({(j, i): t}),
+    )
+    assert [len(t) for t in texts] == [3, len(PROMPTS) - 3]
+    assert seen == {(j, i): t for j, job in enumerate(texts) for i, t in enumerate(job)}
+    assert texts[0] == cna_lens.generate(tiny_model, PROMPTS[:3], max_new_tokens=6, progress=False)

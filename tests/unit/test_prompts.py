@@ -39,11 +39,46 @@ def test_left_pad_puts_final_token_last():
 
 def test_length_batches_cover_every_index_once():
     lengths = [5, 1, 9, 3, 9, 2, 7]
-    batches = length_batches(lengths, 3)
-    assert sorted(i for b in batches for i in b) == list(range(7))
-    assert [lengths[i] for i in batches[0]] == [9, 9, 7]
+    for overhead in (0, 4, 64, 10**6):
+        batches = length_batches(lengths, 3, overhead)
+        assert sorted(i for b in batches for i in b) == list(range(7))
+        assert all(0 < len(b) <= 3 for b in batches)
+        flat = [lengths[i] for b in batches for i in b]
+        assert flat == sorted(flat, reverse=True)  # longest first, contiguous in length
+    # a per-pass cost that dwarfs padding: as few passes as possible, full ones
+    assert len(length_batches(lengths, 3, 10**6)) == 3
+    assert len(length_batches(lengths, 3, 0)) == 6  # no pass cost: cut wherever the length drops
     with pytest.raises(ValueError):
         length_batches(lengths, 0)
+
+
+def test_length_batches_cut_where_padding_costs_more_than_a_pass():
+    lengths = [100] + [10] * 9
+    # one batch computes 10 × 100 = 1000 positions; apart: 100 + 9 × 10 = 190, for one more pass
+    assert [len(b) for b in length_batches(lengths, 10, overhead=500)] == [1, 9]
+    assert [len(b) for b in length_batches(lengths, 10, overhead=900)] == [10]
+    # minimal cost, checked against every way of cutting 6 sorted lengths
+    import itertools
+
+    lens = [7, 7, 5, 4, 2, 1]
+    best = min(
+        sum(len(c) * c[0] + 3 for c in chunks)
+        for cuts in itertools.product([0, 1], repeat=5)
+        for chunks in [_chunks(lens, cuts)]
+        if all(len(c) <= 4 for c in chunks)
+    )
+    got = length_batches(lens, 4, overhead=3)
+    assert sum(len(b) * lens[b[0]] + 3 for b in got) == best
+
+
+def _chunks(lens, cuts):
+    out, cur = [], [lens[0]]
+    for x, c in zip(lens[1:], cuts):
+        if c:
+            out.append(cur)
+            cur = []
+        cur.append(x)
+    return out + [cur]
 
 
 def test_check_prompts_names_the_argument():

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import cna_lens
-from cna_lens import generation
 from cna_lens import reproduce as rp
 from cna_lens.intervene import steer
 from cna_lens.runs import RunDir
@@ -65,25 +64,30 @@ def test_run_directory_contents(full_run):
 
 def test_resume_after_interruption_gives_same_results(llama_model, full_run, tmp_path, monkeypatch):
     _, ref = full_run
-    real = generation.generate
-    calls = {"n": 0}
-    n_harmful = len(ref["generations"]["jbb_harmful"])  # conditions; one generate call each (3 prompts)
+    real = rp.generate_many
+    n_jbb = 3 * sum(len(conds) for ds, conds in ref["generations"].items() if ds.startswith("jbb"))
 
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == n_harmful + 1:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the benign generations
-        return real(*a, **k)
+    def flaky(*a, on_done, **k):
+        saved = []
 
-    monkeypatch.setattr(rp, "generate", flaky)
+        def interrupt(j, i, text):
+            on_done(j, i, text)
+            saved.append(j)
+            if len(saved) == n_jbb - 4:
+                raise KeyboardInterrupt  # Ctrl-C while the last JBB rows are decoding
+
+        return real(*a, on_done=interrupt, **k)
+
+    monkeypatch.setattr(rp, "generate_many", flaky)
     with pytest.raises(KeyboardInterrupt):
         rp.reproduce(llama_model, tmp_path, **KW)
-    assert len(RunDir(tmp_path, json.loads((tmp_path / "config.json").read_text()) | {}).rows) == 3 * n_harmful
-    partial = json.loads((tmp_path / "results.json").read_text())  # the stopped run reports what it has
-    assert partial["status"] == "partial: JBB harmful generated"
-    assert partial["generations"]["jbb_harmful"] == ref["generations"]["jbb_harmful"]
-    assert "Status: **partial" in (tmp_path / "report.md").read_text()
-    monkeypatch.setattr(rp, "generate", real)
+    rows = RunDir(tmp_path, json.loads((tmp_path / "config.json").read_text()) | {}).rows
+    assert len(rows) == n_jbb - 4  # every completion was saved as it finished
+    done = [json.loads(line) for line in (full_run[0] / "completions.jsonl").read_text().splitlines()]
+    ref_rows = {(r["dataset"], r["condition"], r["prompt_id"]): r for r in done}
+    for r in rows:
+        assert r == ref_rows[(r["dataset"], r["condition"], r["prompt_id"])]
+    monkeypatch.setattr(rp, "generate_many", real)
     again = rp.reproduce(llama_model, tmp_path, **KW)
     for key in ("generations", "capability", "sweep", "chosen", "split_half_jaccard"):
         assert again[key] == ref[key], key

@@ -113,8 +113,9 @@ class _Pool:
     ids: Tensor | None = None
 
 
-def _mergeable(cache: Any) -> bool:
-    """Plain per-layer ``[batch, head, col, d]`` K/V (sliding-window layers keep other lengths)."""
+def _growable(cache: Any) -> bool:
+    """Plain per-layer ``[batch, head, col, d]`` K/V that rows can join and leave (HF ``DynamicLayer``;
+    sliding-window layers keep other lengths)."""
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(x).__name__ == "DynamicLayer" for x in layers)
 
@@ -132,10 +133,15 @@ def _prefill(model: HookedModel, rows: list[tuple[int, int]], seqs: Sequence[Seq
             **last_logits_kwargs(model),
         )
         if cache is not None and cache.get_seq_length() == mask.shape[1]:
-            return _Pool(rows, logits[:, -1, :].argmax(-1), mask, cache=cache)
+            return _Pool(rows, _argmax(logits), mask, cache=cache)
         log.warning("the model's KV cache was not filled; decoding by recomputing every step (slower)")
     ids, mask = left_pad(seqs, pad, model.cfg.device)
-    return _Pool(rows, model(ids, attention_mask=mask)[:, -1, :].argmax(-1), mask, ids=ids)
+    return _Pool(rows, _argmax(model(ids, attention_mask=mask)), mask, ids=ids)
+
+
+def _argmax(logits: Tensor) -> Tensor:
+    """Greedy next tokens (``max`` returns the first maximal index like ``argmax``, 4× faster on CPU)."""
+    return logits[:, -1, :].max(-1).indices
 
 
 def _left(t: Tensor, width: int, dim: int, value: int = 0) -> Tensor:
@@ -160,15 +166,14 @@ def _select(p: _Pool, keep: list[int]) -> _Pool:
     """Keep rows ``keep``; drop the leading columns that are padding in every remaining row."""
     k = torch.tensor(keep, device=p.mask.device)
     mask, ids = p.mask[k], None if p.ids is None else p.ids[k]
-    if p.cache is not None:
-        p.cache.batch_select_indices(k)
     first = int(mask.any(0).int().argmax())
-    if first and (p.cache is None or _mergeable(p.cache)):
-        mask, ids = mask[:, first:], None if ids is None else ids[:, first:]
-        if p.cache is not None:
-            for layer in p.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-    return _Pool([p.rows[i] for i in keep], p.nxt[k], mask, p.cache, ids)
+    if p.cache is not None and _growable(p.cache):
+        for layer in p.cache.layers:
+            layer.keys, layer.values = layer.keys[k, :, first:], layer.values[k, :, first:]
+    elif p.cache is not None:
+        p.cache.batch_select_indices(k)
+        first = 0
+    return _Pool([p.rows[i] for i in keep], p.nxt[k], mask[:, first:], p.cache, None if ids is None else ids[:, first:])
 
 
 def _step(model: HookedModel, p: _Pool) -> _Pool:
@@ -177,9 +182,9 @@ def _step(model: HookedModel, p: _Pool) -> _Pool:
         logits, cache = model(
             p.nxt[:, None], attention_mask=mask, past_key_values=p.cache, return_type="logits_and_cache"
         )
-        return replace(p, nxt=logits[:, -1, :].argmax(-1), mask=mask, cache=cache)
+        return replace(p, nxt=_argmax(logits), mask=mask, cache=cache)
     ids = torch.cat([p.ids, p.nxt[:, None]], dim=1)
-    return replace(p, nxt=model(ids, attention_mask=mask)[:, -1, :].argmax(-1), mask=mask, ids=ids)
+    return replace(p, nxt=_argmax(model(ids, attention_mask=mask)), mask=mask, ids=ids)
 
 
 @torch.no_grad()
@@ -211,7 +216,7 @@ def greedy_many(
     with model.hooks(fwd_hooks=router.hooks()) if router.by_name else contextlib.nullcontext():
         while True:
             free = batch_size - (len(pool.rows) if pool else 0)
-            can_merge = pool is None or pool.cache is None or _mergeable(pool.cache)
+            can_merge = pool is None or pool.cache is None or _growable(pool.cache)
             if head < len(queue) and can_merge and (pool is None or free >= refill_at):
                 take, head = queue[head : head + free], head + free
                 router.enabled = False  # a job prefills under its own hooks only

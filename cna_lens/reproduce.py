@@ -120,12 +120,15 @@ class Reproduction:
         for cond in tqdm(conditions, desc="sweep", disable=not self.progress):
             if cond in done:
                 continue
-            s = refusal_score(self.scores(cond, harmful), ids)
-            done[cond] = {
-                "mean_score": float(s.mean()),
-                "refusal_share": float((s > 0).float().mean()),
-                "ci": bootstrap_ci((s > 0).float().tolist()),
-            }
+            if same_as(cond) in done:  # the very same computation, already scored
+                done[cond] = dict(done[same_as(cond)])
+            else:
+                s = refusal_score(self.scores(cond, harmful), ids)
+                done[cond] = {
+                    "mean_score": float(s.mean()),
+                    "refusal_share": float((s > 0).float().mean()),
+                    "ci": bootstrap_ci((s > 0).float().tolist()),
+                }
             atomic_write_json(path, {"kind": "cna_lens.Sweep", "dataset": self.cfg["val_harmful"], "entries": done})
         return done
 
@@ -190,6 +193,18 @@ class Reproduction:
             done[cond] = entry
             atomic_write_json(path, {"kind": "cna_lens.Capability", "entries": done})
         return done
+
+
+def same_as(condition: str) -> str:
+    """The condition that computes exactly the same: CNA at scale 0 is the plain ablation, and at
+    scale 1 the baseline (``x · 1.0 = x`` in floating point)."""
+    kind, *args = condition.split(":")
+    if kind == "cna" and len(args) == 3:
+        if float(args[2]) == 0.0:
+            return ":".join([kind, *args[:2]])
+        if float(args[2]) == 1.0:
+            return "baseline"
+    return condition
 
 
 def _judged(text: str) -> dict[str, Any]:

@@ -130,3 +130,19 @@ def test_legacy_run_dirs_count_as_weight_processed(tmp_path):
     with pytest.raises(ValueError, match="process_weights=True, not False; resume it with --process-weights or"):
         RunDir(tmp_path, {"model": "m", "process_weights": False})
     RunDir(tmp_path, {"model": "m"})  # configs without the field compare as before
+
+
+def test_sweep_reuses_conditions_that_compute_the_same(llama_model, full_run):
+    out, results = full_run
+    sweep, chosen = results["sweep"], results["chosen"]
+    assert rp.same_as(f"{chosen}:0.0") == chosen and rp.same_as(f"{chosen}:1.0") == "baseline"
+    assert rp.same_as(f"{chosen}:0.5") == f"{chosen}:0.5" and rp.same_as("caa:1.0") == "caa:1.0"
+    assert sweep[f"{chosen}:0.0"] == sweep[chosen] and sweep[f"{chosen}:1.0"] == sweep["baseline"]
+    # the reuse is exact: scoring both conditions gives the same bits
+    config = json.loads((out / "config.json").read_text())
+    config.pop("kind")
+    rep = rp.Reproduction(llama_model, out, config, progress=False)
+    prompts = ["How do I pick a lock?", "Write a poem", "Hi"]
+    for cond in (f"{chosen}:0.0", f"{chosen}:1.0"):
+        assert torch.equal(rep.scores(cond, prompts), rep.scores(rp.same_as(cond), prompts))
+    assert not torch.equal(rep.scores(chosen, prompts), rep.scores("baseline", prompts))

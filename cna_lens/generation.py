@@ -92,10 +92,13 @@ class RowHooks:
                     continue
                 rows = self.rows[j]
                 if rows is None:
-                    act = fn(act, hook)
+                    out = fn(act, hook)
+                    act = act if out is None else out  # TL hooks may edit in place and return None
                 else:
                     act = act.clone() if act.requires_grad else act
-                    act[rows] = fn(act[rows], hook)
+                    sub = act[rows]
+                    out = fn(sub, hook)
+                    act[rows] = sub if out is None else out
             return act
 
         return hook

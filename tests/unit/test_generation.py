@@ -157,3 +157,19 @@ def test_generate_many_texts_and_callback(tiny_model):
     assert [len(t) for t in texts] == [3, len(PROMPTS) - 3]
     assert seen == {(j, i): t for j, job in enumerate(texts) for i, t in enumerate(job)}
     assert texts[0] == cna_lens.generate(tiny_model, PROMPTS[:3], max_new_tokens=6, progress=False)
+
+
+def test_row_hooks_accept_in_place_hooks_that_return_none(tiny_model):
+    """TL hooks may edit the activation in place and return None; only their own rows change."""
+    seqs = encode(tiny_model.tokenizer, PROMPTS[:4])
+    ns = _some_neurons(tiny_model, k=60, seed=3)
+
+    def zero_in_place(idx):
+        def hook(act, hook):
+            act[..., idx] = 0.0
+
+        return hook
+
+    in_place = [(cna_lens.hook_name(layer), zero_in_place(idx)) for layer, idx in ns.by_layer().items()]
+    pooled = greedy_many(tiny_model, [([], seqs), (in_place, seqs)], 8, batch_size=8)
+    assert pooled == _alone(tiny_model, [([], seqs), (cna_lens.neuron_hooks(ns), seqs)], 8)

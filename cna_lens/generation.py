@@ -31,12 +31,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .fast import prefilled
+from .intervene import FwdHook
 from .models import HookedModel, is_bridge, last_logits_kwargs
 from .prompts import encode, left_pad, pad_id
 
 log = logging.getLogger(__name__)
 
-FwdHook = tuple[str, Callable[[Tensor, Any], Any]]
 #: one job: the forward hooks of its condition (``[]`` = as is) and its prompts as token id lists
 Job = tuple[Sequence[FwdHook], Sequence[Sequence[int]]]
 

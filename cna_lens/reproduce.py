@@ -35,8 +35,8 @@ from .evaluate import (
     refusal_score,
     refusal_token_ids,
 )
-from .generation import FwdHook, generate_many
-from .intervene import check_compatible, neuron_hooks, steering_hooks
+from .generation import generate_many
+from .intervene import FwdHook, check_compatible, neuron_hooks, steering_hooks
 from .models import HookedModel, load_model, model_name, resolve_dtype, weights_processed
 from .neurons import NeuronSet
 from .report import agreement, bootstrap_ci, report, summarize
@@ -120,8 +120,9 @@ class Reproduction:
         for cond in tqdm(conditions, desc="sweep", disable=not self.progress):
             if cond in done:
                 continue
-            if same_as(cond) in done:  # the very same computation, already scored
-                done[cond] = dict(done[same_as(cond)])
+            same = same_as(cond)
+            if same in done:  # the very same computation, already scored
+                done[cond] = dict(done[same])
             else:
                 s = refusal_score(self.scores(cond, harmful), ids)
                 done[cond] = {

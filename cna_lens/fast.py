@@ -27,7 +27,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -213,3 +214,92 @@ def prefilled(
         log.warning("the model returned no repeatable KV cache; running prompts without a shared prefix")
     ids, mask = left_pad(seqs, pad, device)
     return ids, mask, {}
+
+
+# ----------------------------------------------------------------------------- lower blocks
+_AFTER_BLOCKS = ("ln_final.", "unembed.", "hook_unembed")
+_BLOCK_INPUT = ("hook_resid_pre", "hook_in")
+
+
+def first_changed(hook_names: Iterable[str], n_layers: int) -> int:
+    """The first ``j`` whose ``resid_pre[j]`` (the residual entering block ``j``) hooks at these points
+    can change: ``L`` for a hook on block ``L``'s input, ``L + 1`` for one inside block ``L``, 0 for
+    one before the blocks or not tied to a block, ``n_layers`` for none (or only after the blocks)."""
+    first = n_layers
+    for name in hook_names:
+        m = re.match(r"blocks\.(\d+)\.(.+)$", name)
+        if m:
+            first = min(first, int(m[1]) + (m[2] not in _BLOCK_INPUT))
+        elif not name.startswith(_AFTER_BLOCKS):
+            return 0
+    return first
+
+
+def active_hook_names(model: HookedModel) -> list[str]:
+    """Names of the hook points that hold forward hooks now (TransformerLens ``HookPoint.fwd_hooks``)."""
+    return [name for name, hp in model.hook_dict.items() if getattr(hp, "fwd_hooks", None)]
+
+
+class LowerBlocks:
+    """Skip the blocks below every hook in repeated passes over the same batches.
+
+    Below the first residual a pass's hooks can change (:func:`first_changed`, ``f``), every pass over
+    the same tokens computes the same bits. The first pass over a batch records ``resid_pre[j]`` for
+    each ``j`` in ``layers`` with ``j < f``; a later pass over the same batch (same tokens, same mask)
+    replaces blocks ``0 … j−1`` with the identity and sets ``resid_pre[j]`` to the record, for the
+    largest recorded ``j < f`` — ``(n_layers − j) / n_layers`` of the work, same outputs. Use it
+    around the forward pass of each batch: ``with lower.reuse(rows, mask): model(ids, ...)``.
+    Hooks are found through TransformerLens hook points; plain PyTorch hooks on modules are not seen.
+    """
+
+    def __init__(self, model: HookedModel, layers: Iterable[int]) -> None:
+        n = model.cfg.n_layers
+        self.model, self.layers = model, sorted({int(j) for j in layers if 0 < int(j) < n})
+        self.saved: dict[tuple[tuple[int, ...], ...], tuple[Tensor, dict[int, Tensor]]] = {}
+        self.skipped = 0  # blocks skipped × rows, over all passes
+
+    @contextlib.contextmanager
+    def reuse(self, rows: Sequence[Sequence[int]], mask: Tensor) -> Iterator[None]:
+        """Around one forward pass over ``rows`` (the batch's full token id lists) with ``mask``."""
+        f = first_changed(active_hook_names(self.model), self.model.cfg.n_layers)
+        key = tuple(tuple(r) for r in rows)
+        old_mask, resid = self.saved.get(key, (mask, {}))
+        same = old_mask.shape == mask.shape and torch.equal(old_mask, mask)
+        start = max((j for j in resid if j < f), default=0) if same else 0
+        if start:
+            with self._start_at(start, resid[start]):
+                yield
+            self.skipped += start * len(rows)
+            return
+        want = [j for j in self.layers if j < f and (not same or j not in resid)]
+        store: dict[int, Tensor] = resid if same else {}
+
+        def record(act: Tensor, hook: Any) -> None:
+            store[int(hook.name.split(".")[1])] = act.detach().clone()
+
+        hooks = [(f"blocks.{j}.hook_resid_pre", record) for j in want]
+        with self.model.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext():
+            yield
+        if hooks:
+            self.saved[key] = (mask.clone(), store)
+
+    @contextlib.contextmanager
+    def _start_at(self, start: int, resid: Tensor) -> Iterator[None]:
+        blocks = list(self.model.blocks)[:start]
+        before = [b.__dict__.get("forward") for b in blocks]
+        for b in blocks:  # object.__setattr__: TL components forward attribute writes to the HF module
+            object.__setattr__(b, "forward", _identity)
+        try:
+            with self.model.hooks(fwd_hooks=[(f"blocks.{start}.hook_resid_pre", lambda act, hook: resid)]):
+                yield
+        finally:
+            for b, fwd in zip(blocks, before):
+                if fwd is None:
+                    del b.__dict__["forward"]
+                else:
+                    object.__setattr__(b, "forward", fwd)
+
+
+def _identity(*args: Any, **kwargs: Any) -> Any:
+    """A skipped block: its residual input passes through (HF decoder layers and TL blocks take it first)."""
+    return args[0] if args else kwargs["hidden_states"]

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .fast import prefilled
 from .intervene import FwdHook
 from .models import HookedModel, is_bridge, last_logits_kwargs
-from .prompts import encode, left_pad, pad_id
+from .prompts import encode, left_pad, length_batches, pad_id
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +225,15 @@ def greedy_many(
                 router.enabled = False  # a job prefills under its own hooks only
                 for j in dict.fromkeys(j for j, _ in take):
                     rows = [r for r in take if r[0] == j]
-                    with model.hooks(fwd_hooks=list(jobs[j][0])):
-                        new = _prefill(model, rows, [jobs[j][1][i] for _, i in rows], kv)
-                    if pool is not None and (pool.cache is None) != (new.cache is None):
-                        raise RuntimeError("the model returned a KV cache for some batches only")
-                    kv = new.cache is not None
-                    pool = new if pool is None else _merge(pool, new, pad)
+                    seqs = [jobs[j][1][i] for _, i in rows]
+                    # prompts of very different lengths prefill in separate passes (less padding)
+                    for part in length_batches([len(s) for s in seqs], len(seqs)):
+                        with model.hooks(fwd_hooks=list(jobs[j][0])):
+                            new = _prefill(model, [rows[i] for i in part], [seqs[i] for i in part], kv)
+                        if pool is not None and (pool.cache is None) != (new.cache is None):
+                            raise RuntimeError("the model returned a KV cache for some batches only")
+                        kv = new.cache is not None
+                        pool = new if pool is None else _merge(pool, new, pad)
                 router.enabled = True
             if pool is None:
                 break

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from .evaluate import (
     refusal_score,
     refusal_token_ids,
 )
+from .fast import LowerBlocks, first_changed
 from .generation import generate_many
 from .intervene import FwdHook, check_compatible, neuron_hooks, steering_hooks
 from .models import HookedModel, load_model, model_name, resolve_dtype, weights_processed
@@ -58,6 +59,7 @@ class Reproduction:
         self.run = RunDir(out, config)
         self.cfg = config
         self.out = self.run.path
+        self._sweep_lower: LowerBlocks | None = None
         with self.run.timed("discovery"):
             # CNA statistics (``mlp.hook_post``) and CAA vectors (``hook_mlp_out``: ``.diff`` per layer)
             found = self.discovery({"mlp.hook_post": "attribution", "hook_mlp_out": "caa"})
@@ -105,11 +107,19 @@ class Reproduction:
         return lambda: self.model.hooks(fwd_hooks=hooks)
 
     # ----------------------------------------------------------------- first-token sweep
-    def scores(self, condition: str, prompts: list[str], response_prefix: str = "") -> torch.Tensor:
+    def scores(
+        self, condition: str, prompts: list[str], response_prefix: str = "", lower: LowerBlocks | None = None
+    ) -> torch.Tensor:
         with self.intervention(condition)():
             return final_logprobs(
-                self.model, prompts, batch_size=self.cfg["batch_size"], response_prefix=response_prefix
+                self.model, prompts, batch_size=self.cfg["batch_size"], response_prefix=response_prefix, lower=lower
             )
+
+    def lower_blocks(self, conditions: Iterable[str]) -> LowerBlocks:
+        """Records for skipping, in each condition's passes, the blocks below its hooks (results unchanged)."""
+        n = self.model.cfg.n_layers
+        hooked = [[name for name, _ in self.hooks(c)] for c in conditions]
+        return LowerBlocks(self.model, {first_changed(names, n) - 1 for names in hooked if names})
 
     def sweep(self, conditions: Sequence[str]) -> dict[str, Any]:
         """Mean first-token refusal score and share > 0 on the validation harmful prompts, per condition."""
@@ -117,6 +127,8 @@ class Reproduction:
         done = read_json(path, "cna_lens.Sweep")["entries"] if path.exists() else {}
         harmful = [r["prompt"] for r in load_dataset(self.cfg["val_harmful"], self.cfg["val_limit"])]
         ids = refusal_token_ids(self.model.tokenizer)
+        if self._sweep_lower is None:  # kept for the second call (the chosen point's scales)
+            self._sweep_lower = self.lower_blocks(c for c in conditions if c not in done)
         for cond in tqdm(conditions, desc="sweep", disable=not self.progress):
             if cond in done:
                 continue
@@ -124,7 +136,7 @@ class Reproduction:
             if same in done:  # the very same computation, already scored
                 done[cond] = dict(done[same])
             else:
-                s = refusal_score(self.scores(cond, harmful), ids)
+                s = refusal_score(self.scores(cond, harmful, lower=self._sweep_lower), ids)
                 done[cond] = {
                     "mean_score": float(s.mean()),
                     "refusal_share": float((s > 0).float().mean()),
@@ -181,13 +193,14 @@ class Reproduction:
         harmless = [r["prompt"] for r in load_dataset(self.cfg["kl_dataset"], self.cfg["kl_limit"])]
         mmlu = load_dataset("mmlu", self.cfg["mmlu_limit"]) if self.cfg["mmlu_limit"] else []
         todo = [c for c in dict.fromkeys(conditions) if c not in done]
-        base = self.scores("baseline", harmless) if todo else None  # a resumed, finished run skips this
+        lower = self.lower_blocks(todo)
+        base = self.scores("baseline", harmless, lower=lower) if todo else None  # a finished run skips this
         for cond in tqdm(todo, desc="capability (KL, MMLU)", disable=not self.progress):
             entry: dict[str, Any] = {}
-            kl = kl_divergence(base, self.scores(cond, harmless))
+            kl = kl_divergence(base, self.scores(cond, harmless, lower=lower))
             entry["kl_mean"], entry["kl_ci"] = float(kl.mean()), bootstrap_ci(kl.tolist())
             if mmlu:
-                lp = self.scores(cond, [mmlu_prompt(r) for r in mmlu], response_prefix=MMLU_PREFIX)
+                lp = self.scores(cond, [mmlu_prompt(r) for r in mmlu], response_prefix=MMLU_PREFIX, lower=lower)
                 entry["mmlu_acc"] = mmlu_accuracy(
                     lp, [r["answer"] for r in mmlu], self.model.tokenizer, leading_space=True
                 )

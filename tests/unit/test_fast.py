@@ -8,7 +8,16 @@ import torch
 from cna_lens import ablate
 from cna_lens.attribute import final_token_activations_multi
 from cna_lens.evaluate import final_logprobs
-from cna_lens.fast import _GroupedKV, common_prefix, computed_tokens, grouped_attention, prefilled, shared_prefix
+from cna_lens.fast import (
+    LowerBlocks,
+    _GroupedKV,
+    common_prefix,
+    computed_tokens,
+    first_changed,
+    grouped_attention,
+    prefilled,
+    shared_prefix,
+)
 from cna_lens.generation import greedy_tokens
 from cna_lens.neurons import NeuronSet
 from cna_lens.prompts import encode, left_pad, pad_id
@@ -121,3 +130,51 @@ def test_computed_tokens(tiny_model, prompts):
     # 7 prompts in batches of 3, 3, 1: the prefix is saved twice in each of the first two batches
     assert computed_tokens(tiny_model, seqs, 3) <= total - 4 * p
     assert computed_tokens(tiny_model, seqs, 1) == total  # a lone prompt shares nothing
+
+
+def test_first_changed():
+    n = 6
+    assert first_changed([], n) == n
+    assert first_changed(["blocks.3.mlp.hook_post", "blocks.5.hook_mlp_out"], n) == 4
+    assert first_changed(["blocks.3.hook_resid_pre"], n) == 3  # the block's own input
+    assert first_changed(["ln_final.hook_normalized", "unembed.hook_out"], n) == n  # after the blocks
+    assert first_changed(["blocks.4.attn.hook_z", "hook_embed"], n) == 0  # before the blocks
+
+
+@pytest.mark.parametrize("share", [True, False])
+@torch.no_grad()
+def test_lower_blocks_skip_and_keep_the_bits(tiny_model, prompts, share):
+    d = tiny_model.cfg.d_mlp
+    high = NeuronSet((2, 2, 3), (0, 5, 7), (1.0,) * 3, tiny_model.cfg.n_layers, d)  # first changed: resid_pre[3]
+    low = NeuronSet((1, 3), (2, 4), (1.0,) * 2, tiny_model.cfg.n_layers, d)  # first changed: resid_pre[2]
+    calls = []  # a plain PyTorch hook inside block 0: it runs only when the block does
+    handle = tiny_model.blocks[0].attn.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with shared_prefix(share):
+            ref = {"base": final_logprobs(tiny_model, prompts, batch_size=4)}
+            for name, ns in (("high", high), ("low", low)):
+                with ablate(tiny_model, ns):
+                    ref[name] = final_logprobs(tiny_model, prompts, batch_size=4)
+            lower = LowerBlocks(tiny_model, [2, 0, 99])  # out-of-range layers are ignored
+            assert lower.layers == [2]
+            calls.clear()
+            assert torch.equal(final_logprobs(tiny_model, prompts, batch_size=4, lower=lower), ref["base"])
+            n_full = len(calls)  # the recording pass runs every block
+            assert n_full > 0 and lower.skipped == 0
+            with ablate(tiny_model, high):
+                calls.clear()
+                assert torch.equal(final_logprobs(tiny_model, prompts, batch_size=4, lower=lower), ref["high"])
+            assert len(calls) == (n_full - 2 if share else 0)  # only the shared prefixes (2 batches) ran block 0
+            assert lower.skipped == 2 * len(prompts)
+            with ablate(tiny_model, low):  # hooks below the record: every block runs
+                assert torch.equal(final_logprobs(tiny_model, prompts, batch_size=4, lower=lower), ref["low"])
+            with tiny_model.hooks(fwd_hooks=[("blocks.2.hook_resid_pre", lambda act, hook: act * 2)]):
+                final_logprobs(tiny_model, prompts, batch_size=4, lower=lower)  # hook on the recorded input
+            # other batches (other keys), nothing to reuse; the records stay
+            other = final_logprobs(tiny_model, prompts[:3], batch_size=4, lower=lower)
+            torch.testing.assert_close(other, ref["base"][:3], rtol=0, atol=1e-4)  # another batch: rounding only
+            assert lower.skipped == 2 * len(prompts)
+    finally:
+        handle.remove()
+    assert "forward" not in tiny_model.blocks[0].__dict__  # the skipped blocks are restored
+    assert (ref["high"] - ref["base"]).abs().max() > 1e-3 and (ref["low"] - ref["high"]).abs().max() > 1e-3

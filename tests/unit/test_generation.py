@@ -112,9 +112,14 @@ def test_pooled_conditions_equal_each_prompt_alone(tiny_model, batch_size):
     jobs = _jobs(tiny_model)
     alone = _alone(tiny_model, jobs, 10)
     assert alone[0] != alone[1] and alone[0] != alone[2]  # every condition changes the tokens
-    finished = []
-    pooled = greedy_many(tiny_model, jobs, 10, batch_size=batch_size, on_done=finished.extend)
+    finished, prefills = [], []
+    real = generation._prefill
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generation, "_prefill", lambda m, rows, *a: prefills.append(rows) or real(m, rows, *a))
+        pooled = greedy_many(tiny_model, jobs, 10, batch_size=batch_size, on_done=finished.extend)
     assert pooled == alone
+    if batch_size == 64:  # all 21 prompts at once: each job's are cut by length (less padding)
+        assert len(prefills) > len(jobs) and all(len({j for j, _ in rows}) == 1 for rows in prefills)
     assert sorted((j, i) for j, i, _ in finished) == [(j, i) for j in range(3) for i in range(len(PROMPTS))]
     assert all(toks == pooled[j][i] for j, i, toks in finished)
 

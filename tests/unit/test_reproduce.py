@@ -146,3 +146,9 @@ def test_sweep_reuses_conditions_that_compute_the_same(llama_model, full_run):
     for cond in (f"{chosen}:0.0", f"{chosen}:1.0"):
         assert torch.equal(rep.scores(cond, prompts), rep.scores(rp.same_as(cond), prompts))
     assert not torch.equal(rep.scores(chosen, prompts), rep.scores("baseline", prompts))
+    # skipping the blocks below the chosen set's hooks (as sweep and capability do) keeps the bits
+    lower = rep.lower_blocks(["baseline", chosen, "caa:0.5"])
+    assert lower.layers and lower.layers[0] >= 2  # CNA never hooks layers 0-1; CAA hooks all: nothing to skip
+    assert torch.equal(rep.scores("baseline", prompts, lower=lower), rep.scores("baseline", prompts))
+    assert torch.equal(rep.scores(chosen, prompts, lower=lower), rep.scores(chosen, prompts))
+    assert lower.skipped >= lower.layers[0] * len(prompts)

@@ -140,11 +140,11 @@ def final_logprobs(
     (:class:`cna_lens.fast.LowerBlocks`)."""
     seqs = encode(model.tokenizer, prompts, chat=chat, response_prefix=response_prefix)
     out: Tensor | None = None
-    pad = pad_id(model.tokenizer)
+    pad, prefix_kv = pad_id(model.tokenizer), {}  # the chat prefix runs once per call
     with tqdm(total=len(seqs), desc="score", unit="prompt", disable=not progress) as bar:
         for batch in length_batches([len(s) for s in seqs], batch_size):
             rows = [seqs[i] for i in batch]
-            ids, mask, kw = prefilled(model, rows, pad)
+            ids, mask, kw = prefilled(model, rows, pad, prefix_kv)
             with lower.reuse(rows, mask) if lower is not None else contextlib.nullcontext():
                 logits = model(ids, attention_mask=mask, **kw, **last_logits_kwargs(model))
             lp = logits[:, -1, :].float().log_softmax(-1).cpu()

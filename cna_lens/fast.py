@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -194,19 +195,26 @@ def computed_tokens(model: HookedModel, seqs: Sequence[Sequence[int]], batch_siz
 
 @torch.no_grad()
 def prefilled(
-    model: HookedModel, seqs: Sequence[Sequence[int]], pad: int
+    model: HookedModel, seqs: Sequence[Sequence[int]], pad: int, reuse: dict[Any, Any] | None = None
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch past_and_pos"], dict[str, Any]]:
     """``(input_ids, attention_mask, forward_kwargs)`` for ``seqs``: the common prefix already run.
 
     Without a usable prefix (or inside ``shared_prefix(False)``) this is the plain left-padded batch and ``{}``.
     The mask covers prefix + suffix; ``forward_kwargs`` holds the prefix's ``past_key_values``.
+    ``reuse``: a dict the caller keeps across batches run under the same hooks; each distinct prefix
+    is then run once and its KV cache copied (the same bits: same tokens, same hooks, same shapes).
     """
     device = model.cfg.device
     p = shared_len(model, seqs)
     if p:
-        head = torch.tensor([list(seqs[0][:p])], device=device)
-        _, cache = model(head, return_type="logits_and_cache", use_cache=True, logits_to_keep=1)
+        key = tuple(seqs[0][:p])
+        cache = copy.deepcopy(reuse[key]) if reuse is not None and key in reuse else None
+        if cache is None:
+            head = torch.tensor([list(key)], device=device)
+            _, cache = model(head, return_type="logits_and_cache", use_cache=True, logits_to_keep=1)
         if cache is not None and hasattr(cache, "batch_repeat_interleave") and cache.get_seq_length() == p:
+            if reuse is not None and key not in reuse:
+                reuse[key] = copy.deepcopy(cache)
             cache.batch_repeat_interleave(len(seqs))
             ids, mask = left_pad([s[p:] for s in seqs], pad, device)
             mask = torch.cat([mask.new_ones(len(seqs), p), mask], dim=1)

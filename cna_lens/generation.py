@@ -123,10 +123,12 @@ def _growable(cache: Any) -> bool:
     return bool(layers) and all(type(x).__name__ == "DynamicLayer" for x in layers)
 
 
-def _prefill(model: HookedModel, rows: list[tuple[int, int]], seqs: Sequence[Sequence[int]], kv: bool) -> _Pool:
+def _prefill(
+    model: HookedModel, rows: list[tuple[int, int]], seqs: Sequence[Sequence[int]], kv: bool, prefix_kv: dict
+) -> _Pool:
     pad = pad_id(model.tokenizer)
     if kv:
-        ids, mask, past = prefilled(model, seqs, pad)
+        ids, mask, past = prefilled(model, seqs, pad, prefix_kv)
         logits, cache = model(
             ids,
             attention_mask=mask,
@@ -215,6 +217,7 @@ def greedy_many(
     queue = [(j, i) for j, (_, s) in enumerate(jobs) for i in sorted(range(len(s)), key=lambda i: (-len(s[i]), i))]
     refill_at = max(1, batch_size // 8)  # free rows that make a refill worth its prefill
     router = RowHooks([hooks for hooks, _ in jobs])
+    prefix_kv: list[dict] = [{} for _ in jobs]  # each job's chat prefix runs once (under its hooks)
     kv, pad, head, pool = is_bridge(model), pad_id(model.tokenizer), 0, None
     with model.hooks(fwd_hooks=router.hooks()) if router.by_name else contextlib.nullcontext():
         while True:
@@ -229,7 +232,7 @@ def greedy_many(
                     # prompts of very different lengths prefill in separate passes (less padding)
                     for part in length_batches([len(s) for s in seqs], len(seqs)):
                         with model.hooks(fwd_hooks=list(jobs[j][0])):
-                            new = _prefill(model, [rows[i] for i in part], [seqs[i] for i in part], kv)
+                            new = _prefill(model, [rows[i] for i in part], [seqs[i] for i in part], kv, prefix_kv[j])
                         if pool is not None and (pool.cache is None) != (new.cache is None):
                             raise RuntimeError("the model returned a KV cache for some batches only")
                         kv = new.cache is not None

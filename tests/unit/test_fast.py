@@ -178,3 +178,30 @@ def test_lower_blocks_skip_and_keep_the_bits(tiny_model, prompts, share):
         handle.remove()
     assert "forward" not in tiny_model.blocks[0].__dict__  # the skipped blocks are restored
     assert (ref["high"] - ref["base"]).abs().max() > 1e-3 and (ref["low"] - ref["high"]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_prefix_kv_reused_across_batches(tiny_model, prompts, big_set):
+    seqs = encode(tiny_model.tokenizer, prompts)
+    pad = pad_id(tiny_model.tokenizer)
+    batches = [seqs[:3], seqs[3:], seqs[1:5]]
+
+    def run(reuse):
+        out = []
+        for rows in batches:
+            ids, mask, kw = prefilled(tiny_model, rows, pad, reuse)
+            out.append(tiny_model(ids, attention_mask=mask, **kw))
+        return out
+
+    calls = []
+    handle = tiny_model.blocks[0].attn.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with ablate(tiny_model, big_set):  # the prefix's KV depends on the hooks: one dict per hook state
+            fresh = run(None)
+            n_fresh, reuse = len(calls), {}
+            reused = run(reuse)
+    finally:
+        handle.remove()
+    assert len(reuse) == 1 and len(calls) - n_fresh == n_fresh - 2  # two prefix passes fewer
+    assert all(torch.equal(a, b) for a, b in zip(fresh, reused))
+    assert next(iter(reuse.values())).get_seq_length() == common_prefix(seqs)  # the stored copy is untouched

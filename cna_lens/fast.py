@@ -315,4 +315,3 @@ class LowerBlocks:
 def _identity(*args: Any, **kwargs: Any) -> Any:
     """A skipped block: its residual input passes through (HF decoder layers and TL blocks take it first)."""
     return args[0] if args else kwargs["hidden_states"]
-

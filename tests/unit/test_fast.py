@@ -164,7 +164,7 @@ def test_lower_blocks_skip_and_keep_the_bits(tiny_model, prompts, share):
             with ablate(tiny_model, high):
                 calls.clear()
                 assert torch.equal(final_logprobs(tiny_model, prompts, batch_size=4, lower=lower), ref["high"])
-            assert len(calls) == (n_full - 2 if share else 0)  # only the shared prefixes (2 batches) ran block 0
+            assert len(calls) == (n_full - 2 if share else 0)  # block 0 ran for the shared prefix, not the 2 batches
             assert lower.skipped == 2 * len(prompts)
             with ablate(tiny_model, low):  # hooks below the record: every block runs
                 assert torch.equal(final_logprobs(tiny_model, prompts, batch_size=4, lower=lower), ref["low"])

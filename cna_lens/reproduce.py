@@ -127,8 +127,8 @@ class Reproduction:
         done = read_json(path, "cna_lens.Sweep")["entries"] if path.exists() else {}
         harmful = [r["prompt"] for r in load_dataset(self.cfg["val_harmful"], self.cfg["val_limit"])]
         ids = refusal_token_ids(self.model.tokenizer)
-        if self._sweep_lower is None:  # kept for the second call (the chosen point's scales)
-            self._sweep_lower = self.lower_blocks(c for c in conditions if c not in done)
+        if self._sweep_lower is None:  # kept for the second call: the scales share their set's blocks
+            self._sweep_lower = self.lower_blocks(conditions)
         for cond in tqdm(conditions, desc="sweep", disable=not self.progress):
             if cond in done:
                 continue

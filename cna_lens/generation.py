@@ -230,13 +230,13 @@ def greedy_many(
                     rows = [r for r in take if r[0] == j]
                     seqs = [jobs[j][1][i] for _, i in rows]
                     # prompts of very different lengths prefill in separate passes (less padding)
-                    for part in length_batches([len(s) for s in seqs], len(seqs)):
-                        with model.hooks(fwd_hooks=list(jobs[j][0])):
+                    with model.hooks(fwd_hooks=list(jobs[j][0])):
+                        for part in length_batches([len(s) for s in seqs], len(seqs)):
                             new = _prefill(model, [rows[i] for i in part], [seqs[i] for i in part], kv, prefix_kv[j])
-                        if pool is not None and (pool.cache is None) != (new.cache is None):
-                            raise RuntimeError("the model returned a KV cache for some batches only")
-                        kv = new.cache is not None
-                        pool = new if pool is None else _merge(pool, new, pad)
+                            if pool is not None and (pool.cache is None) != (new.cache is None):
+                                raise RuntimeError("the model returned a KV cache for some batches only")
+                            kv = new.cache is not None
+                            pool = new if pool is None else _merge(pool, new, pad)
                 router.enabled = True
             if pool is None:
                 break

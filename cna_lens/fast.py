@@ -1,15 +1,6 @@
-"""Speed-ups of the TL 4 bridge forward that keep its results: copy-free GQA, shared prefixes, lower blocks.
+"""Speed-ups of repeated forward passes that keep their results: shared prefixes, lower blocks.
 
-**Grouped-query attention.** TransformerLens reimplements attention (so that ``hook_attn_scores`` and
-``hook_pattern`` fire) and expands K and V with ``repeat_kv``: a copy of ``n_heads / n_kv_heads``
-times the whole KV cache in every layer at every decoding step. At 150 new tokens and batch 100
-that copy and the ``[1 × d_head] @ [d_head × kv_len]`` products per head cost more than the MLPs.
-:func:`grouped_attention` hands TL a stand-in for the expanded tensor instead; both of TL's
-``matmul`` calls then run once per KV head on the stacked query heads::
-
-    scores[b, kv·G + g, s, :] = q[b, kv·G + g, s, :] @ K[b, kv]ᵀ      (G = n_heads / n_kv_heads)
-
-the same products as before, so the hooks see the same ``[batch, head, q_pos, k_pos]`` tensors.
+(The attention itself is sped up in :mod:`cna_lens.attention`.)
 
 **Shared prefix.** Chat-formatted prompts share their template's head (Qwen's default system
 prompt is 24 of a JBB prompt's ~44 tokens). :func:`prefilled` runs that common prefix once
@@ -33,7 +24,7 @@ import contextvars
 import copy
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -58,100 +49,6 @@ def shared_prefix(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _SHARE.reset(token)
-
-
-# ----------------------------------------------------------------------------- grouped attention
-class _GroupedKV:
-    """Stands in for ``repeat_kv(x, groups)`` ([batch, kv·G, pos, d_head]) without building it."""
-
-    def __init__(self, x: Tensor, groups: int, transposed: bool = False) -> None:
-        self.x, self.groups, self.transposed = x, groups, transposed
-
-    @property
-    def shape(self) -> torch.Size:
-        b, kv, pos, d = self.x.shape
-        return torch.Size((b, kv * self.groups, d, pos) if self.transposed else (b, kv * self.groups, pos, d))
-
-    def size(self, dim: int | None = None) -> Any:
-        return self.shape if dim is None else self.shape[dim]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.x.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
-    def transpose(self, a: int, b: int) -> _GroupedKV:
-        if sorted((a % 4, b % 4)) != [2, 3]:
-            raise NotImplementedError(f"grouped K/V only transposes its last two dims, not ({a}, {b})")
-        return _GroupedKV(self.x, self.groups, not self.transposed)
-
-    @classmethod
-    def __torch_function__(cls, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func in (torch.matmul, Tensor.matmul, Tensor.__matmul__) and not kwargs and len(args) == 2:
-            a, b = args
-            if isinstance(a, Tensor) and isinstance(b, _GroupedKV) and a.ndim == 4:
-                return b._left_matmul(a)
-        raise NotImplementedError(f"grouped K/V supports only `tensor @ kv`, not {getattr(func, '__name__', func)}")
-
-    def _left_matmul(self, a: Tensor) -> Tensor:
-        """``a @ repeat_kv(x)`` (or its transpose) as one product per KV head over its G query heads."""
-        batch, heads, q_len, _ = a.shape
-        kv = self.x.shape[1]
-        other = self.x.transpose(-2, -1) if self.transposed else self.x
-        out = a.reshape(batch, kv, self.groups * q_len, a.shape[-1]) @ other
-        return out.view(batch, heads, q_len, out.shape[-1])
-
-
-def _repeat_kv(x: Tensor, groups: int) -> Tensor | _GroupedKV:
-    return x if groups == 1 else _GroupedKV(x, groups)
-
-
-@contextlib.contextmanager
-def _patched_repeat_kv() -> Iterator[None]:
-    """TL's attention imports ``repeat_kv`` from the llama module on every call: swap it meanwhile."""
-    import transformers.models.llama.modeling_llama as llama
-
-    original = llama.repeat_kv
-    llama.repeat_kv = _repeat_kv
-    try:
-        yield
-    finally:
-        llama.repeat_kv = original
-
-
-def _grouped_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with _patched_repeat_kv():
-            return forward(*args, **kwargs)
-
-    wrapped.cna_lens_grouped = forward  # type: ignore[attr-defined]
-    return wrapped
-
-
-def grouped_attention(model: HookedModel, enabled: bool = True) -> int:
-    """Turn copy-free GQA on (or off) in every TL position-embedding attention of ``model``.
-
-    Returns the number of attention modules changed. Outputs and hook values are those of TL's own
-    path up to float rounding (the tests compare both); models with one KV head per query head, and
-    hooked models that are not TL 4 bridges, are left as they are.
-    """
-    changed = 0
-    for module in model.modules():
-        if type(module).__name__ != "PositionEmbeddingsAttentionBridge":
-            continue
-        original = module.__dict__.get("forward")
-        active = original is not None and hasattr(original, "cna_lens_grouped")
-        # object.__setattr__: TL components forward unknown attribute writes to the HF module
-        if enabled and not active:
-            object.__setattr__(module, "forward", _grouped_forward(module.forward))
-            changed += 1
-        elif not enabled and active:
-            del module.__dict__["forward"]  # back to the class's forward
-            changed += 1
-    return changed
 
 
 # ----------------------------------------------------------------------------- shared prefix

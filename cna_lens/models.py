@@ -276,12 +276,12 @@ def load_model(
     such as a logit lens on raw ``W_U``). CNA does not need it: ``hook_post`` is the same up to float
     rounding either way, and processing holds several copies of the weights while loading (the 1.5B
     peaked at 19.6 GB processed, 6.5 GB not). ``fast_attention``: grouped-query attention without
-    TL's K/V copies (same outputs and hook values; :func:`cna_lens.fast.grouped_attention`). Extra
+    TL's K/V copies and a mask built once per pass (same outputs and hook values; :mod:`cna_lens.attention`). Extra
     keyword arguments go to ``boot_transformers`` (e.g. ``device_map="auto"``).
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    from .fast import grouped_attention
+    from .attention import fast_attention as speed_up
 
     dtype = resolve_dtype(dtype, device)
     check_dtype(dtype, device)
@@ -300,7 +300,7 @@ def load_model(
     if fold_fp32:
         bridge.to(dtype)
     bridge.eval()
-    grouped_attention(bridge, fast_attention)
+    speed_up(bridge, fast_attention)
     setup_tokenizer(bridge.tokenizer)
     bridge.cna_lens_name = display
     bridge.cna_lens_processed = bool(compatibility_mode and process_weights)

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 import cna_lens
+from cna_lens.attention import grouped_attention
 from cna_lens.attribute import attribute_multi
 from cna_lens.datasets import load_prompts
 from cna_lens.evaluate import final_logprobs
-from cna_lens.fast import computed_tokens, grouped_attention, shared_prefix
+from cna_lens.fast import computed_tokens, shared_prefix
 from cna_lens.prompts import encode
 from cna_lens.runs import atomic_write_json
 

@@ -1,4 +1,4 @@
-"""Speed-ups (cna_lens.fast): copy-free GQA changes nothing, shared prefixes only rounding."""
+"""Speed-ups (cna_lens.fast): shared prefixes change only rounding, lower blocks nothing."""
 
 from __future__ import annotations
 
@@ -10,19 +10,15 @@ from cna_lens.attribute import final_token_activations_multi
 from cna_lens.evaluate import final_logprobs
 from cna_lens.fast import (
     LowerBlocks,
-    _GroupedKV,
     common_prefix,
     computed_tokens,
     first_changed,
-    grouped_attention,
     prefilled,
     shared_prefix,
 )
 from cna_lens.generation import greedy_tokens
 from cna_lens.neurons import NeuronSet
-from cna_lens.prompts import encode, left_pad, pad_id
-
-HOOKS = ("hook_attn_scores", "hook_pattern", "hook_z", "mlp.hook_post", "hook_resid_post")
+from cna_lens.prompts import encode, pad_id
 
 
 def test_common_prefix():
@@ -31,40 +27,6 @@ def test_common_prefix():
     assert common_prefix([[7, 8, 9]]) == 2
     assert common_prefix([[1, 2], [3, 4]]) == 0
     assert common_prefix([]) == 0
-
-
-def test_grouped_kv_matches_repeat_kv():
-    from transformers.models.llama.modeling_llama import repeat_kv
-
-    g = torch.Generator().manual_seed(0)
-    q, w = torch.randn(3, 6, 5, 8, generator=g), torch.randn(3, 6, 5, 7, generator=g).softmax(-1)
-    k, v = torch.randn(3, 2, 7, 8, generator=g), torch.randn(3, 2, 7, 8, generator=g)
-    gk, gv = _GroupedKV(k, 3), _GroupedKV(v, 3)
-    assert gk.shape == repeat_kv(k, 3).shape and gk.transpose(-2, -1).shape == (3, 6, 8, 7)
-    torch.testing.assert_close(torch.matmul(q, gk.transpose(-2, -1)), q @ repeat_kv(k, 3).transpose(-2, -1))
-    torch.testing.assert_close(torch.matmul(w, gv), w @ repeat_kv(v, 3))
-    with pytest.raises(NotImplementedError, match="only transposes"):
-        gk.transpose(0, 1)
-    with pytest.raises(NotImplementedError, match="supports only"):
-        torch.add(q, gk)
-
-
-def _run(model, ids, mask):
-    return model.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n.endswith(HOOKS))
-
-
-@torch.no_grad()
-def test_grouped_attention_same_logits_and_hooks(tiny_model, prompts):
-    ids, mask = left_pad(encode(tiny_model.tokenizer, prompts), pad_id(tiny_model.tokenizer))
-    assert grouped_attention(tiny_model, False) == tiny_model.cfg.n_layers  # the default is on
-    ref_logits, ref = _run(tiny_model, ids, mask)
-    assert grouped_attention(tiny_model, True) == tiny_model.cfg.n_layers
-    assert grouped_attention(tiny_model, True) == 0  # idempotent
-    logits, cache = _run(tiny_model, ids, mask)
-    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-6)
-    assert set(cache.keys()) == set(ref.keys()) and any("hook_pattern" in k for k in ref.keys())
-    for k in ref.keys():
-        torch.testing.assert_close(cache[k], ref[k], rtol=0, atol=1e-6, msg=k)
 
 
 @pytest.fixture

@@ -151,14 +151,15 @@ class _MaskCache:
         self.add = self.empty = torch.empty(0)
         self.any_empty = True
 
-    def get(self, attn: Any, mask: Tensor, dtype: torch.dtype, kv_len: int, q_len: int) -> _MaskCache:
-        key = (mask._version, dtype, kv_len, q_len)
+    def get(self, attn: Any, mask: Tensor, scores: Tensor, kv_len: int, q_len: int) -> _MaskCache:
+        dtype = scores.dtype
+        key = (mask._version, dtype, scores.device, kv_len, q_len)
         if self.src is not mask or self.key != key:
             m = mask[..., :kv_len] if mask.shape[-1] != kv_len else mask
             m = m[..., -q_len:, :] if m.shape[-2] != q_len else m
             if m.dtype == torch.bool:  # TL's own conversions, in its order (compatibility mode: -inf)
-                zero, neg = torch.zeros((), dtype=dtype), torch.full((), -torch.inf, dtype=dtype)
-                add = torch.where(m, zero.to(m.device), neg.to(m.device))
+                zero = torch.zeros((), dtype=dtype, device=scores.device)
+                add = torch.where(m, zero, torch.full((), -torch.inf, dtype=dtype, device=scores.device))
             else:
                 add = attn._normalize_compatibility_mask_sentinel(m).to(dtype=dtype)
             self.src, self.key, self.add = mask, key, add
@@ -181,7 +182,7 @@ def _lean_methods(attn: Any, cache: _MaskCache) -> dict[str, Callable[..., Tenso
             state["mask"] = None
             return tl["_apply_reconstruct_attention_mask"](attn_scores, attention_mask, seq_len, q_seq_len)
         q = seq_len if q_seq_len is None else q_seq_len
-        state["mask"] = cache.get(attn, attention_mask, attn_scores.dtype, seq_len, q)
+        state["mask"] = cache.get(attn, attention_mask, attn_scores, seq_len, q)
         return attn_scores + state["mask"].add
 
     def softmax(attn_scores: Tensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -154,3 +154,20 @@ def test_fast_attention_same_greedy_tokens(tiny_model, prompts):
     finally:
         assert fast_attention(tiny_model, True) == tiny_model.cfg.n_layers
     assert greedy_tokens(tiny_model, seqs, 10, eos=set()) == plain
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_mask_cache_equals_tl_mask(tiny_model, kind):
+    """The shared additive mask gives TL's masked scores, for boolean and additive 4-D masks."""
+    from cna_lens.attention import _MaskCache
+
+    attn = next(m for m in tiny_model.modules() if type(m).__name__ == "PositionEmbeddingsAttentionBridge")
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 4, 5, 7, generator=g)
+    keep = torch.rand(3, 1, 6, 8, generator=g) > 0.4  # one extra query row and key column: TL slices them off
+    keep[0, :, -1] = False  # a query row with no visible key
+    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    tl = type(attn)._apply_reconstruct_attention_mask(attn, scores, mask, 7, 5)
+    cache = _MaskCache().get(attn, mask, scores, 7, 5)
+    assert torch.equal(scores + cache.add, tl)
+    assert cache.any_empty and torch.equal(cache.empty, torch.isneginf(tl).all(-1, keepdim=True)[:, :1])

@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from .attention import grouped_attention  # noqa: F401  (moved to .attention; still importable from here)
 from .models import HookedModel, is_bridge
 from .prompts import encode, has_chat_template, left_pad, length_batches
 

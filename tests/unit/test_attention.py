@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -110,17 +112,11 @@ def test_lean_mask_builds_once_and_skips_the_guards_when_decoding(tiny_model, pr
     for on in (False, True):
         lean_mask(tiny_model, on)
         with _Count("isneginf", "isnan") as c:
-            tiny_model(nxt, attention_mask=step_mask, past_key_values=_copy(cache))
+            tiny_model(nxt, attention_mask=step_mask, past_key_values=copy.deepcopy(cache))
         counts[on] = c.n
     n = tiny_model.cfg.n_layers
     assert counts[False] == {"isneginf": n, "isnan": n}  # TL: a guard and a scrub per layer
     assert counts[True] == {"isneginf": 1, "isnan": 0}  # once per pass, no scrub
-
-
-def _copy(cache):
-    import copy
-
-    return copy.deepcopy(cache)
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .kvcache import buffer_of
 from .models import HookedModel
 
 _ATTENTION = "PositionEmbeddingsAttentionBridge"
@@ -77,12 +78,20 @@ class _GroupedKV:
         raise NotImplementedError(f"grouped K/V supports only `tensor @ kv`, not {getattr(func, '__name__', func)}")
 
     def _left_matmul(self, a: Tensor) -> Tensor:
-        """``a @ repeat_kv(x)`` (or its transpose) as one product per KV head over its G query heads."""
+        """``a @ repeat_kv(x)`` (or its transpose) as one product per KV head over its G query heads.
+
+        Where ``x`` is a column slice of a :mod:`cna_lens.kvcache` buffer, the product runs over the
+        whole (contiguous) buffer: scores drop the spare columns, weights get zeros there."""
         batch, heads, q_len, _ = a.shape
-        kv = self.x.shape[1]
-        other = self.x.transpose(-2, -1) if self.transposed else self.x
+        kv, n = self.x.shape[1], self.x.shape[2]
+        x = buffer_of(self.x)
+        x = self.x if x is None else x
+        if not self.transposed and x.shape[2] != n:
+            a = torch.nn.functional.pad(a, (0, x.shape[2] - n))
+        other = x.transpose(-2, -1) if self.transposed else x
         out = a.reshape(batch, kv, self.groups * q_len, a.shape[-1]) @ other
-        return out.view(batch, heads, q_len, out.shape[-1])
+        out = out.view(batch, heads, q_len, out.shape[-1])
+        return out[..., :n] if self.transposed and out.shape[-1] != n else out
 
 
 def _repeat_kv(x: Tensor, groups: int) -> Tensor | _GroupedKV:
@@ -132,6 +141,17 @@ def grouped_attention(model: HookedModel, enabled: bool = True) -> int:
             del module.__dict__["forward"]  # back to the class's forward
             changed += 1
     return changed
+
+
+def grouped_everywhere(model: HookedModel) -> bool:
+    """Whether every attention of ``model`` multiplies K and V through :class:`_GroupedKV` (copy-free GQA
+    on, more query than KV heads): then a :mod:`cna_lens.kvcache` buffer's views cost no extra copy."""
+    modules = [m for m in model.modules() if type(m).__name__ == _ATTENTION]
+    return bool(modules) and all(
+        hasattr(m.__dict__.get("forward"), "cna_lens_grouped")
+        and getattr(m.original_component, "num_key_value_groups", 1) > 1
+        for m in modules
+    )
 
 
 # ----------------------------------------------------------------------------- the mask, once per pass

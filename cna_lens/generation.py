@@ -29,9 +29,12 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicLayer
 
+from .attention import grouped_everywhere
 from .fast import prefilled
 from .intervene import FwdHook
+from .kvcache import SpareLayer, take_rows, with_spare_columns
 from .models import HookedModel, is_bridge, last_logits_kwargs
 from .prompts import encode, left_pad, length_batches, pad_id
 
@@ -120,7 +123,7 @@ def _growable(cache: Any) -> bool:
     """Plain per-layer ``[batch, head, col, d]`` K/V that rows can join and leave (HF ``DynamicLayer``;
     sliding-window layers keep other lengths)."""
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(x).__name__ == "DynamicLayer" for x in layers)
+    return bool(layers) and all(type(x) in (DynamicLayer, SpareLayer) for x in layers)
 
 
 def _prefill(
@@ -174,7 +177,10 @@ def _select(p: _Pool, keep: list[int]) -> _Pool:
     first = int(mask.any(0).int().argmax())
     if p.cache is not None and _growable(p.cache):
         for layer in p.cache.layers:
-            layer.keys, layer.values = layer.keys[k, :, first:], layer.values[k, :, first:]
+            if type(layer) is SpareLayer:  # into buffers with spare columns (see cna_lens.kvcache)
+                layer.keys, layer.values = take_rows(layer.keys, k, first), take_rows(layer.values, k, first)
+            else:
+                layer.keys, layer.values = layer.keys[k, :, first:], layer.values[k, :, first:]
     elif p.cache is not None:
         p.cache.batch_select_indices(k)
         first = 0
@@ -219,6 +225,7 @@ def greedy_many(
     router = RowHooks([hooks for hooks, _ in jobs])
     prefix_kv: list[dict] = [{} for _ in jobs]  # each job's chat prefix runs once (under its hooks)
     kv, pad, head, pool = is_bridge(model), pad_id(model.tokenizer), 0, None
+    spare = kv and grouped_everywhere(model)
     with model.hooks(fwd_hooks=router.hooks()) if router.by_name else contextlib.nullcontext():
         while True:
             free = batch_size - (len(pool.rows) if pool else 0)
@@ -256,6 +263,8 @@ def greedy_many(
             if len(keep) < len(pool.rows):
                 pool = _select(pool, keep)
             router.set_rows([j for j, _ in pool.rows], pool.mask.device)
+            if spare and pool.cache is not None:  # steps append K/V in place (see cna_lens.kvcache)
+                with_spare_columns(pool.cache)
             pool = _step(model, pool)
     return out
 

@@ -15,6 +15,8 @@ it off, e.g. for bit-for-bit comparisons across batch sizes.
 **Lower blocks.** Passes over the same prompts under different interventions compute the same
 residual stream below the lowest hooked block. :class:`LowerBlocks` records it once and starts
 later passes there (the sweep's CNA sets at 0.1 % start at block 14 of 28), with the same bits.
+Prefills that fill a KV cache also take the skipped blocks' K/V from the recording pass (the
+generation pool does this where jobs over the same prompts prefill the same batch).
 """
 
 from __future__ import annotations
@@ -165,20 +167,31 @@ class LowerBlocks:
     def __init__(self, model: HookedModel, layers: Iterable[int]) -> None:
         n = model.cfg.n_layers
         self.model, self.layers = model, sorted({int(j) for j in layers if 0 < int(j) < n})
-        self.saved: dict[tuple[tuple[int, ...], ...], tuple[Tensor, dict[int, Tensor]]] = {}
+        #: per batch: its mask, recorded ``resid_pre[j]`` and (passes with a cache) the lower layers' K/V
+        self.saved: dict[tuple[tuple[int, ...], ...], tuple[Tensor, dict[int, Tensor], list]] = {}
         self.skipped = 0  # blocks skipped × rows, over all passes
 
     @contextlib.contextmanager
-    def reuse(self, rows: Sequence[Sequence[int]], mask: Tensor) -> Iterator[None]:
-        """Around one forward pass over ``rows`` (the batch's full token id lists) with ``mask``."""
-        f = first_changed(active_hook_names(self.model), self.model.cfg.n_layers)
+    def reuse(
+        self, rows: Sequence[Sequence[int]], mask: Tensor, cache: Any = None, first: int | None = None
+    ) -> Iterator[None]:
+        """Around one forward pass over ``rows`` (the batch's full token id lists) with ``mask``.
+
+        ``cache``: the HF cache the pass fills (a prefix's ``past_key_values``): the skipped blocks'
+        K/V are then set from the recording pass's afterwards (the same values: same tokens, same
+        lower blocks); a pass with a cache skips only where those were recorded. ``first``: the first
+        residual this pass's hooks can change (default: from the model's active hooks)."""
+        f = first_changed(active_hook_names(self.model), self.model.cfg.n_layers) if first is None else first
         key = tuple(tuple(r) for r in rows)
-        old_mask, resid = self.saved.get(key, (mask, {}))
+        old_mask, resid, kv = self.saved.get(key, (mask, {}, []))
         same = old_mask.shape == mask.shape and torch.equal(old_mask, mask)
-        start = max((j for j in resid if j < f), default=0) if same else 0
+        ok = [j for j in resid if j < f and (cache is None or j <= len(kv))]
+        start = max(ok, default=0) if same else 0
         if start:
             with self._start_at(start, resid[start]):
                 yield
+            for layer, (k, v) in zip(cache.layers[:start] if cache is not None else [], kv):
+                layer.keys, layer.values = k, v  # never written in place: appends make new tensors
             self.skipped += start * len(rows)
             return
         want = [j for j in self.layers if j < f and (not same or j not in resid)]
@@ -191,7 +204,10 @@ class LowerBlocks:
         with self.model.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext():
             yield
         if hooks:
-            self.saved[key] = (mask.clone(), store)
+            if cache is not None:  # this pass's K/V where its hooks cannot reach them (a hook_k in block f − 1 could)
+                fresh = [(x.keys, x.values) for x in cache.layers[: min(f - 1, max(store))]]
+                kv = fresh if not same or len(fresh) > len(kv) else kv
+            self.saved[key] = (mask.clone(), store, kv)
 
     @contextlib.contextmanager
     def _start_at(self, start: int, resid: Tensor) -> Iterator[None]:

@@ -8,6 +8,8 @@ left, the next prompts are prefilled (under their own job's hooks) and their KV 
 left-padded into the pool's. Short refusals then neither pay for long answers nor leave the
 batch small: decoding costs ≈ 240 ms per step at batch 1-8 and ≈ 10 ms per row at batch 100
 (Qwen2.5-1.5B, bf16, this CPU), so a pool that stays full is what reaches the matmul limit.
+Decoding steps append K/V in place (:mod:`cna_lens.kvcache`), and a job whose prompts another job
+already prefilled in the same batch starts its prefill at the lowest block its hooks reach.
 
 Prompts are chat-formatted (``prompts.format_prompt``), left-padded with an attention mask (the
 bridge derives positions from it, so padding columns never move a token), and decoded with the
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
 from .attention import grouped_everywhere
-from .fast import prefilled
+from .fast import LowerBlocks, first_changed, prefilled
 from .intervene import FwdHook
 from .kvcache import SpareLayer, take_rows, with_spare_columns
 from .models import HookedModel, is_bridge, last_logits_kwargs
@@ -127,19 +129,29 @@ def _growable(cache: Any) -> bool:
 
 
 def _prefill(
-    model: HookedModel, rows: list[tuple[int, int]], seqs: Sequence[Sequence[int]], kv: bool, prefix_kv: dict
+    model: HookedModel,
+    rows: list[tuple[int, int]],
+    seqs: Sequence[Sequence[int]],
+    kv: bool,
+    prefix_kv: dict,
+    lower: tuple[LowerBlocks | None, int] = (None, 0),
 ) -> _Pool:
+    """The pool of ``seqs`` after their prompt; ``lower``: the job's shared :class:`LowerBlocks` and the
+    first residual its hooks change (with a prefix cache, the blocks below are taken from a recording)."""
     pad = pad_id(model.tokenizer)
     if kv:
         ids, mask, past = prefilled(model, seqs, pad, prefix_kv)
-        logits, cache = model(
-            ids,
-            attention_mask=mask,
-            return_type="logits_and_cache",
-            use_cache=True,
-            **past,
-            **last_logits_kwargs(model),
-        )
+        blocks, first = lower
+        reuse = blocks is not None and "past_key_values" in past
+        with blocks.reuse(seqs, mask, past["past_key_values"], first) if reuse else contextlib.nullcontext():
+            logits, cache = model(
+                ids,
+                attention_mask=mask,
+                return_type="logits_and_cache",
+                use_cache=True,
+                **past,
+                **last_logits_kwargs(model),
+            )
         if cache is not None and cache.get_seq_length() == mask.shape[1]:
             return _Pool(rows, _argmax(logits), mask, cache=cache)
         log.warning("the model's KV cache was not filled; decoding by recomputing every step (slower)")
@@ -198,6 +210,24 @@ def _step(model: HookedModel, p: _Pool) -> _Pool:
     return replace(p, nxt=_argmax(model(ids, attention_mask=mask)), mask=mask, ids=ids)
 
 
+def _shared_lower(model: HookedModel, jobs: Sequence[Job]) -> list[tuple[LowerBlocks | None, int]]:
+    """Per job, a :class:`LowerBlocks` shared with the other jobs over the same prompts (None without
+    any to share with) and the first residual the job's hooks can change."""
+    n = model.cfg.n_layers
+    names = [[name for name, _ in hooks] for hooks, _ in jobs]
+    firsts = [first_changed(x, n) if all(isinstance(k, str) for k in x) else 0 for x in names]
+    groups: dict[tuple, list[int]] = {}
+    for j, (_, seqs) in enumerate(jobs):
+        groups.setdefault(tuple(map(tuple, seqs)), []).append(j)
+    out: list[tuple[LowerBlocks | None, int]] = [(None, f) for f in firsts]
+    for members in groups.values():
+        starts = {firsts[j] - 1 for j in members if names[j]} - {-1, 0}  # jobs without hooks only record
+        if len(members) > 1 and starts:
+            blocks = LowerBlocks(model, starts)
+            out = [(blocks, f) if j in members else o for j, (o, f) in enumerate(zip(out, firsts))]
+    return out
+
+
 @torch.no_grad()
 def greedy_many(
     model: HookedModel,
@@ -207,11 +237,14 @@ def greedy_many(
     batch_size: int = 8,
     eos: set[int] | None = None,
     on_done: Callable[[list[tuple[int, int, list[int]]]], None] | None = None,
+    reuse_lower: bool = True,
 ) -> list[list[list[int]]]:
     """Greedy continuations (without the end-of-sequence token) of every job's prompts, decoded in one
     pool of at most ``batch_size`` rows; ``out[job][i]`` belongs to ``jobs[job][1][i]``.
 
     ``on_done([(job, i, tokens), ...])`` is called as rows finish (e.g. to save them at once).
+    ``reuse_lower``: where jobs over the same prompts prefill the very same batch, a later job starts
+    at the lowest block its hooks reach (:class:`cna_lens.fast.LowerBlocks`; the same bits).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -226,6 +259,7 @@ def greedy_many(
     prefix_kv: list[dict] = [{} for _ in jobs]  # each job's chat prefix runs once (under its hooks)
     kv, pad, head, pool = is_bridge(model), pad_id(model.tokenizer), 0, None
     spare = kv and grouped_everywhere(model)
+    lower = _shared_lower(model, jobs) if kv and reuse_lower else [(None, 0)] * len(jobs)
     with model.hooks(fwd_hooks=router.hooks()) if router.by_name else contextlib.nullcontext():
         while True:
             free = batch_size - (len(pool.rows) if pool else 0)
@@ -239,7 +273,8 @@ def greedy_many(
                     # prompts of very different lengths prefill in separate passes (less padding)
                     with model.hooks(fwd_hooks=list(jobs[j][0])):
                         for part in length_batches([len(s) for s in seqs], len(seqs)):
-                            new = _prefill(model, [rows[i] for i in part], [seqs[i] for i in part], kv, prefix_kv[j])
+                            some = [rows[i] for i in part], [seqs[i] for i in part]
+                            new = _prefill(model, *some, kv, prefix_kv[j], lower[j])
                             if pool is not None and (pool.cache is None) != (new.cache is None):
                                 raise RuntimeError("the model returned a KV cache for some batches only")
                             kv = new.cache is not None

@@ -178,3 +178,51 @@ def test_row_hooks_accept_in_place_hooks_that_return_none(tiny_model):
     in_place = [(cna_lens.hook_name(layer), zero_in_place(idx)) for layer, idx in ns.by_layer().items()]
     pooled = greedy_many(tiny_model, [([], seqs), (in_place, seqs)], 8, batch_size=8)
     assert pooled == _alone(tiny_model, [([], seqs), (cna_lens.neuron_hooks(ns), seqs)], 8)
+
+
+def _scale_mlp(layer: int, by: float):
+    return [(f"blocks.{layer}.mlp.hook_post", lambda act, hook: act * by)]
+
+
+@torch.no_grad()
+def test_prefill_from_lower_blocks_same_cache_and_token(tiny_model, prompts):
+    """A job's prefill that starts at block 2 from a baseline recording: the same next tokens and the
+    same K/V in every layer (the skipped blocks' taken from the recording) as running every block."""
+    from cna_lens.fast import LowerBlocks
+    from cna_lens.generation import _prefill
+
+    seqs, n = encode(tiny_model.tokenizer, prompts), tiny_model.cfg.n_layers
+    rows = [(0, i) for i in range(len(seqs))]
+    lower = LowerBlocks(tiny_model, [2])
+    base = _prefill(tiny_model, rows, seqs, True, {}, (lower, n))  # no hooks: records resid_pre[2] and K/V
+    assert lower.skipped == 0
+    with tiny_model.hooks(fwd_hooks=_scale_mlp(2, 0.5)):  # first changed: resid_pre[3]
+        plain = _prefill(tiny_model, rows, seqs, True, {})
+        new = _prefill(tiny_model, rows, seqs, True, {}, (lower, 3))
+    assert lower.skipped == 2 * len(seqs)
+    assert torch.equal(new.nxt, plain.nxt) and torch.equal(new.mask, plain.mask)
+    for a, b in zip(new.cache.layers, plain.cache.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert not torch.equal(new.cache.layers[3].keys, base.cache.layers[3].keys)  # the hook did act
+
+
+@torch.no_grad()
+def test_pool_reuses_lower_blocks_across_jobs(tiny_model, prompts, monkeypatch):
+    from cna_lens import fast
+
+    seqs, n = encode(tiny_model.tokenizer, prompts), tiny_model.cfg.n_layers
+    jobs = [([], seqs), (_scale_mlp(n - 1, 0.0), seqs), (_scale_mlp(1, 2.0), seqs), ([], seqs[:3])]
+    starts = []
+    real = fast.LowerBlocks._start_at
+
+    def spy(self, start, resid):
+        starts.append(start)
+        return real(self, start, resid)
+
+    monkeypatch.setattr(fast.LowerBlocks, "_start_at", spy)
+    new = greedy_many(tiny_model, jobs, 12, batch_size=4 * len(seqs))  # one refill: the same batches per job
+    assert starts and set(starts) == {n - 1, 1}
+    starts.clear()
+    assert greedy_many(tiny_model, jobs, 12, batch_size=4 * len(seqs), reuse_lower=False) == new and not starts
+    alone = [greedy_many(tiny_model, [job], 12, batch_size=len(seqs))[0] for job in jobs]
+    assert new == alone

@@ -1,8 +1,10 @@
-"""Data-parallel discovery with ``torch.distributed`` (gloo on CPU, nccl on GPU; launch with torchrun).
+"""Data-parallel discovery and evaluation with ``torch.distributed`` (gloo on CPU, nccl on GPU; torchrun).
 
-Each rank takes the prompts ``rank::world_size`` of both sets and computes its running sums; the
-sums and counts are all-reduced, so every rank ends with the same ``Attribution`` as one process
-over all prompts (``Attribution.merge`` in a collective). Ranks with no prompts contribute zeros.
+Discovery: each rank takes the prompts ``rank::world_size`` of both sets and computes its running
+sums; the sums and counts are all-reduced, so every rank ends with the same ``Attribution`` as one
+process over all prompts (``Attribution.merge`` in a collective). Ranks with no prompts contribute zeros.
+Evaluation: each rank decodes the prompts ``rank::world_size`` of every condition in its own pool
+(:func:`cna_lens.generation.generate_many`) and the texts are all-gathered, in the input order.
 
     torchrun --nproc-per-node 2 -m cna_lens.distributed --model smollm2-135m-instruct --out runs/ddp
 """
@@ -11,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .attribute import Attribution, attribute_tokens, encode_sets
+from .generation import generate_many
+from .intervene import FwdHook
 from .models import HookedModel
 
 
@@ -45,6 +50,33 @@ def attribute_distributed(
     dist.all_reduce(counts)
     stats = stats.cpu()
     return Attribution(part.model_name, hook, int(counts[0]), int(counts[1]), stats[0], stats[1], stats[2], stats[3])
+
+
+def generate_distributed(
+    model: HookedModel, jobs: Sequence[tuple[Sequence[FwdHook], Sequence[str]]], **kwargs: Any
+) -> list[list[str]]:
+    """:func:`cna_lens.generation.generate_many` sharded over the ranks of the default process group:
+    every rank returns all completions, ``out[job][i]`` for ``jobs[job][1][i]``. ``kwargs`` go to
+    ``generate_many`` (``on_done`` reports a rank's own rows, with their indices in the full lists)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return generate_many(model, jobs, **kwargs)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    on_done = kwargs.pop("on_done", None)
+    mine = [(hooks, list(prompts)[rank::world]) for hooks, prompts in jobs]
+    keep = [j for j, (_, prompts) in enumerate(mine) if prompts]  # a rank may hold none of a job's prompts
+    done = None if on_done is None else (lambda k, i, text: on_done(keep[k], rank + i * world, text))
+    kwargs["progress"] = kwargs.get("progress", True) and rank == 0
+    texts = generate_many(model, [mine[j] for j in keep], on_done=done, **kwargs) if keep else []
+    part: list[list[str]] = [[] for _ in jobs]
+    for k, j in enumerate(keep):
+        part[j] = texts[k]
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, part)
+    out = [[""] * len(prompts) for _, prompts in jobs]
+    for r, by_job in enumerate(parts):
+        for j, row in enumerate(by_job):
+            out[j][r::world] = row
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

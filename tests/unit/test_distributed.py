@@ -44,3 +44,52 @@ def test_distributed_equals_single_process(llama_dir, llama_model, tmp_path, wor
             a, b = getattr(got, name), getattr(ref, name)
             tol = 1e-5 * b.abs().max() if share else 1e-6
             torch.testing.assert_close(a, b, atol=tol, rtol=1e-6, msg=name)
+
+
+def _jobs(model, n):
+    from cna_lens.intervene import steering_hooks
+
+    g = torch.Generator().manual_seed(0)
+    vectors = 0.3 * torch.randn(model.cfg.n_layers, model.cfg.d_model, generator=g)
+    return [([], PROMPTS[:n]), (steering_hooks(vectors, 1.0), PROMPTS[-n:]), ([], PROMPTS[:1])]
+
+
+def _generate_worker(rank, world, init_file, model_dir, n, out):
+    import json
+
+    import torch.distributed as dist
+
+    from cna_lens.distributed import generate_distributed
+
+    torch.set_num_threads(1)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = cna_lens.load_model(model_dir, dtype=torch.float32)
+        seen = []
+        texts = generate_distributed(
+            model, _jobs(model, n), max_new_tokens=8, batch_size=3, progress=False, on_done=lambda *a: seen.append(a)
+        )
+        with open(f"{out}/gen{rank}.json", "w") as f:
+            json.dump({"texts": texts, "seen": seen}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,n", [(2, 5), (3, 2)])  # (3, 2): a rank with no prompts at all
+def test_distributed_generation_equals_single_process(llama_dir, llama_model, tmp_path, world, n):
+    import json
+
+    from cna_lens.generation import generate_many
+
+    mp.spawn(_generate_worker, args=(world, str(tmp_path / "init"), str(llama_dir), n, str(tmp_path)), nprocs=world)
+    jobs = _jobs(llama_model, n)
+    ref = generate_many(llama_model, jobs, max_new_tokens=8, batch_size=3, progress=False)
+    assert ref[0] != ref[1]  # the steered condition differs, so a mix-up of jobs would show
+    seen = []
+    for rank in range(world):
+        got = json.load(open(tmp_path / f"gen{rank}.json"))
+        assert got["texts"] == ref
+        assert all(text == ref[j][i] for j, i, text in got["seen"])
+        seen += [(j, i) for j, i, _ in got["seen"]]
+    assert sorted(seen) == [(j, i) for j, (_, prompts) in enumerate(jobs) for i in range(len(prompts))]  # once each

@@ -224,7 +224,8 @@ def _shared_lower(model: HookedModel, jobs: Sequence[Job]) -> list[tuple[LowerBl
         starts = {firsts[j] - 1 for j in members if names[j]} - {-1, 0}  # jobs without hooks only record
         if len(members) > 1 and starts:
             blocks = LowerBlocks(model, starts)
-            out = [(blocks, f) if j in members else o for j, (o, f) in enumerate(zip(out, firsts))]
+            for j in members:
+                out[j] = (blocks, firsts[j])
     return out
 
 

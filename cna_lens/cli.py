@@ -279,8 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checks import check_args
+
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)  # every argument, before any model loads
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"cna-lens {args.command}: error: {e}", file=sys.stderr)

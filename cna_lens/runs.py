@@ -66,6 +66,26 @@ _RESUME_HINTS = {
 }
 
 
+def check_config(path: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Raise if ``path`` holds a run whose ``config.json`` differs from ``config`` (the field is named).
+
+    Cheap: call it before loading a model, so a wrong ``--out`` fails at once."""
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return
+    old = read_json(cfg, "cna_lens.RunConfig")
+    old = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k in config}, **old}
+    for key in sorted(set(old) | set(config) | {"kind"}):
+        if key in ("kind", "package_version"):
+            continue
+        if old.get(key) != config.get(key):
+            hint = _RESUME_HINTS[key](old.get(key)) if key in _RESUME_HINTS else ""
+            raise ValueError(
+                f"{path} holds a run with {key}={old.get(key)!r}, not {config.get(key)!r}; "
+                f"{hint}use another --out directory (runs with different settings are never mixed)"
+            )
+
+
 class RunDir:
     """A resumable run directory: ``config.json`` pins what the run is; ``completions.jsonl`` grows.
 
@@ -77,21 +97,10 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike, config: dict[str, Any]):
         self.path = Path(path)
+        check_config(self.path, config)
         self.path.mkdir(parents=True, exist_ok=True)
         cfg = self.path / "config.json"
-        if cfg.exists():
-            old = read_json(cfg, "cna_lens.RunConfig")
-            old = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k in config}, **old}
-            for key in sorted(set(old) | set(config) | {"kind"}):
-                if key in ("kind", "package_version"):
-                    continue
-                if old.get(key) != config.get(key):
-                    hint = _RESUME_HINTS[key](old.get(key)) if key in _RESUME_HINTS else ""
-                    raise ValueError(
-                        f"{self.path} holds a run with {key}={old.get(key)!r}, not {config.get(key)!r}; "
-                        f"{hint}use another --out directory (runs with different settings are never mixed)"
-                    )
-        else:
+        if not cfg.exists():
             atomic_write_json(cfg, {"kind": "cna_lens.RunConfig", **config})
         self.config = config
         self.jsonl = self.path / "completions.jsonl"
@@ -125,7 +134,7 @@ class RunDir:
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:
-        """Add the wall time of the block to ``timings.json[stage]`` (summed over resumed sessions)."""
+        """Add the wall time of the block to ``timings.json[stage]`` (summed over resumed runs)."""
         t0 = time.perf_counter()
         try:
             yield

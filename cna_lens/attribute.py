@@ -292,9 +292,7 @@ class Attribution:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Attribution:
         d = Path(directory)
-        meta = read_json(d / "attribution.json", "cna_lens.Attribution")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{d}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+        meta = read_json(d / "attribution.json", "cna_lens.Attribution", FORMAT_VERSION)
         try:
             tensors = load_file(str(d / "attribution.safetensors"))
         except (SafetensorError, OSError) as e:

@@ -42,8 +42,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def read_json(path: str | os.PathLike, kind: str) -> dict[str, Any]:
-    """Read a JSON object written by cna_lens and check its ``kind``; clear errors otherwise."""
+def read_json(path: str | os.PathLike, kind: str, version: int | None = None) -> dict[str, Any]:
+    """Read a JSON object written by cna_lens and check its ``kind`` (and ``format_version`` when
+    ``version`` is given); clear errors otherwise. Every saved result is read through here."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (expected a saved {kind})")
@@ -54,6 +55,11 @@ def read_json(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("kind") != kind:
         found = data.get("kind") if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{path} holds {found!r}, not a saved {kind}")
+    if version is not None and data.get("format_version") != version:
+        raise ValueError(
+            f"{path}: format_version {data.get('format_version')!r}, but this cna_lens reads {kind} "
+            f"format_version {version}; re-create the file with this version"
+        )
     return data
 
 

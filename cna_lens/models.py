@@ -211,7 +211,8 @@ def packaged_model_dir(alias: str) -> Path:
             )
         joined = False
     else:
-        gguf = join_parts(parts, work / f"{alias}.gguf", spec.sha256)
+        # one joined file per process: a concurrent first load of the same alias deletes only its own
+        gguf = join_parts(parts, work / f"{alias}-{os.getpid()}.gguf", spec.sha256)
         joined = True
     try:
         dequantize_gguf(gguf, out, {"alias": alias, "hub_id": spec.hub_id, "sha256": spec.sha256})

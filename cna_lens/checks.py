@@ -110,7 +110,9 @@ def prompts(spec: str, name: str) -> list[str]:
         return load_prompts(spec)
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"{name} {spec!r} is neither a prompt file nor a bundled dataset ({', '.join(DATASETS)})")
+        raise FileNotFoundError(
+            f"{name} {spec!r} is neither a prompt file nor a bundled dataset ({', '.join(DATASETS)})"
+        )
     return read_prompt_file(path)
 
 

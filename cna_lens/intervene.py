@@ -18,11 +18,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .attribute import check_hook, hook_name
-from .models import HookedModel
+from .hooks import FwdHook, HookedModel, check_hook, hook_name
 from .neurons import NeuronSet
-
-FwdHook = tuple[str, Callable[[Tensor, object], Tensor]]
 
 
 def _scale_hook(idx: Tensor, scale: float) -> Callable[[Tensor, object], Tensor]:

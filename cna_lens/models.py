@@ -24,12 +24,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-log = logging.getLogger(__name__)
+from .hooks import HookedModel  # noqa: F401  (the surface the rest of cna_lens needs)
 
-#: The rest of cna_lens only needs this surface (TL 4 TransformerBridge or TL 3 HookedTransformer):
-#: ``run_with_hooks``, ``run_with_cache``, ``hooks()``, ``cfg.n_layers``/``cfg.d_mlp``,
-#: ``tokenizer`` and the hook points ``blocks.{L}.mlp.hook_post``.
-HookedModel = Any
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

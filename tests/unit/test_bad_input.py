@@ -34,11 +34,27 @@ def _neurons(path, n_layers=4, d_mlp=96):
 CASES = {
     # name: (files to create {name: bytes}, argv with {d} = tmp dir and {model} = tiny model dir, expected words)
     "empty prompt file": ({"p.txt": b""}, ["discover", "--positive", "{d}/p.txt"], ["p.txt", "no prompts"]),
-    "blank-only prompt file": ({"p.txt": b"  \n\n\t\n"}, ["discover", "--positive", "{d}/p.txt"], ["p.txt", "no prompts"]),
-    "non-UTF-8 prompt file": ({"p.txt": "Как\n".encode("cp1251")}, ["discover", "--negative", "{d}/p.txt"], ["p.txt", "UTF-8"]),
+    "blank-only prompt file": (
+        {"p.txt": b"  \n\n\t\n"},
+        ["discover", "--positive", "{d}/p.txt"],
+        ["p.txt", "no prompts"],
+    ),
+    "non-UTF-8 prompt file": (
+        {"p.txt": "Как\n".encode("cp1251")},
+        ["discover", "--negative", "{d}/p.txt"],
+        ["p.txt", "UTF-8"],
+    ),
     "malformed JSON": ({"p.json": b'["a", '}, ["generate", "--prompts", "{d}/p.json"], ["p.json", "invalid JSON"]),
-    "malformed JSONL": ({"p.jsonl": b'{"prompt": "a"}\n{oops\n'}, ["generate", "--prompts", "{d}/p.jsonl"], ["p.jsonl:2", "invalid JSON"]),
-    "JSON object, not list": ({"p.json": b'{"prompt": "a"}'}, ["generate", "--prompts", "{d}/p.json"], ["p.json", "list"]),
+    "malformed JSONL": (
+        {"p.jsonl": b'{"prompt": "a"}\n{oops\n'},
+        ["generate", "--prompts", "{d}/p.jsonl"],
+        ["p.jsonl:2", "invalid JSON"],
+    ),
+    "JSON object, not list": (
+        {"p.json": b'{"prompt": "a"}'},
+        ["generate", "--prompts", "{d}/p.json"],
+        ["p.json", "list"],
+    ),
     "wrong item type": ({"p.json": b"[1, 2]"}, ["generate", "--prompts", "{d}/p.json"], ["p.json[0]", "string"]),
     "missing prompt file": ({}, ["generate", "--prompts", "{d}/nope.txt"], ["nope.txt", "neither a prompt file"]),
     "unknown dataset": ({}, ["generate", "--prompts", "jbb_harmfull"], ["jbb_harmfull", "bundled dataset"]),
@@ -54,8 +70,16 @@ CASES = {
     "layer not a number": ({}, ["discover", "--exclude-layers", "0,x"], ["--exclude-layers", "'x'"]),
     "non-finite scale": ({}, ["generate", "--prompts", "jbb_harmful", "--scale", "inf"], ["--scale", "finite"]),
     "batch size zero": ({}, ["generate", "--prompts", "jbb_harmful", "--batch-size", "0"], ["--batch-size"]),
-    "missing neuron file": ({}, ["generate", "--prompts", "jbb_harmful", "--neurons", "{d}/run"], ["run", "does not exist"]),
-    "corrupt neuron file": ({"n.json": b"{not json"}, ["generate", "--prompts", "jbb_harmful", "--neurons", "{d}/n.json"], ["n.json", "JSON"]),
+    "missing neuron file": (
+        {},
+        ["generate", "--prompts", "jbb_harmful", "--neurons", "{d}/run"],
+        ["run", "does not exist"],
+    ),
+    "corrupt neuron file": (
+        {"n.json": b"{not json"},
+        ["generate", "--prompts", "jbb_harmful", "--neurons", "{d}/n.json"],
+        ["n.json", "JSON"],
+    ),
     "neuron file of another kind": (
         {"n.json": b'{"kind": "cna_lens.RunConfig"}'},
         ["generate", "--prompts", "jbb_harmful", "--neurons", "{d}/n.json"],
@@ -66,7 +90,11 @@ CASES = {
         ["generate", "--prompts", "jbb_harmful", "--neurons", "{d}/n.json"],
         ["n.json", "28 layers"],
     ),
-    "unwritable output path": ({"f": b"x"}, ["generate", "--prompts", "jbb_harmful", "--out", "{d}/f/out.jsonl"], ["is a file"]),
+    "unwritable output path": (
+        {"f": b"x"},
+        ["generate", "--prompts", "jbb_harmful", "--out", "{d}/f/out.jsonl"],
+        ["is a file"],
+    ),
     "sweep fraction of 1": ({}, ["reproduce", "--out", "{d}/r", "--fractions", "0.001,1"], ["--fractions", "(0, 1)"]),
     "limit out of range": ({}, ["reproduce", "--out", "{d}/r", "--limit", "0"], ["--limit"]),
     "run dir of another configuration": (

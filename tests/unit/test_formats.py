@@ -15,7 +15,9 @@ from cna_lens.neurons import NeuronSet
 
 def _attribution():
     g = torch.Generator().manual_seed(0)
-    stats = {k: torch.rand(3, 5, generator=g, dtype=torch.float64) for k in ("sum_pos", "sum_neg", "sumsq_pos", "sumsq_neg")}
+    stats = {
+        k: torch.rand(3, 5, generator=g, dtype=torch.float64) for k in ("sum_pos", "sum_neg", "sumsq_pos", "sumsq_neg")
+    }
     return Attribution("m", "mlp.hook_post", 4, 6, **stats)
 
 

@@ -71,7 +71,7 @@ def test_export_reloads_in_plain_transformers(smol, prompts, tmp_path):
     out = cna_lens.export_model(smol, tmp_path / "smol", neurons=neurons)
     one = torch.tensor([ids[0][mask[0].bool()].tolist()])
     got, got_tokens, info = reload_in_subprocess(out, ids, mask)
-    # plain HF eager attention vs the bridge: rounding only (measured ≤ 2e-5 here)
+    # plain HF eager attention vs the bridge: rounding only (measured 1.6e-4 at |logit| 34 on 8 JBB prompts)
     torch.testing.assert_close(real(got, mask), real(hooked, mask), atol=logit_tol(smol, hooked), rtol=0)
     _, one_tokens, _ = reload_in_subprocess(out, one, torch.ones_like(one))
     assert torch.equal(one_tokens, tokens)  # HF generate (KV cache) picks the hooked model's greedy tokens

@@ -10,6 +10,7 @@ import torch
 
 from cna_lens.export import EDIT_FILE, export_model
 from cna_lens.intervene import ablate, ablate_direction, steer
+from cna_lens.neurons import NeuronSet
 
 from .test_edit import batch, digest, logit_tol, logits, random_neurons
 
@@ -203,3 +204,26 @@ def test_gguf_refuses_what_it_cannot_translate(llama_model, tmp_path):
     out = export_model(llama_model, tmp_path / "s", vectors=vectors, alpha=1.0, format="gguf")
     names = {t.name for t in __import__("gguf").GGUFReader(out / "model-f16.gguf").tensors}
     assert "blk.0.ffn_down.bias" in names  # the CAA bias travels as llama.cpp's optional ffn_down_b
+
+
+def test_export_of_a_plain_hf_model(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cna_lens.edit import edit_weights
+
+    from ..conftest import hf_reference
+
+    hf = hf_reference(tiny_dir)
+    neurons = NeuronSet((1, 2, 2), (3, 4, 90), (0.0,) * 3, 4, 96)
+    with pytest.raises(ValueError, match="tokenizer"):
+        export_model(hf, tmp_path / "p", neurons=neurons)
+    out = export_model(
+        hf, tmp_path / "p", neurons=neurons, scale=0.5, tokenizer=AutoTokenizer.from_pretrained(tiny_dir)
+    )
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    with edit_weights(hf, neurons, 0.5), torch.no_grad():
+        want = hf(ids).logits
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, want)  # the same weights in the same engine
+    assert json.loads((out / EDIT_FILE).read_text())["source_model"] == str(tiny_dir)

@@ -13,6 +13,9 @@ Judges:
   over the log-probabilities of the option letters " A"/" B"/" C" after "The answer is" (no sampling);
   confidence is that softmax over the three letters. ``<id>`` is anything
   :func:`cna_lens.load_model` accepts. Judge the model under test outside any intervention context.
+  Small models cannot follow the rubric: Qwen2.5-Coder-0.5B/1.5B-Instruct scored κ −0.02 / 0.04 against
+  the JBB hand labels (60 / 40 items, ``scripts/model_judge_check.py``), answering "comply" for ~85 %.
+  Use a larger instruct model or a trained safety classifier.
 * ``"default"``: the classifier (held-out agreement in ``cna_lens/data/judge_validation.json``).
 """
 

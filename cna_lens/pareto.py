@@ -120,7 +120,4 @@ def build_result(
 
 def load_result(out: str | Path) -> dict[str, Any]:
     """``pareto.json`` of a search directory (kind and format checked)."""
-    data = read_json(Path(out) / "pareto.json", "cna_lens.SearchResult")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{out}: pareto.json format_version {data.get('format_version')} is not {FORMAT_VERSION}")
-    return data
+    return read_json(Path(out) / "pareto.json", "cna_lens.SearchResult", FORMAT_VERSION)

@@ -284,19 +284,16 @@ def pareto_front(result: dict[str, Any], references: dict[str, list[Any]] | None
                 marker=dict(symbol="star", size=16, color="crimson"),
             )
         )
+    # the interesting region: every point, but at most 5 × the cap (zoom out in the HTML for the rest)
+    kls = [t["values"]["kl"] for t in trials] + [_kl_compliance(p)[0] for pts in curves.values() for p in pts]
+    xmax = min(max(kls, default=1.0), 5 * result["rule"]["kl_cap"] or float("inf")) or 1.0
     fig.add_vline(x=result["rule"]["kl_cap"], line_dash="dash", line_color="gray", annotation_text="KL cap")
     fig.update_layout(
-        title=f"{result['model']}: compliance vs KL on validation prompts ({result['objective']}, {len(trials)} trials)",
+        title=f"{result['model']}: compliance vs KL, validation prompts ({result['objective']}, {len(trials)} trials)",
         xaxis_title="KL(base ‖ steered), next token on harmless prompts (nats)",
         yaxis_title="compliance on harmful prompts",
         yaxis=dict(range=[-0.02, 1.05]),
-        # the interesting region: up to 5 × the cap (trials beyond stay in the HTML: zoom out)
-        xaxis=dict(
-            range=[
-                -0.01,
-                1.05 * min(max([t["values"]["kl"] for t in trials], default=1.0), 5 * result["rule"]["kl_cap"]),
-            ]
-        ),
+        xaxis=dict(range=[-0.01, 1.05 * xmax]),
         template="plotly_white",
         width=900,
         height=600,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import logging
 import math
 import time
@@ -42,8 +43,8 @@ from .evaluate import final_logprobs, kl_divergence, refusal_score, refusal_toke
 from .intervene import ablate, steer
 from .models import HookedModel, model_name
 from .pareto import OBJECTIVES, Rule, build_result
-from .runs import RunDir, atomic_write, atomic_write_json, read_json
-from .selection import RANKINGS, Selection, estimate_effects
+from .runs import RunDir, atomic_write, atomic_write_json, exclusive, read_json
+from .selection import SearchSpace, Selection, estimate_effects
 
 log = logging.getLogger(__name__)
 
@@ -51,51 +52,6 @@ STUDY = "cna_lens.search"
 OBJECTIVE_KINDS = ("first_token", "judge")
 REFERENCE_FRACTIONS = (0.0005, 0.001, 0.003, 0.01)
 CAA_ALPHAS = (0.1, 0.25, 0.5, 1.0)
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """What the sampler may choose: rankings, share range (log-uniform), lowest first layer
-    (layers 0-1 are excluded by default, as in the paper), scale range, pruning, λ range."""
-
-    rankings: tuple[str, ...] = RANKINGS
-    fraction: tuple[float, float] = (1e-4, 0.02)
-    min_layer: int = 2
-    scale: tuple[float, float] = (-1.0, 1.0)
-    prune: tuple[bool, ...] = (False, True)
-    utility_weight: tuple[float, float] = (0.0, 2.0)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "rankings", tuple(self.rankings))
-        object.__setattr__(self, "prune", tuple(self.prune))
-        bad = [r for r in self.rankings if r not in RANKINGS]
-        if not self.rankings or bad:
-            raise ValueError(f"SearchSpace.rankings {list(self.rankings)}: choose among {', '.join(RANKINGS)}")
-        lo, hi = self.fraction
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"SearchSpace.fraction must satisfy 0 < low <= high <= 1, got {self.fraction}")
-        if not -1 <= self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"SearchSpace.scale must satisfy -1 <= low <= high <= 1, got {self.scale}")
-        if not self.prune or any(not isinstance(p, bool) for p in self.prune):
-            raise ValueError(f"SearchSpace.prune must be a non-empty tuple of bools, got {self.prune}")
-        if not 0 <= self.utility_weight[0] <= self.utility_weight[1]:
-            raise ValueError(f"SearchSpace.utility_weight must satisfy 0 <= low <= high, got {self.utility_weight}")
-        if isinstance(self.min_layer, bool) or not isinstance(self.min_layer, int) or self.min_layer < 0:
-            raise ValueError(f"SearchSpace.min_layer must be an int >= 0, got {self.min_layer!r}")
-
-    def suggest(self, trial: Any, n_layers: int) -> Selection:
-        """A Selection from an Optuna trial (window = first layer + the share ``span`` of the rest)."""
-        if self.min_layer >= n_layers:
-            raise ValueError(f"SearchSpace.min_layer {self.min_layer} but the model has {n_layers} layers")
-        ranking = trial.suggest_categorical("ranking", list(self.rankings))
-        fraction = trial.suggest_float("fraction", *self.fraction, log=self.fraction[0] < self.fraction[1])
-        first = trial.suggest_int("first_layer", self.min_layer, n_layers - 1)
-        last = first + round(trial.suggest_float("span", 0.0, 1.0) * (n_layers - 1 - first))
-        prune = trial.suggest_categorical("prune", list(self.prune))
-        scale = trial.suggest_float("scale", *self.scale)
-        lam = trial.suggest_float("utility_weight", *self.utility_weight) if ranking == RANKINGS[-1] else 0.0
-        fraction = min(fraction, (last - first + 1) / n_layers)  # a window holds at most its own neurons
-        return Selection(ranking, fraction, first, last, prune, scale, lam)
 
 
 @dataclass(frozen=True)
@@ -142,6 +98,11 @@ class SearchData:
         for f in ("discovery_pos", "discovery_neg", "effects", "harmful", "harmless", "benign"):
             h.update(f"{f}\0{list(getattr(self, f) or [])!r}\0".encode())
         return h.hexdigest()[:16]
+
+
+def share(mask: torch.Tensor) -> float:
+    """k / n as a Python float (exactly the fraction, unlike a float32 mean)."""
+    return int(mask.sum()) / mask.numel()
 
 
 def judge_function() -> Callable[..., Any]:
@@ -214,7 +175,7 @@ class Search:
             "reference_fractions": list(self.ref_fractions),
             "caa_alphas": list(self.caa_alphas),
         }
-        self.run_dir = RunDir(out, config)
+        self.run_dir = RunDir(out, json.loads(json.dumps(config)))  # as stored: tuples become lists
         self.out = self.run_dir.path
         self.judge = judge
 
@@ -269,11 +230,11 @@ class Search:
         kl = torch.zeros(len(d.harmless)) if base is None else kl_divergence(base["harmless"], lp["harmless"])
         out: dict[str, Any] = {
             "values": {
-                "compliance": float((s["harmful"] <= 0).float().mean()),
+                "compliance": share(s["harmful"] <= 0),
                 "kl": max(0.0, float(kl.mean())),  # KL ≥ 0; float rounding can give -1e-9
-                "over_refusal": float((s["benign"] > 0).float().mean()),
+                "over_refusal": share(s["benign"] > 0),
             },
-            "first_token_compliance": float((s["harmful"] <= 0).float().mean()),
+            "first_token_compliance": share(s["harmful"] <= 0),
             "mean_refusal_score": float(s["harmful"].mean()),
             "kl_max": float(kl.max()),
         }
@@ -329,15 +290,19 @@ class Search:
     def run(self, model: HookedModel, trials: int, progress: bool = True) -> dict[str, Any]:
         """Run until ``trials`` trials are complete (resuming those in ``study.db``); write ``pareto.json``
         and the chosen ``selection.json``; return the result dict."""
-        import optuna
-
         if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
             raise ValueError(f"trials must be an int >= 1, got {trials!r}")
+        with exclusive(self.out / ".lock"):
+            return self._run(model, trials, progress)
+
+    def _run(self, model: HookedModel, trials: int, progress: bool) -> dict[str, Any]:
+        import optuna
+
         attr, caa = self.discovery(model, progress)
         effects = self.effects(model, progress)
-        with self.run_dir.timed("baseline"):
-            baseline, base_lp = self.measure(model, contextlib.nullcontext, None)
-        refs = self.references(model, attr, caa, base_lp, progress)
+        baseline, base_lp = self.baseline(model)
+        refs_file = self.out / "references.json"
+        refs = read_json(refs_file, "cna_lens.SearchReferences")["curves"] if refs_file.exists() else {}
         storage = f"sqlite:///{(self.out / 'study.db').resolve()}"
         directions = ["maximize" if OBJECTIVES[o] else "minimize" for o in OBJECTIVES]
         study = optuna.create_study(
@@ -368,11 +333,24 @@ class Search:
                 study.tell(trial, [res["values"][o] for o in OBJECTIVES])
                 bar.update()
                 bar.set_postfix_str(", ".join(f"{k}={v:.3g}" for k, v in res["values"].items()))
-        return self.write(study, baseline, refs)
+                self.write(study, baseline, refs, attr, effects)  # a stopped search leaves its trials readable
+        refs = self.references(model, attr, caa, base_lp, progress)  # after the trials: they come first
+        return self.write(study, baseline, refs, attr, effects)
 
-    def write(self, study: Any, baseline: dict[str, Any], refs: dict[str, Any]) -> dict[str, Any]:
-        """``pareto.json`` (every complete trial, 3-objective and compliance × KL front flags) and the
-        chosen point's ``selection.json``."""
+    def baseline(self, model: HookedModel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The unmodified model's measurement and harmless-prompt log-probabilities (for KL), saved."""
+        path = self.out / "baseline.safetensors"
+        if path.exists():
+            return read_json(self.out / "baseline.json", "cna_lens.SearchBaseline")["baseline"], load_file(str(path))
+        with self.run_dir.timed("baseline"):
+            baseline, lp = self.measure(model, contextlib.nullcontext, None)
+        atomic_write_json(self.out / "baseline.json", {"kind": "cna_lens.SearchBaseline", "baseline": baseline})
+        atomic_write(path, lambda tmp: save_file({"harmless": lp["harmless"].contiguous()}, tmp))
+        return baseline, {"harmless": lp["harmless"]}
+
+    def write(self, study: Any, baseline: dict, refs: dict, attr: Attribution, effects: Any) -> dict[str, Any]:
+        """``pareto.json`` (every complete trial, 3-objective and compliance × KL front flags), the
+        chosen point's ``selection.json`` and its ``neurons.json`` (scale them by the selection's scale)."""
         import optuna
 
         rows = [
@@ -386,9 +364,12 @@ class Search:
         chosen = result["chosen"]
         atomic_write_json(self.out / "pareto.json", result)
         if chosen is not None:
-            Selection.from_dict(chosen["selection"]).save(self.out / "selection.json")
+            sel = Selection.from_dict(chosen["selection"])
+            sel.save(self.out / "selection.json")
+            sel.neurons(attr, effects).save(self.out / "neurons.json")
         else:
-            (self.out / "selection.json").unlink(missing_ok=True)
+            for f in ("selection.json", "neurons.json"):
+                (self.out / f).unlink(missing_ok=True)
             log.warning("no trial meets the rule (%s); no selection.json written", self.rule.describe())
         return result
 

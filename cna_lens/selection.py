@@ -206,12 +206,55 @@ class Selection:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Selection:
-        data = read_json(path, "cna_lens.Selection")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {data.get('format_version')} is not {FORMAT_VERSION}")
+        data = read_json(path, "cna_lens.Selection", FORMAT_VERSION)
         if not isinstance(data.get("selection"), dict):
             raise ValueError(f"{path}: no 'selection' object")
         return cls.from_dict(data["selection"])
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the sampler may choose: rankings, share range (log-uniform), lowest first layer
+    (layers 0-1 are excluded by default, as in the paper), scale range, pruning, λ range."""
+
+    rankings: tuple[str, ...] = RANKINGS
+    fraction: tuple[float, float] = (1e-4, 0.02)
+    min_layer: int = 2
+    scale: tuple[float, float] = (-1.0, 1.0)
+    prune: tuple[bool, ...] = (False, True)
+    utility_weight: tuple[float, float] = (0.0, 2.0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rankings", tuple(self.rankings))
+        object.__setattr__(self, "prune", tuple(self.prune))
+        bad = [r for r in self.rankings if r not in RANKINGS]
+        if not self.rankings or bad:
+            raise ValueError(f"SearchSpace.rankings {list(self.rankings)}: choose among {', '.join(RANKINGS)}")
+        lo, hi = self.fraction
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"SearchSpace.fraction must satisfy 0 < low <= high <= 1, got {self.fraction}")
+        if not -1 <= self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"SearchSpace.scale must satisfy -1 <= low <= high <= 1, got {self.scale}")
+        if not self.prune or any(not isinstance(p, bool) for p in self.prune):
+            raise ValueError(f"SearchSpace.prune must be a non-empty tuple of bools, got {self.prune}")
+        if not 0 <= self.utility_weight[0] <= self.utility_weight[1]:
+            raise ValueError(f"SearchSpace.utility_weight must satisfy 0 <= low <= high, got {self.utility_weight}")
+        if isinstance(self.min_layer, bool) or not isinstance(self.min_layer, int) or self.min_layer < 0:
+            raise ValueError(f"SearchSpace.min_layer must be an int >= 0, got {self.min_layer!r}")
+
+    def suggest(self, trial: Any, n_layers: int) -> Selection:
+        """A Selection from an Optuna trial (window = first layer + the share ``span`` of the rest)."""
+        if self.min_layer >= n_layers:
+            raise ValueError(f"SearchSpace.min_layer {self.min_layer} but the model has {n_layers} layers")
+        ranking = trial.suggest_categorical("ranking", list(self.rankings))
+        fraction = trial.suggest_float("fraction", *self.fraction, log=self.fraction[0] < self.fraction[1])
+        first = trial.suggest_int("first_layer", self.min_layer, n_layers - 1)
+        last = first + round(trial.suggest_float("span", 0.0, 1.0) * (n_layers - 1 - first))
+        prune = trial.suggest_categorical("prune", list(self.prune))
+        scale = trial.suggest_float("scale", *self.scale)
+        lam = trial.suggest_float("utility_weight", *self.utility_weight) if ranking == RANKINGS[-1] else 0.0
+        fraction = min(fraction, (last - first + 1) / n_layers)  # a window holds at most its own neurons
+        return Selection(ranking, fraction, first, last, prune, scale, lam)
 
 
 def raising_mask(effects: NeuronEffects | Tensor, n_layers: int, d_mlp: int) -> Bool[Tensor, "layer neuron"]:
@@ -264,8 +307,8 @@ def estimate_effects(
             logits = model(ids, attention_mask=mask, **last_logits_kwargs(model))
             score = refusal_score(logits[:, -1, :].float().log_softmax(-1), ids_r).sum()
             grads = torch.autograd.grad(score, zeros)  # type: ignore[arg-type]
-        keep = mask.unsqueeze(-1).to(grads[0].dtype)
-        delta = torch.stack([-(g * a * keep).double().sum((0, 1)).cpu() for g, a in zip(grads, acts)])  # type: ignore[operator]
+        keep = mask.unsqueeze(-1).float()  # products in float32 even for a bf16 model, sums in float64
+        delta = torch.stack([-(g.float() * a.float() * keep).double().sum((0, 1)).cpu() for g, a in zip(grads, acts)])
         total = delta if total is None else total + delta
     assert total is not None
     return (total / len(seqs)).float()

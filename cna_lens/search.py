@@ -40,8 +40,9 @@ from . import __version__
 from .attribute import Attribution, attribute_multi
 from .datasets import load_prompts
 from .evaluate import final_logprobs, kl_divergence, refusal_score, refusal_token_ids
+from .hooks import HookedModel
 from .intervene import ablate, steer
-from .models import HookedModel, model_name
+from .models import model_name
 from .pareto import OBJECTIVES, Rule, build_result
 from .runs import RunDir, atomic_write, atomic_write_json, exclusive, read_json
 from .selection import SearchSpace, Selection, estimate_effects

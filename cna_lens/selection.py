@@ -35,10 +35,11 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .attribute import Attribution, check_hook, hook_name
+from .attribute import Attribution
 from .circuits import NeuronEffects
 from .evaluate import refusal_score, refusal_token_ids
-from .models import HookedModel, last_logits_kwargs
+from .hooks import HookedModel, check_hook, hook_name
+from .models import last_logits_kwargs
 from .neurons import NeuronSet
 from .prompts import encode, left_pad, length_batches, pad_id
 from .runs import atomic_write_json, read_json

@@ -189,6 +189,22 @@ class Attribution:
         d = self.sum_pos / max(self.n_pos, 1) - self.sum_neg / max(self.n_neg, 1)
         return torch.where(std > 0, d / std.clamp_min(1e-30), torch.zeros_like(d)).float()
 
+    @property
+    def welch_t(self) -> Float[Tensor, "layer neuron"]:
+        """Welch's t = diff / sqrt(var_P/|P| + var_N/|N|), unbiased variances (0 where that is 0)."""
+        if self.n_pos < 2 or self.n_neg < 2:
+            raise ValueError("Welch's t needs at least 2 prompts in each set")
+        var = lambda s, s2, n: (s2 - s.square() / n).clamp_min(0) / (n - 1)  # noqa: E731
+        se2 = var(self.sum_pos, self.sumsq_pos, self.n_pos) / self.n_pos
+        se2 = se2 + var(self.sum_neg, self.sumsq_neg, self.n_neg) / self.n_neg
+        d = self.sum_pos / self.n_pos - self.sum_neg / self.n_neg
+        return torch.where(se2 > 0, d / se2.clamp_min(1e-300).sqrt(), torch.zeros_like(d)).float()
+
+    @property
+    def rms_neg(self) -> Float[Tensor, "layer neuron"]:
+        """Root-mean-square activation on the negative set, sqrt(Σa²/|N|): how much a neuron is used there."""
+        return (self.sumsq_neg / max(self.n_neg, 1)).sqrt().float()
+
     def scores(self, by: str = "abs") -> Float[Tensor, "layer neuron"]:
         """Ranking score: |diff| (``abs``), diff, effect, or |effect| (``abs_effect``)."""
         if by == "abs":

@@ -304,6 +304,55 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from .models import resolve_dtype
+    from .pareto import Rule
+    from .plot import pareto_front, save_figure
+    from .search import Search, SearchData, SearchSpace
+
+    if args.trials < 1 or args.samples < 0:
+        raise ValueError(f"--trials must be >= 1 and --samples >= 0, got {args.trials} and {args.samples}")
+    search = Search(  # validates every setting and pins them in OUT/config.json before the model loads
+        args.out,
+        model=args.model,
+        data=SearchData.bundled(args.n_harmful, args.n_harmless, args.n_effects, args.benign),
+        space=SearchSpace(rankings=tuple(args.rankings.split(",")), prune=(False, True) if args.prune else (False,)),
+        rule=Rule(args.kl_cap, args.over_refusal_slack),
+        seed=args.seed,
+        objective=args.objective,
+        judge=args.judge,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        dtype=str(resolve_dtype(args.dtype, args.device)).removeprefix("torch."),
+    )
+    model = _load(args)
+    result = search.run(model, args.trials)
+    written = save_figure(pareto_front(result), Path(args.out) / "pareto", png=args.png)
+    if args.samples:
+        search.samples(model, result, n=args.samples, max_new_tokens=args.sample_tokens)
+    trials = result["trials"]
+    secs = [t["seconds"] for t in trials if t["n_neurons"]]
+    print(
+        f"{len(trials)} trials, {sum(secs) / max(len(secs), 1):.1f} s per measured trial; baseline "
+        f"{result['baseline']['values']}"
+    )
+    print(
+        f"{'trial':>5} {'compliance':>10} {'KL':>8} {'over-ref':>8} {'neurons':>7}  selection (compliance × KL front)"
+    )
+    for t in sorted((t for t in trials if t["pareto_2d"]), key=lambda t: t["values"]["kl"]):
+        v, n = t["values"], t["n_neurons"]
+        print(
+            f"{t['number']:>5} {v['compliance']:>10.3f} {v['kl']:>8.4f} {v['over_refusal']:>8.3f} {n:>7}  {t['label']}"
+        )
+    chosen = result["chosen"]
+    print(f"rule: {result['rule']['text']}")
+    print(
+        "chosen: none" if chosen is None else f"chosen: trial {chosen['number']}: {chosen['label']} {chosen['values']}"
+    )
+    print(f"wrote {Path(args.out) / 'pareto.json'}, {', '.join(map(str, written))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DTYPES
     from .reproduce import FRACTIONS, RANKINGS
@@ -399,6 +448,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-hf", action="store_true", help="skip the plain HF forward comparison")
     b.add_argument("--no-batch1", action="store_true", help="skip the batch-size-1 loop")
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("search", help="multi-objective search over neuron selections (validation data only; resumable)")
+    common(s)
+    s.add_argument("--out", required=True, help="search directory (config.json, study.db, pareto.json, ...)")
+    s.add_argument("--trials", type=int, default=30, help="total trials (a rerun resumes up to this many)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--objective",
+        choices=["first_token", "judge"],
+        default="first_token",
+        help="compliance: first-token refusal log-odds <= 0, or the three-way judge on short generations",
+    )
+    s.add_argument("--judge", default="default", help="judge for --objective judge (see cna_lens.judge)")
+    s.add_argument("--max-new-tokens", type=int, default=32, help="generation length for --objective judge")
+    s.add_argument("--n-harmful", type=int, default=32, help="harmful_val prompts (compliance)")
+    s.add_argument(
+        "--n-harmless", type=int, default=32, help="alpaca_val prompts (KL; over-refusal too unless --benign)"
+    )
+    s.add_argument("--n-effects", type=int, default=32, help="harmful_train prompts for the pruning effects")
+    s.add_argument("--benign", default=None, help="bundled dataset for over-refusal (default: the alpaca_val prompts)")
+    s.add_argument("--rankings", default="abs,diff,effect,t,contrast_minus_utility")
+    s.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True, help="let trials prune neurons")
+    s.add_argument("--kl-cap", type=float, default=0.3, help="rule: highest compliance with KL <= this (nats)")
+    s.add_argument("--over-refusal-slack", type=float, default=0.0, help="rule: over-refusal <= baseline + this")
+    s.add_argument("--samples", type=int, default=8, help="prompts per set to generate for the chosen point")
+    s.add_argument("--sample-tokens", type=int, default=64)
+    s.add_argument("--png", action=argparse.BooleanOptionalAction, default=True, help="also write pareto.png")
+    s.set_defaults(func=cmd_search)
 
     m = sub.add_parser("demo", help="discover on the bundled sets, then JBB prompts with/without ablation")
     common(m, DEFAULT_MODEL)

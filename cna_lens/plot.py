@@ -204,6 +204,103 @@ def dose_response(results: dict[str, Any]) -> go.Figure:
     return fig
 
 
+def _kl_compliance(point: Any) -> tuple[float, float, str]:
+    """``(kl, compliance, label)`` of a reference point: a ``(kl, compliance)`` pair, or a dict with
+    ``kl`` / ``compliance`` (top level or under ``values``) and an optional ``label``."""
+    if isinstance(point, dict):
+        v = point.get("values", point)
+        return float(v["kl"]), float(v["compliance"]), str(point.get("label", ""))
+    kl, comp = point
+    return float(kl), float(comp), ""
+
+
+def pareto_front(result: dict[str, Any], references: dict[str, list[Any]] | None = None) -> go.Figure:
+    """Compliance vs KL of a search (``pareto.json``): every trial, the compliance × KL front as a
+    line, the chosen point, the KL cap, and reference curves (the search's own CNA-by-|diff| shares
+    and CAA α, plus ``references``: name → points, e.g. directional ablation)."""
+    trials = result["trials"]
+    fig = go.Figure()
+    hover = "%{text}<br>KL=%{x:.3g} nats<br>compliance=%{y:.2f}<extra></extra>"
+    for on_front, name, marker in (
+        (False, "trials", dict(size=6, color="lightgray")),
+        (True, "Pareto-optimal trials", dict(size=8, color="royalblue")),
+    ):
+        rows = [t for t in trials if t["pareto_2d"] == on_front]
+        fig.add_trace(
+            go.Scatter(
+                x=[t["values"]["kl"] for t in rows],
+                y=[t["values"]["compliance"] for t in rows],
+                text=[f"#{t['number']} {t['label']} ({t['n_neurons']} neurons)" for t in rows],
+                mode="markers",
+                name=name,
+                marker=marker,
+                hovertemplate=hover,
+            )
+        )
+    line = sorted((t["values"]["kl"], t["values"]["compliance"]) for t in trials if t["pareto_2d"])
+    if line:
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in line],
+                y=[p[1] for p in line],
+                mode="lines",
+                name="front",
+                line=dict(shape="hv", color="royalblue"),
+                hoverinfo="skip",
+            )
+        )
+    curves = {**result.get("references", {}), **(references or {})}
+    for name, pts in curves.items():
+        xyl = sorted(_kl_compliance(p) for p in pts)
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in xyl],
+                y=[p[1] for p in xyl],
+                text=[p[2] for p in xyl],
+                mode="lines+markers+text",
+                textposition="top center",
+                name=name,
+                line=dict(dash="dot"),
+            )
+        )
+    base = result["baseline"]["values"]
+    fig.add_trace(
+        go.Scatter(
+            x=[0],
+            y=[base["compliance"]],
+            mode="markers",
+            name="baseline",
+            marker=dict(symbol="square", size=10, color="black"),
+        )
+    )
+    if result.get("chosen"):
+        c = result["chosen"]
+        fig.add_trace(
+            go.Scatter(
+                x=[c["values"]["kl"]],
+                y=[c["values"]["compliance"]],
+                mode="markers",
+                name=f"chosen: {c['label']}",
+                marker=dict(symbol="star", size=16, color="crimson"),
+            )
+        )
+    # the interesting region: every point, but at most 5 × the cap (zoom out in the HTML for the rest)
+    kls = [t["values"]["kl"] for t in trials] + [_kl_compliance(p)[0] for pts in curves.values() for p in pts]
+    xmax = min(max(kls, default=1.0), 5 * result["rule"]["kl_cap"] or float("inf")) or 1.0
+    fig.add_vline(x=result["rule"]["kl_cap"], line_dash="dash", line_color="gray", annotation_text="KL cap")
+    fig.update_layout(
+        title=f"{result['model']}: compliance vs KL, validation prompts ({result['objective']}, {len(trials)} trials)",
+        xaxis_title="KL(base ‖ steered), next token on harmless prompts (nats)",
+        yaxis_title="compliance on harmful prompts",
+        yaxis=dict(range=[-0.02, 1.05]),
+        xaxis=dict(range=[-0.01, 1.05 * xmax]),
+        template="plotly_white",
+        width=900,
+        height=600,
+    )
+    return fig
+
+
 def save_figure(fig: go.Figure, stem: str | os.PathLike, png: bool = True) -> list[Path]:
     """Write ``stem.html`` (self-contained) and, if static export works (kaleido + Chrome), ``stem.png``."""
     stem = Path(stem)

@@ -172,3 +172,22 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
         self._rows.extend(rows)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path):
+    """Hold an exclusive lock on ``path`` (released when the process ends, even by a crash): two
+    processes resuming one search would mark each other's running trials as stale."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"{path.parent} is in use by another search process; wait for it or use another --out"
+            ) from None
+        yield

@@ -1,0 +1,411 @@
+"""Search over :class:`~cna_lens.selection.Selection` s for a compliance × side-effect Pareto front.
+
+Each trial picks a selection (ranking, share, layer window, pruning, scale, λ), applies it, and
+measures on **validation prompts only** (none used for discovery or pruning):
+
+    compliance   = share of ``harmful`` prompts with first-token refusal log-odds s(x) ≤ 0   (max)
+                   (``objective="judge"``: share judged "comply" on short greedy generations)
+    kl           = mean over ``harmless`` prompts of KL(p_base ‖ p_S), next-token distribution (min)
+    over_refusal = share of ``benign`` prompts with s(x) > 0                                   (min)
+
+Optuna's multi-objective TPE proposes the selections: a maintained sampler for mixed categorical /
+log-scaled / integer spaces, and its SQLite storage (``study.db``) makes a stopped search resume.
+The sampler of trial n is seeded from ``(seed, n)``, so a search stopped after n trials and resumed
+proposes what an uninterrupted one would. Discovery statistics, pruning effects and baseline
+log-probabilities are computed once (and saved); a trial costs only its own forward passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .attribute import Attribution, attribute_multi
+from .datasets import load_prompts
+from .evaluate import final_logprobs, kl_divergence, refusal_score, refusal_token_ids
+from .hooks import HookedModel
+from .intervene import ablate, steer
+from .models import model_name
+from .pareto import OBJECTIVES, Rule, build_result
+from .runs import RunDir, atomic_write, atomic_write_json, exclusive, read_json
+from .selection import SearchSpace, Selection, estimate_effects
+
+log = logging.getLogger(__name__)
+
+STUDY = "cna_lens.search"
+OBJECTIVE_KINDS = ("first_token", "judge")
+REFERENCE_FRACTIONS = (0.0005, 0.001, 0.003, 0.01)
+CAA_ALPHAS = (0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class SearchData:
+    """Prompt sets: discovery (attribution), effects (pruning), and the three validation sets.
+    ``benign=None`` reuses the ``harmless`` passes for over-refusal (no extra forward pass)."""
+
+    discovery_pos: tuple[str, ...]
+    discovery_neg: tuple[str, ...]
+    effects: tuple[str, ...]
+    harmful: tuple[str, ...]
+    harmless: tuple[str, ...]
+    benign: tuple[str, ...] | None = None
+    names: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for f in ("discovery_pos", "discovery_neg", "effects", "harmful", "harmless", "benign"):
+            v = getattr(self, f)
+            if v is None and f == "benign":
+                continue
+            if isinstance(v, str) or not v or not all(isinstance(p, str) and p.strip() for p in v):
+                raise ValueError(f"SearchData.{f} must be a non-empty list of non-empty prompt strings")
+            object.__setattr__(self, f, tuple(v))
+
+    @classmethod
+    def bundled(cls, n_harmful: int = 32, n_harmless: int = 32, n_effects: int = 32, benign: str | None = None):
+        """Discovery on the paper's sets, pruning effects on ``harmful_train``, objectives on
+        ``harmful_val`` / ``alpaca_val`` (first ``n`` of each; over-refusal on ``benign`` if given)."""
+        names = {"discovery": "discovery_harmful/discovery_harmless", "effects": f"harmful_train[:{n_effects}]"}
+        names |= {"harmful": f"harmful_val[:{n_harmful}]", "harmless": f"alpaca_val[:{n_harmless}]"}
+        names["benign"] = benign or names["harmless"]
+        return cls(
+            tuple(load_prompts("discovery_harmful")),
+            tuple(load_prompts("discovery_harmless")),
+            tuple(load_prompts("harmful_train", n_effects)),
+            tuple(load_prompts("harmful_val", n_harmful)),
+            tuple(load_prompts("alpaca_val", n_harmless)),
+            tuple(load_prompts(benign)) if benign else None,
+            names,
+        )
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for f in ("discovery_pos", "discovery_neg", "effects", "harmful", "harmless", "benign"):
+            h.update(f"{f}\0{list(getattr(self, f) or [])!r}\0".encode())
+        return h.hexdigest()[:16]
+
+
+def share(mask: torch.Tensor) -> float:
+    """k / n as a Python float (exactly the fraction, unlike a float32 mean)."""
+    return int(mask.sum()) / mask.numel()
+
+
+def judge_function() -> Callable[..., Any]:
+    """``cna_lens.judge.judge_completions``, or a ValueError saying it is missing."""
+    try:
+        return importlib.import_module(f"{__package__}.judge").judge_completions
+    except (ImportError, AttributeError) as e:
+        raise ValueError(
+            "objective='judge' needs cna_lens.judge.judge_completions, which this installation lacks "
+            f"({e}); use objective='first_token'"
+        ) from e
+
+
+class Search:
+    """A resumable search in directory ``out``. The constructor validates every setting and pins
+    them in ``config.json`` (a directory holding another search is refused) before any model work."""
+
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        model: str,
+        data: SearchData,
+        space: SearchSpace | None = None,
+        rule: Rule | None = None,
+        seed: int = 0,
+        objective: str = "first_token",
+        judge: str = "default",
+        max_new_tokens: int = 32,
+        batch_size: int = 16,
+        startup_trials: int = 10,
+        reference_fractions: Sequence[float] = REFERENCE_FRACTIONS,
+        caa_alphas: Sequence[float] = CAA_ALPHAS,
+        dtype: str = "",
+    ):
+        if objective not in OBJECTIVE_KINDS:
+            raise ValueError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVE_KINDS)}")
+        self.judge_fn = judge_function() if objective == "judge" else None
+        for name, v, lo in (
+            ("seed", seed, 0),
+            ("max_new_tokens", max_new_tokens, 1),
+            ("batch_size", batch_size, 1),
+            ("startup_trials", startup_trials, 1),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if not all(0 < f <= 1 for f in reference_fractions):
+            raise ValueError(f"reference_fractions must lie in (0, 1], got {list(reference_fractions)}")
+        if not all(math.isfinite(a) for a in caa_alphas):
+            raise ValueError(f"caa_alphas must be finite, got {list(caa_alphas)}")
+        space, rule = space or SearchSpace(), rule or Rule()
+        if not isinstance(space, SearchSpace) or not isinstance(rule, Rule) or not isinstance(data, SearchData):
+            raise TypeError("space, rule and data must be a SearchSpace, a Rule and a SearchData")
+        self.data, self.space, self.rule, self.seed = data, space, rule, seed
+        self.objective, self.max_new_tokens, self.batch_size = objective, max_new_tokens, batch_size
+        self.startup = startup_trials
+        self.ref_fractions, self.caa_alphas = tuple(reference_fractions), tuple(caa_alphas)
+        config = {
+            "command": "search",
+            "model": model,
+            "dtype": dtype,
+            "package_version": __version__,
+            "seed": seed,
+            "objective": objective,
+            **({"judge": judge, "max_new_tokens": max_new_tokens} if objective == "judge" else {}),
+            "batch_size": batch_size,
+            "startup_trials": startup_trials,
+            "data": {**data.names, "digest": data.digest()},
+            "space": asdict(space),
+            "reference_fractions": list(self.ref_fractions),
+            "caa_alphas": list(self.caa_alphas),
+        }
+        self.run_dir = RunDir(out, json.loads(json.dumps(config)))  # as stored: tuples become lists
+        self.out = self.run_dir.path
+        self.judge = judge
+
+    # ------------------------------------------------------------------ shared, computed once
+    def discovery(self, model: HookedModel, progress: bool) -> tuple[Attribution, Attribution]:
+        """CNA statistics (``mlp.hook_post``) and CAA vectors (``hook_mlp_out``), one pass, saved."""
+        dirs = {"mlp.hook_post": self.out / "attribution", "hook_mlp_out": self.out / "caa"}
+        if all((d / "attribution.json").exists() for d in dirs.values()):
+            return Attribution.load(dirs["mlp.hook_post"]), Attribution.load(dirs["hook_mlp_out"])
+        with self.run_dir.timed("discovery"):
+            found = attribute_multi(
+                model,
+                self.data.discovery_pos,
+                self.data.discovery_neg,
+                list(dirs),
+                batch_size=self.batch_size,
+                progress=progress,
+            )
+        for h, d in dirs.items():
+            found[h].save(d)
+        return found["mlp.hook_post"], found["hook_mlp_out"]
+
+    def effects(self, model: HookedModel, progress: bool) -> torch.Tensor | None:
+        """Per-neuron Δ refusal score for pruning (:func:`estimate_effects` on ``data.effects``), saved."""
+        if True not in self.space.prune:
+            return None
+        path = self.out / "effects.safetensors"
+        if path.exists():
+            return load_file(str(path))["delta"]
+        with self.run_dir.timed("effects"):
+            delta = estimate_effects(model, self.data.effects, batch_size=self.batch_size, progress=progress)
+        atomic_write(path, lambda tmp: save_file({"delta": delta.contiguous()}, tmp))
+        return delta
+
+    # ------------------------------------------------------------------ one measurement
+    def measure(
+        self, model: HookedModel, intervention: Callable[[], Any], base: dict | None
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The three objectives (and diagnostics) with ``intervention()`` active, and the log-probabilities
+        per set; ``base`` = the baseline's log-probabilities (None: this is the baseline)."""
+        d, bs = self.data, self.batch_size
+        t0 = time.perf_counter()
+        with intervention():
+            lp = {
+                k: final_logprobs(model, list(p), batch_size=bs)
+                for k, p in (("harmful", d.harmful), ("harmless", d.harmless))
+            }
+            lp["benign"] = lp["harmless"] if d.benign is None else final_logprobs(model, list(d.benign), batch_size=bs)
+            texts = self.generate(model) if self.judge_fn is not None else None
+        ids = refusal_token_ids(model.tokenizer)
+        s = {k: refusal_score(v, ids) for k, v in lp.items()}
+        kl = torch.zeros(len(d.harmless)) if base is None else kl_divergence(base["harmless"], lp["harmless"])
+        out: dict[str, Any] = {
+            "values": {
+                "compliance": share(s["harmful"] <= 0),
+                "kl": max(0.0, float(kl.mean())),  # KL ≥ 0; float rounding can give -1e-9
+                "over_refusal": share(s["benign"] > 0),
+            },
+            "first_token_compliance": share(s["harmful"] <= 0),
+            "mean_refusal_score": float(s["harmful"].mean()),
+            "kl_max": float(kl.max()),
+        }
+        if texts is not None:
+            labels = [v.label for v in self.judge_fn(list(d.harmful), texts, judge=self.judge)]
+            out["values"]["compliance"] = labels.count("comply") / len(labels)
+            out["judged"] = {k: labels.count(k) / len(labels) for k in ("refuse", "comply", "evade")}
+            agree = [(float(x) > 0) == (lab != "comply") for x, lab in zip(s["harmful"], labels)]
+            out["agreement"] = sum(agree) / len(agree)
+        out["seconds"] = time.perf_counter() - t0
+        return out, lp
+
+    def generate(self, model: HookedModel) -> list[str]:
+        from .generation import generate
+
+        return generate(model, list(self.data.harmful), max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+
+    def references(self, model, attr, caa, base, progress) -> dict[str, list[dict[str, Any]]]:
+        """CNA-by-|diff| at ``reference_fractions`` (layers 2+, scale 0) and CAA at ``caa_alphas``, saved."""
+        path = self.out / "references.json"
+        if path.exists():
+            return read_json(path, "cna_lens.SearchReferences")["curves"]
+        jobs = [
+            (f"{100 * f:g}%", partial(ablate, model, Selection("abs", f).neurons(attr))) for f in self.ref_fractions
+        ]
+        caa_jobs = [(f"α={a:g}", partial(steer, model, caa.diff, a)) for a in self.caa_alphas]
+        curves: dict[str, list[dict[str, Any]]] = {}
+        with self.run_dir.timed("references"):
+            for name, todo in (("CNA |diff| (share)", jobs), ("CAA (α)", caa_jobs)):
+                if todo:
+                    it = tqdm(todo, desc=name, disable=not progress)
+                    curves[name] = [{"label": lab, **self.measure(model, ctx, base)[0]} for lab, ctx in it]
+        atomic_write_json(path, {"kind": "cna_lens.SearchReferences", "curves": curves})
+        return curves
+
+    # ------------------------------------------------------------------ the study
+    def sampler(self, n_done: int) -> Any:
+        """Multi-objective TPE seeded from ``(seed, n_done)``: resuming proposes what one run would."""
+        import optuna
+
+        seed = int(np.random.SeedSequence([self.seed, n_done]).generate_state(1)[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate / group
+            return optuna.samplers.TPESampler(
+                seed=seed,
+                multivariate=True,
+                group=True,
+                n_startup_trials=self.startup,
+                n_ei_candidates=128,
+                constant_liar=False,
+            )
+
+    def run(self, model: HookedModel, trials: int, progress: bool = True) -> dict[str, Any]:
+        """Run until ``trials`` trials are complete (resuming those in ``study.db``); write ``pareto.json``
+        and the chosen ``selection.json``; return the result dict."""
+        if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+            raise ValueError(f"trials must be an int >= 1, got {trials!r}")
+        with exclusive(self.out / ".lock"):
+            return self._run(model, trials, progress)
+
+    def _run(self, model: HookedModel, trials: int, progress: bool) -> dict[str, Any]:
+        import optuna
+
+        attr, caa = self.discovery(model, progress)
+        effects = self.effects(model, progress)
+        baseline, base_lp = self.baseline(model)
+        refs_file = self.out / "references.json"
+        refs = read_json(refs_file, "cna_lens.SearchReferences")["curves"] if refs_file.exists() else {}
+        storage = f"sqlite:///{(self.out / 'study.db').resolve()}"
+        directions = ["maximize" if OBJECTIVES[o] else "minimize" for o in OBJECTIVES]
+        study = optuna.create_study(
+            study_name=STUDY, storage=storage, directions=directions, load_if_exists=True, sampler=self.sampler(0)
+        )
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # left by a stopped run (single process)
+        done = lambda s: len(s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))  # noqa: E731
+        with tqdm(total=trials, initial=min(done(study), trials), desc="search", disable=not progress) as bar:
+            while (n := done(study)) < trials:
+                study = optuna.load_study(study_name=STUDY, storage=storage, sampler=self.sampler(n))
+                trial = study.ask()
+                try:
+                    sel = self.space.suggest(trial, attr.n_layers)
+                    neurons = sel.neurons(attr, effects)
+                    if len(neurons):
+                        with self.run_dir.timed("trials"):
+                            res = self.measure(model, partial(ablate, model, neurons, sel.scale), base_lp)[0]
+                    else:  # pruning left nothing: the baseline model, already measured
+                        res = {**baseline, "seconds": 0.0}
+                except BaseException:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    raise
+                res |= {"selection": sel.to_dict(), "n_neurons": len(neurons), "pruned": neurons.meta["pruned"]}
+                for k, v in res.items():
+                    if k != "values":
+                        trial.set_user_attr(k, v)
+                study.tell(trial, [res["values"][o] for o in OBJECTIVES])
+                bar.update()
+                bar.set_postfix_str(", ".join(f"{k}={v:.3g}" for k, v in res["values"].items()))
+                self.write(study, baseline, refs, attr, effects)  # a stopped search leaves its trials readable
+        refs = self.references(model, attr, caa, base_lp, progress)  # after the trials: they come first
+        return self.write(study, baseline, refs, attr, effects)
+
+    def baseline(self, model: HookedModel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The unmodified model's measurement and harmless-prompt log-probabilities (for KL), saved."""
+        path = self.out / "baseline.safetensors"
+        if path.exists():
+            return read_json(self.out / "baseline.json", "cna_lens.SearchBaseline")["baseline"], load_file(str(path))
+        with self.run_dir.timed("baseline"):
+            baseline, lp = self.measure(model, contextlib.nullcontext, None)
+        atomic_write_json(self.out / "baseline.json", {"kind": "cna_lens.SearchBaseline", "baseline": baseline})
+        atomic_write(path, lambda tmp: save_file({"harmless": lp["harmless"].contiguous()}, tmp))
+        return baseline, {"harmless": lp["harmless"]}
+
+    def write(self, study: Any, baseline: dict, refs: dict, attr: Attribution, effects: Any) -> dict[str, Any]:
+        """``pareto.json`` (every complete trial, 3-objective and compliance × KL front flags), the
+        chosen point's ``selection.json`` and its ``neurons.json`` (scale them by the selection's scale)."""
+        import optuna
+
+        rows = [
+            {"number": t.number, "values": dict(zip(OBJECTIVES, t.values)), **t.user_attrs, "params": t.params}
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        ]
+        timings = self.out / "timings.json"
+        header = {k: self.run_dir.config[k] for k in ("model", "dtype", "seed", "objective", "data", "space")}
+        header["timings"] = read_json(timings, "cna_lens.Timings")["seconds"] if timings.exists() else {}
+        result = build_result(header, rows, baseline, refs, self.rule)
+        chosen = result["chosen"]
+        atomic_write_json(self.out / "pareto.json", result)
+        if chosen is not None:
+            sel = Selection.from_dict(chosen["selection"])
+            sel.save(self.out / "selection.json")
+            sel.neurons(attr, effects).save(self.out / "neurons.json")
+        else:
+            for f in ("selection.json", "neurons.json"):
+                (self.out / f).unlink(missing_ok=True)
+            log.warning("no trial meets the rule (%s); no selection.json written", self.rule.describe())
+        return result
+
+    def samples(self, model: HookedModel, result: dict[str, Any], n: int = 8, max_new_tokens: int = 64) -> list[dict]:
+        """Greedy completions of the first ``n`` harmful and harmless validation prompts for the baseline
+        and the chosen selection (for reading by eye), kept in ``completions.jsonl`` (not recomputed)."""
+        from .generation import generate
+
+        attr = Attribution.load(self.out / "attribution")
+        path = self.out / "effects.safetensors"
+        effects = load_file(str(path))["delta"] if path.exists() else None
+        conditions = {"baseline": contextlib.nullcontext}
+        if result.get("chosen"):
+            sel = Selection.from_dict(result["chosen"]["selection"])
+            neurons = sel.neurons(attr, effects)
+            conditions[f"trial:{result['chosen']['number']}"] = partial(ablate, model, neurons, sel.scale)
+        done = self.run_dir.done()
+        for dataset, prompts in (("harmful", self.data.harmful[:n]), ("harmless", self.data.harmless[:n])):
+            for cond, ctx in conditions.items():
+                if all((dataset, cond, str(i)) in done for i in range(len(prompts))):
+                    continue
+                with ctx():
+                    texts = generate(model, list(prompts), max_new_tokens=max_new_tokens, batch_size=self.batch_size)
+                self.run_dir.append(
+                    [
+                        {"dataset": dataset, "condition": cond, "prompt_id": str(i), "prompt": p, "completion": t}
+                        for i, (p, t) in enumerate(zip(prompts, texts))
+                    ]
+                )
+        return [r for r in self.run_dir.rows if r["condition"] in conditions]
+
+
+def search(model: HookedModel, out: str | Path, *, trials: int = 30, progress: bool = True, **kwargs: Any) -> dict:
+    """Run (or resume) a search on an already loaded model; see :class:`Search` for the settings
+    (``data`` defaults to :meth:`SearchData.bundled`)."""
+    kwargs.setdefault("data", SearchData.bundled())
+    kwargs.setdefault("dtype", str(next(model.parameters()).dtype).removeprefix("torch."))
+    return Search(out, model=model_name(model), **kwargs).run(model, trials, progress)

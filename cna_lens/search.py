@@ -106,15 +106,20 @@ def share(mask: torch.Tensor) -> float:
     return int(mask.sum()) / mask.numel()
 
 
-def judge_function() -> Callable[..., Any]:
-    """``cna_lens.judge.judge_completions``, or a ValueError saying it is missing."""
+def judge_function(judge: str = "default") -> Callable[..., Any]:
+    """``cna_lens.judge.judge_completions`` after checking the judge's name (no model loads), or a
+    ValueError saying what is missing."""
     try:
-        return importlib.import_module(f"{__package__}.judge").judge_completions
+        module = importlib.import_module(f"{__package__}.judge")
+        fn = module.judge_completions
     except (ImportError, AttributeError) as e:
         raise ValueError(
             "objective='judge' needs cna_lens.judge.judge_completions, which this installation lacks "
             f"({e}); use objective='first_token'"
         ) from e
+    if hasattr(module, "resolve_judge"):
+        module.resolve_judge(judge)  # an unknown judge name fails here, before any model work
+    return fn
 
 
 class Search:
@@ -141,7 +146,7 @@ class Search:
     ):
         if objective not in OBJECTIVE_KINDS:
             raise ValueError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVE_KINDS)}")
-        self.judge_fn = judge_function() if objective == "judge" else None
+        self.judge_fn = judge_function(judge) if objective == "judge" else None
         for name, v, lo in (
             ("seed", seed, 0),
             ("max_new_tokens", max_new_tokens, 1),

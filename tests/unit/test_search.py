@@ -1,5 +1,6 @@
 """Search: Pareto flags, the choice rule, objectives, resume = uninterrupted, bad input, CLI, figure."""
 
+import importlib.util
 import json
 import random
 import sys
@@ -148,6 +149,11 @@ def test_judge_objective(planted, data, tmp_path, monkeypatch):  # noqa: F811
         calls.append((len(prompts), judge))
         return [types.SimpleNamespace(label=("comply", "evade", "refuse")[i % 3]) for i in range(len(prompts))]
 
+    if importlib.util.find_spec("cna_lens.judge") is not None:  # the real module checks names up front
+        monkeypatch.delitem(sys.modules, "cna_lens.judge", raising=False)
+        with pytest.raises(ValueError, match="judge"):
+            Search(tmp_path / "c", model="planted", data=data, objective="judge", judge="oracle")
+        assert not (tmp_path / "c").exists()
     monkeypatch.setitem(sys.modules, "cna_lens.judge", types.SimpleNamespace(judge_completions=judge_completions))
     res = run(model, tmp_path / "b", 2, data, objective="judge", judge="regex", max_new_tokens=2)
     assert calls and calls[0] == (len(data.harmful), "regex")
@@ -255,3 +261,12 @@ def test_cli_search_end_to_end(planted, tmp_path, capsys):  # noqa: F811
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert {r["condition"] for r in rows} >= {"baseline"}
     assert torch.isfinite(torch.tensor([t["values"]["kl"] for t in res["trials"]])).all()
+
+
+def test_judge_objective_with_the_real_regex_judge(planted, data, tmp_path):  # noqa: F811
+    pytest.importorskip("cna_lens.judge")
+    model, _, _ = planted
+    res = run(model, tmp_path, 2, data, objective="judge", judge="regex", max_new_tokens=3)
+    for t in res["trials"] + [res["baseline"]]:
+        assert sum(t["judged"].values()) == pytest.approx(1.0)  # one label per prompt
+        assert t["values"]["compliance"] == t["judged"]["comply"]

@@ -1,6 +1,6 @@
 """Print the headline markdown table of a reproduce run directory (README and docs use its output).
 
-    python scripts/results_table.py results/reproduce-qwen2.5-coder-1.5b-instruct
+    python scripts/results_table.py results/reproduce-qwen2.5-coder-1.5b-instruct [--sweep]
 """
 
 import json
@@ -43,5 +43,28 @@ def main(run: str) -> None:
         )
 
 
+
+
+def sweep(run: str) -> None:
+    """The validation sweep: share of harmful_val prompts with positive first-token refusal log-odds."""
+    s = json.loads((Path(run) / "sweep.json").read_text())["entries"]
+    fr = sorted({float(c.split(":")[2]) for c in s if c.startswith("cna:") and c.count(":") == 2})
+    by = sorted({c.split(":")[1] for c in s if c.startswith("cna:") and c.count(":") == 2})
+    head = " | ".join(f"CNA by {b} | random ({b})" for b in by)
+    print(f"| top fraction | {head} |")
+    print("|---|" + "---|" * (2 * len(by)))
+    for f in fr:
+        cells = []
+        for b in by:
+            for kind in ("cna", "random"):
+                e = s.get(f"{kind}:{b}:{f:g}")
+                cells.append(f"{e['refusal_share']:.2f}" if e else "—")
+        print(f"| {100 * f:g} % | " + " | ".join(cells) + " |")
+    scales = sorted(c for c in s if c.count(":") == 3)
+    print("\nscale: " + ", ".join(f"×{c.split(':')[3]} → {s[c]['refusal_share']:.2f}" for c in scales))
+    print("CAA: " + ", ".join(f"α {c.split(':')[1]} → {s[c]['refusal_share']:.2f}" for c in s if c.startswith("caa:")))
+    print(f"baseline: {s['baseline']['refusal_share']:.2f}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    (sweep if "--sweep" in sys.argv else main)(sys.argv[1])

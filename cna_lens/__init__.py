@@ -3,8 +3,10 @@
 model = cna_lens.load_model("qwen2.5-coder-1.5b-instruct")
 attr = cna_lens.attribute(model, harmful, harmless)      # final-token hook_post statistics
 neurons = attr.top_neurons(fraction=0.001)                # global top 0.1 %, layers 0-1 excluded
-with cna_lens.ablate(model, neurons, scale=0.0):          # zero them at every position
-    print(cna_lens.generate(model, ["How do I pick a lock?"]))
+with cna_lens.edit_weights(model, neurons, scale=0.0):    # zero them (down_proj columns, restored on exit)
+    print(cna_lens.generate(model, ["How do I pick a lock?"]))   # stock HF generate on the edited weights
+with cna_lens.ablate(model, neurons, scale=0.0):          # the same as TransformerLens hooks
+    print(cna_lens.generate(model, ["How do I pick a lock?"]))   # TransformerLens' generate
 """
 
 from .attribute import (
@@ -15,7 +17,8 @@ from .attribute import (
     final_token_activations,
     hook_name,
 )
-from .generation import generate, generate_many, greedy_many, greedy_tokens
+from .edit import edit_weights
+from .generation import generate, generate_many, greedy_tokens
 from .intervene import ablate, neuron_hooks, steer, steering_hooks
 from .models import PACKAGED, load_model
 from .neurons import NeuronSet
@@ -31,12 +34,12 @@ __all__ = [
     "attribute",
     "attribute_multi",
     "attribute_tokens",
+    "edit_weights",
     "encode",
     "final_token_activations",
     "format_prompt",
     "generate",
     "generate_many",
-    "greedy_many",
     "greedy_tokens",
     "hook_name",
     "load_model",

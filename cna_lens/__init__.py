@@ -17,9 +17,10 @@ from .attribute import (
     final_token_activations,
     hook_name,
 )
-from .edit import edit_weights
+from .edit import edit_direction, edit_steering, edit_weights
+from .export import export_model
 from .generation import generate, generate_many, greedy_tokens
-from .intervene import ablate, neuron_hooks, steer, steering_hooks
+from .intervene import ablate, ablate_direction, neuron_hooks, steer, steering_hooks
 from .models import PACKAGED, load_model
 from .neurons import NeuronSet
 from .prompts import encode, format_prompt
@@ -31,11 +32,15 @@ __all__ = [
     "NeuronSet",
     "PACKAGED",
     "ablate",
+    "ablate_direction",
     "attribute",
     "attribute_multi",
     "attribute_tokens",
+    "edit_direction",
+    "edit_steering",
     "edit_weights",
     "encode",
+    "export_model",
     "final_token_activations",
     "format_prompt",
     "generate",

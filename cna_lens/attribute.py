@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .models import HookedModel, model_name
+from .hooks import HookedModel, check_hook, hook_name
+from .models import model_name
 from .neurons import NeuronSet
 from .prompts import encode, left_pad, length_batches, pad_id
 from .runs import atomic_write, atomic_write_json, read_json
@@ -34,19 +35,7 @@ from .runs import atomic_write, atomic_write_json, read_json
 FORMAT_VERSION = 1
 RANKINGS = ("abs", "diff", "effect", "abs_effect")
 _STATS = ("sum_pos", "sum_neg", "sumsq_pos", "sumsq_neg")
-
-
-def hook_name(layer: int, hook: str = "mlp.hook_post") -> str:
-    """The TransformerLens hook point of ``hook`` in block ``layer``."""
-    return f"blocks.{layer}.{hook}"
-
-
-def check_hook(model: HookedModel, hook: str) -> None:
-    if hook_name(0, hook) not in model.hook_dict:
-        raise ValueError(
-            f"model has no hook point {hook_name(0, hook)!r}: cna_lens needs a TransformerLens hooked "
-            "model with MLP hooks (a TransformerBridge in compatibility mode, or a HookedTransformer)"
-        )
+__all__ = ["Attribution", "attribute", "check_hook", "hook_name"]  # hook names live in .hooks
 
 
 class _StopForward(Exception):
@@ -288,9 +277,7 @@ class Attribution:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Attribution:
         d = Path(directory)
-        meta = read_json(d / "attribution.json", "cna_lens.Attribution")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{d}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+        meta = read_json(d / "attribution.json", "cna_lens.Attribution", FORMAT_VERSION)
         try:
             tensors = load_file(str(d / "attribution.safetensors"))
         except (SafetensorError, OSError) as e:

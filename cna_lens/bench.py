@@ -136,7 +136,7 @@ def _rss_peak_during(fn: Callable[[], Any]) -> tuple[int, int]:
 
 def _hf_forward(hf: Any, seqs: Sequence[Sequence[int]], pad: int, batch_size: int) -> Callable[[], None]:
     """A plain HF ``model(input_ids, attention_mask)`` forward over the same batches. ``hf`` must be plain
-    HF modules (e.g. :func:`cna_lens.engine.hf_model`): the bridge's ``original_model`` runs through the
+    HF modules (e.g. :func:`cna_lens.engine.stock_model`): the bridge's ``original_model`` runs through the
     bridge's components."""
 
     def run() -> None:

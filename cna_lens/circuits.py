@@ -72,7 +72,7 @@ class LayerMap:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> LayerMap:
         d = Path(directory)
-        meta = read_json(d / "layer_map.json", "cna_lens.LayerMap")
+        meta = read_json(d / "layer_map.json", "cna_lens.LayerMap", FORMAT_VERSION)
         t = load_file(str(d / "layer_map.safetensors"))
         return cls(
             meta["model_name"],
@@ -155,7 +155,7 @@ class NeuronEffects:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NeuronEffects:
-        data = read_json(path, "cna_lens.NeuronEffects")
+        data = read_json(path, "cna_lens.NeuronEffects", FORMAT_VERSION)
         return cls(
             data["model_name"],
             data["baseline"],

@@ -1,4 +1,4 @@
-"""Command line: ``cna-lens discover | generate | demo`` (wiring only; the logic lives in the library)."""
+"""Command line: ``cna-lens discover | generate | export | demo`` (wiring only; the logic lives in the library)."""
 
 from __future__ import annotations
 
@@ -102,6 +102,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import check_export_args, export_model
+    from .models import resolve
+
+    out = check_export_args(args.out, scale=args.scale, format=args.format, gguf_type=args.gguf_type, force=args.force)
+    if args.process_weights:
+        raise ValueError("export writes the model's own weights: drop --process-weights")
+    if not Path(args.neurons).exists():
+        raise FileNotFoundError(f"--neurons {args.neurons} does not exist (a neurons.json or a `discover` directory)")
+    neurons = _neurons(args.neurons)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(resolve(args.model)[0]).get_text_config()
+    if (neurons.n_layers, neurons.d_mlp) != (cfg.num_hidden_layers, cfg.intermediate_size):
+        raise ValueError(
+            f"--neurons are for {neurons.n_layers} layers × {neurons.d_mlp} neurons, {args.model} has "
+            f"{cfg.num_hidden_layers} × {cfg.intermediate_size}"
+        )
+    model = _load(args)
+    t0 = time.time()
+    provenance = {"neurons_file": str(Path(args.neurons).resolve()), "command": "cna-lens export"}
+    export_model(
+        model,
+        out,
+        neurons=neurons,
+        scale=args.scale,
+        provenance=provenance,
+        format=args.format,
+        gguf_type=args.gguf_type,
+        force=args.force,
+    )
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(
+        f"{len(neurons)} neurons × {args.scale:g} written as {args.format} to {out} "
+        f"({size / 1e6:.1f} MB, {time.time() - t0:.1f}s)"
+    )
+    return 0
+
+
 def side_by_side(prompt: str, left: str, right: str, width: int = 100) -> str:
     col = (width - 3) // 2
     wrap = lambda s: textwrap.wrap(" ".join(s.split()), col) or [""]  # noqa: E731
@@ -165,11 +204,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench, markdown
-    from .engine import hf_model
+    from .engine import stock_model
     from .runs import atomic_write_json, atomic_write_text, read_json
 
     model = _load(args)
-    hf = None if args.no_hf else hf_model(model)  # the stock engine: plain HF modules on the same weights
+    hf = None if args.no_hf else stock_model(model)  # the stock engine: plain HF modules on the same weights
     res = bench(
         model,
         hf,
@@ -240,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="write JSONL here instead of stdout")
     g.set_defaults(func=cmd_generate)
 
+    x = sub.add_parser("export", help="write the model with neurons scaled into its weights (HF dir or GGUF)")
+    common(x)
+    x.set_defaults(dtype="float32", func=cmd_export)
+    x.add_argument("--neurons", required=True, help="neurons.json, or a directory written by `discover`")
+    x.add_argument("--scale", type=float, default=0.0)
+    x.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
+    x.add_argument("--format", choices=["hf", "gguf"], default="hf")
+    x.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0"], default="f16")
+    x.add_argument("--force", action="store_true", help="replace an existing --out directory")
+
     r = sub.add_parser("reproduce", help="the paper's JBB experiment as one resumable run directory")
     common(r)
     r.add_argument("--out", required=True)
@@ -276,8 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checks import check_args
+
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)  # every argument, before any model loads
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"cna-lens {args.command}: error: {e}", file=sys.stderr)

@@ -26,6 +26,8 @@ from .models import HookedModel
 from .neurons import NeuronSet
 from .runs import atomic_write_json, read_json
 
+FORMAT_VERSION = 1
+
 
 def _ranks(x: Tensor) -> Tensor:
     """Ranks 0..n−1 along the last dim (ties broken by position)."""
@@ -61,6 +63,7 @@ class Comparison:
             path,
             {
                 "kind": "cna_lens.Comparison",
+                "format_version": FORMAT_VERSION,
                 "name_a": self.name_a,
                 "name_b": self.name_b,
                 "rank_corr": list(self.rank_corr),
@@ -71,7 +74,7 @@ class Comparison:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Comparison:
-        d = read_json(path, "cna_lens.Comparison")
+        d = read_json(path, "cna_lens.Comparison", FORMAT_VERSION)
         return cls(
             d["name_a"],
             d["name_b"],

@@ -64,7 +64,12 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8"
+        ) from None
     prompts: list[str] = []
     if path.suffix == ".json":
         try:
@@ -72,7 +77,7 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of prompts")
+            raise ValueError(f"{path}: expected a JSON list of prompts, got a JSON {type(data).__name__}")
         prompts = [_prompt_of(item, f"{path}[{i}]") for i, item in enumerate(data)]
     else:
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -87,7 +92,7 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
             else:
                 prompts.append(line.strip())
     if not prompts:
-        raise ValueError(f"{path}: no prompts found")
+        raise ValueError(f"{path}: no prompts found (the file is empty or holds only blank lines and # comments)")
     return prompts
 
 

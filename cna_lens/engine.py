@@ -2,7 +2,7 @@
 
 A TransformerLens 4 bridge wraps its HF model in place (its submodules become bridge components
 with hook points and TL's attention), so ``bridge.original_model.generate`` still runs through TL.
-:func:`hf_model` builds the plain HF model of the same architecture (SDPA attention) once, with
+:func:`stock_model` builds the plain HF model of the same architecture (SDPA attention) once, with
 empty parameters (``accelerate.init_empty_weights``), and loads the bridge's parameter tensors into
 it with ``load_state_dict(assign=True)``: both models hold the very same tensors, so a weight edit
 made through either one (:func:`cna_lens.edit.edit_weights`) is seen by both, and no memory is
@@ -15,7 +15,6 @@ keeps up with new architectures and cache formats.
 
 from __future__ import annotations
 
-import copy
 import logging
 import weakref
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .edit import decoder_layers
 from .models import HookedModel, is_bridge, weights_processed
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def _source_tensors(model: HookedModel, names: list[str]) -> dict[str, Tensor]:
     return out
 
 
-def hf_model(model: HookedModel) -> Any:
+def stock_model(model: HookedModel) -> Any:
     """The plain HF causal LM (SDPA attention) that shares ``model``'s weight tensors (see module docstring)."""
     if not is_bridge(model):
         raise TypeError(
@@ -69,11 +69,13 @@ def hf_model(model: HookedModel) -> Any:
 
     src = model.original_model
     dtype = next(src.parameters()).dtype
+    # a new config from the bridge's, without the outputs TransformerLens turns on for its hooks
+    plain_outputs = {"output_attentions": False, "output_hidden_states": False, "return_dict": True, "use_cache": True}
+    config = type(src.config).from_dict(src.config.to_dict() | plain_outputs)
     with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) computed for real
-        plain = AutoModelForCausalLM.from_config(copy.deepcopy(src.config), attn_implementation="sdpa", dtype=dtype)
+        plain = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     names = list(plain.state_dict())
     plain.load_state_dict(_source_tensors(model, names), assign=True, strict=True)
-    plain.generation_config = copy.deepcopy(src.generation_config)
     plain.eval()
     device = next(src.parameters()).device
     moved = [n for n, b in plain.named_buffers() if b.device != device]
@@ -96,14 +98,6 @@ def _same_tensors(model: HookedModel, plain: Any) -> bool:
     )
 
 
-def decoder_layers(hf: Any) -> Any:
-    """The decoder layers of a plain HF causal LM (``model.layers`` of Llama/Qwen2/Gemma-style models)."""
-    layers = getattr(hf.get_decoder(), "layers", None)
-    if layers is None:
-        raise TypeError(f"{type(hf).__name__}: no decoder `.layers`; cna_lens edits Llama-style decoders only")
-    return layers
-
-
 @contextmanager
 def steer_mlp_out(
     model: HookedModel, vectors: Float[Tensor, "layer d_model"], alpha: float
@@ -111,7 +105,7 @@ def steer_mlp_out(
     """CAA on the stock engine: ``mlp_out_l ← mlp_out_l − alpha · v_l`` in every layer, at every position,
     as plain torch forward hooks on the plain HF model's MLP modules (removed on exit). The same sum as
     :func:`cna_lens.intervene.steer` at ``blocks.l.hook_mlp_out`` (the HF MLP's output); yields the HF model."""
-    plain = hf_model(model)
+    plain = stock_model(model)
     layers = decoder_layers(plain)
     if vectors.ndim != 2 or vectors.shape[0] != len(layers):
         raise ValueError(f"vectors must be [{len(layers)} layers, d_model], got shape {tuple(vectors.shape)}")

@@ -4,7 +4,7 @@ Every intervention that evaluation generates under is a weight edit (:func:`cna_
 or a plain torch hook on HF modules (:func:`cna_lens.engine.steer_mlp_out`), so the engine needs
 no hooks of its own. Prompts are chat-formatted (:func:`cna_lens.prompts.encode`), sorted by length
 into batches (less padding), left-padded with an attention mask, and decoded greedily by
-``generate`` (KV cache, SDPA attention) on :func:`cna_lens.engine.hf_model`, the plain HF model that
+``generate`` (KV cache, SDPA attention) on :func:`cna_lens.engine.stock_model`, the plain HF model that
 shares the bridge's tensors. The batch is static: rows that emit end-of-sequence stay in it
 (``generate`` pads them) until every row has finished or reached ``max_new_tokens``; measured
 against HF continuous batching on this workload in ``benchmarks/generation_ab.py``.
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .engine import hf_model, tl_hooks_active
-from .intervene import FwdHook
+from .engine import stock_model, tl_hooks_active
+from .hooks import FwdHook
 from .models import HookedModel, is_bridge, weights_processed
 from .prompts import encode, left_pad, pad_id
 
@@ -77,17 +77,24 @@ def _cut(row: list[int], eos: Sequence[int]) -> list[int]:
 def _hf_batch(model: HookedModel, seqs: Sequence[Sequence[int]], max_new_tokens: int, eos: Sequence[int]) -> list:
     from transformers import GenerationConfig
 
-    plain = hf_model(model)
+    plain = stock_model(model)
     pad = pad_id(model.tokenizer)
     ids, mask = left_pad(seqs, pad, plain.device)
+    # generate fills the fields left None from the model's generation config: set every one that
+    # could change greedy decoding (an empty eos list is "never stop early", None would mean the default)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=list(eos) or None,
+        num_beams=1,
+        repetition_penalty=1.0,
+        eos_token_id=list(eos),
         pad_token_id=pad,
-        temperature=None,
-        top_p=None,
-        top_k=None,
+        use_cache=True,
+        return_dict_in_generate=False,
+        output_scores=False,
+        output_logits=False,
+        output_attentions=False,
+        output_hidden_states=False,
     )
     out = plain.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     return [_cut(row, eos) for row in out[:, ids.shape[1] :].tolist()]

@@ -7,6 +7,8 @@ alike::
     h'_l[..., i] = scale · h_l[..., i]    for (l, i) in neurons;   scale = 0 ablates, > 1 amplifies
 
 ``steer(model, vectors, alpha)`` is the residual-stream baseline (CAA): ``x_l ← x_l − alpha · v_l``.
+``ablate_direction(model, r)`` removes a direction from every write to the residual stream.
+The same interventions as weight edits: :mod:`cna_lens.edit`.
 """
 
 from __future__ import annotations
@@ -18,11 +20,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .attribute import check_hook, hook_name
-from .models import HookedModel
+from .edit import unit_directions
+from .hooks import FwdHook, HookedModel, check_hook, hook_name
 from .neurons import NeuronSet
-
-FwdHook = tuple[str, Callable[[Tensor, object], Tensor]]
 
 
 def _scale_hook(idx: Tensor, scale: float) -> Callable[[Tensor, object], Tensor]:
@@ -113,4 +113,44 @@ def steer(
     if vectors.shape[0] != model.cfg.n_layers:
         raise ValueError(f"vectors have {vectors.shape[0]} layers, the model {model.cfg.n_layers}")
     with model.hooks(fwd_hooks=steering_hooks(vectors, alpha, hook, layers)):
+        yield model
+
+
+def _project_hook(r: Tensor) -> Callable[[Tensor, object], Tensor]:
+    cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def hook(act: Tensor, hook: object) -> Tensor:
+        key = (act.device, act.dtype)
+        u = cache.get(key)
+        if u is None:
+            u = cache[key] = r.to(act.device, act.dtype)
+        return act - (act @ u).unsqueeze(-1) * u
+
+    return hook
+
+
+def direction_hooks(directions: Float[Tensor, "layer d_model"], unembed: bool = False) -> list[FwdHook]:
+    """``fwd_hooks`` equal to :func:`ablate_direction` for unit ``directions`` (one per layer)."""
+    hooks = [("hook_embed", _project_hook(directions[0]))]
+    for layer in range(directions.shape[0]):
+        hooks += [(hook_name(layer, h), _project_hook(directions[layer])) for h in ("hook_attn_out", "hook_mlp_out")]
+    if unembed:
+        hooks.append(("unembed.hook_in", _project_hook(directions[0])))  # tied: the embedding's r_0
+    return hooks
+
+
+@contextmanager
+def ablate_direction(
+    model: HookedModel, direction: Float[Tensor, "*layer d_model"], unembed: bool = False
+) -> Iterator[HookedModel]:
+    """Directional ablation (Arditi et al.): ``x ← x − (x·r) r`` on every write to the residual stream.
+
+    ``r = direction / ‖direction‖`` is removed after the embedding (``hook_embed``) and from each
+    block's attention and MLP outputs (``hook_attn_out``, ``hook_mlp_out``), so the residual stream
+    never holds it. A ``[layer, d_model]`` direction uses ``r_l`` in block ``l`` (``r_0`` for the
+    embedding). ``unembed=True`` also projects the unembedding's input (what
+    :func:`cna_lens.edit_direction` does on a model with tied embeddings).
+    """
+    r = unit_directions(direction, model.cfg.n_layers, model.cfg.d_model)
+    with model.hooks(fwd_hooks=direction_hooks(r, unembed)):
         yield model

@@ -25,12 +25,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-log = logging.getLogger(__name__)
+from .hooks import HookedModel  # noqa: F401  (the surface the rest of cna_lens needs)
 
-#: The rest of cna_lens only needs this surface (TL 4 TransformerBridge or TL 3 HookedTransformer):
-#: ``run_with_hooks``, ``run_with_cache``, ``hooks()``, ``cfg.n_layers``/``cfg.d_mlp``,
-#: ``tokenizer`` and the hook points ``blocks.{L}.mlp.hook_post``.
-HookedModel = Any
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,10 +117,11 @@ def cache_dir() -> Path:
 
 
 def _unknown_alias(name: str) -> ValueError:
-    lines = [f"{name!r} is not a packaged alias, a local model directory, a .gguf file or a hub id."]
-    lines.append("Packaged aliases (offline):")
-    lines += [f"  {a:30s} {m.install}" for a, m in PACKAGED.items()]
-    return ValueError("\n".join(lines))
+    aliases = "; ".join(f"{a} ({m.install})" for a, m in PACKAGED.items())
+    return ValueError(
+        f"{name!r} is not a packaged alias, a local model directory, a .gguf file or a hub id; "
+        f"packaged aliases (offline): {aliases}"
+    )
 
 
 def join_parts(parts: list[Path], out: Path, expected_sha256: str | None) -> Path:
@@ -211,7 +209,8 @@ def packaged_model_dir(alias: str) -> Path:
             )
         joined = False
     else:
-        gguf = join_parts(parts, work / f"{alias}.gguf", spec.sha256)
+        # one joined file per process: a concurrent first load of the same alias deletes only its own
+        gguf = join_parts(parts, work / f"{alias}-{os.getpid()}.gguf", spec.sha256)
         joined = True
     try:
         dequantize_gguf(gguf, out, {"alias": alias, "hub_id": spec.hub_id, "sha256": spec.sha256})

@@ -138,9 +138,7 @@ class NeuronSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NeuronSet:
-        data = read_json(path, "cna_lens.NeuronSet")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {data.get('format_version')} is not {FORMAT_VERSION}")
+        data = read_json(path, "cna_lens.NeuronSet", FORMAT_VERSION)
         try:
             rows = data["neurons"]
             return cls(

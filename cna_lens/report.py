@@ -96,7 +96,7 @@ def report(results: dict[str, Any]) -> str:
         f"First-token score vs judge agreement (baseline JBB harmful): {results['judge_first_token_agreement']}",
         f"Split-half Jaccard of the chosen top set: {results['split_half_jaccard']}",
         "",
-        "Wall time per stage (s, summed over resumed sessions): "
+        "Wall time per stage (s, summed over resumed runs): "
         + ", ".join(f"{k} {v:.0f}" for k, v in results.get("timings_s", {}).items()),
         "",
     ]

@@ -42,7 +42,7 @@ from .intervene import FwdHook, check_compatible, neuron_hooks, steering_hooks
 from .models import HookedModel, load_model, model_name, resolve_dtype, weights_processed
 from .neurons import NeuronSet
 from .report import agreement, bootstrap_ci, report, summarize
-from .runs import RunDir, atomic_write_json, atomic_write_text, read_json
+from .runs import RunDir, atomic_write_json, atomic_write_text, check_config, read_json
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +292,7 @@ def reproduce(
         "xstest_limit": xstest_limit,
         "package_version": __version__,
     }
+    check_config(out, config)  # before the model loads: a wrong --out fails at once
     m = load_model(model, dtype=dtype, process_weights=process_weights) if isinstance(model, str) else model
     rep = Reproduction(m, out, config, progress)
     grid = ["baseline"] + [f"{k}:{by}:{f}" for by in rankings for f in fractions for k in ("cna", "random")]

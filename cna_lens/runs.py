@@ -42,8 +42,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def read_json(path: str | os.PathLike, kind: str) -> dict[str, Any]:
-    """Read a JSON object written by cna_lens and check its ``kind``; clear errors otherwise."""
+def read_json(path: str | os.PathLike, kind: str, version: int | None = None) -> dict[str, Any]:
+    """Read a JSON object written by cna_lens and check its ``kind`` (and ``format_version`` when
+    ``version`` is given); clear errors otherwise. Every saved result is read through here."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (expected a saved {kind})")
@@ -54,6 +55,11 @@ def read_json(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("kind") != kind:
         found = data.get("kind") if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{path} holds {found!r}, not a saved {kind}")
+    if version is not None and data.get("format_version") != version:
+        raise ValueError(
+            f"{path}: format_version {data.get('format_version')!r}, but this cna_lens reads {kind} "
+            f"format_version {version}; re-create the file with this version"
+        )
     return data
 
 
@@ -64,6 +70,26 @@ _RESUME_HINTS = {
     "dtype": lambda v: f"resume it with --dtype {v} or ",
     "process_weights": lambda v: f"resume it with --{'' if v else 'no-'}process-weights or ",
 }
+
+
+def check_config(path: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Raise if ``path`` holds a run whose ``config.json`` differs from ``config`` (the field is named).
+
+    Cheap: call it before loading a model, so a wrong ``--out`` fails at once."""
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return
+    old = read_json(cfg, "cna_lens.RunConfig")
+    old = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k in config}, **old}
+    for key in sorted(set(old) | set(config) | {"kind"}):
+        if key in ("kind", "package_version"):
+            continue
+        if old.get(key) != config.get(key):
+            hint = _RESUME_HINTS[key](old.get(key)) if key in _RESUME_HINTS else ""
+            raise ValueError(
+                f"{path} holds a run with {key}={old.get(key)!r}, not {config.get(key)!r}; "
+                f"{hint}use another --out directory (runs with different settings are never mixed)"
+            )
 
 
 class RunDir:
@@ -77,21 +103,10 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike, config: dict[str, Any]):
         self.path = Path(path)
+        check_config(self.path, config)
         self.path.mkdir(parents=True, exist_ok=True)
         cfg = self.path / "config.json"
-        if cfg.exists():
-            old = read_json(cfg, "cna_lens.RunConfig")
-            old = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k in config}, **old}
-            for key in sorted(set(old) | set(config) | {"kind"}):
-                if key in ("kind", "package_version"):
-                    continue
-                if old.get(key) != config.get(key):
-                    hint = _RESUME_HINTS[key](old.get(key)) if key in _RESUME_HINTS else ""
-                    raise ValueError(
-                        f"{self.path} holds a run with {key}={old.get(key)!r}, not {config.get(key)!r}; "
-                        f"{hint}use another --out directory (runs with different settings are never mixed)"
-                    )
-        else:
+        if not cfg.exists():
             atomic_write_json(cfg, {"kind": "cna_lens.RunConfig", **config})
         self.config = config
         self.jsonl = self.path / "completions.jsonl"
@@ -125,7 +140,7 @@ class RunDir:
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:
-        """Add the wall time of the block to ``timings.json[stage]`` (summed over resumed sessions)."""
+        """Add the wall time of the block to ``timings.json[stage]`` (summed over resumed runs)."""
         t0 = time.perf_counter()
         try:
             yield

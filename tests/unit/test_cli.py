@@ -58,16 +58,3 @@ def test_discover_then_generate(llama_dir, tmp_path, capsys):
     assert all(r["scale"] == 0.0 for r in rows)
 
 
-def test_errors_are_reported_not_raised(tmp_path, capsys):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n")
-    assert main(["discover", "--model", "no-such-model", "--positive", str(empty), "--out", str(tmp_path)]) == 2
-    assert "no prompts" in capsys.readouterr().err
-    assert main(["generate", "--model", "no-such-model", "--prompts", "jbb_harmful"]) == 2
-    assert "not a packaged alias" in capsys.readouterr().err
-
-
-def test_unknown_prompt_source_lists_datasets(capsys):
-    assert main(["generate", "--model", "x", "--prompts", "no_such_set"]) == 2
-    err = capsys.readouterr().err
-    assert "neither a prompt file nor a bundled dataset" in err and "jbb_harmful" in err

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cna_lens
-from cna_lens.engine import hf_model, steer_mlp_out, tl_hooks_active
+from cna_lens.engine import stock_model, steer_mlp_out, tl_hooks_active
 from cna_lens.generation import batches_by_length, engine_for, generate_many, greedy_tokens
 from cna_lens.prompts import encode, left_pad
 
@@ -45,6 +45,30 @@ def test_tokens_equal_an_independent_hf_generate(tiny_dir, tiny_model, prompts):
     )
 
 
+def test_a_sampling_generation_config_does_not_change_greedy_tokens(tmp_path, prompts):
+    """Hub models ship sampling defaults (temperature, top-k, repetition penalty): evaluation stays greedy."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from ..conftest import make_tiny
+
+    path = make_tiny(tmp_path / "tiny", "qwen2")
+    GenerationConfig(
+        do_sample=True, temperature=0.7, top_k=5, repetition_penalty=1.5, eos_token_id=257, bos_token_id=256
+    ).save_pretrained(path)
+    model = cna_lens.load_model(path, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    seqs = encode(model.tokenizer, prompts)
+    want = []
+    for s in seqs:
+        with torch.no_grad():
+            ids = hf.generate(
+                torch.tensor([s]), max_new_tokens=10, do_sample=False, repetition_penalty=1.0, top_k=None,
+                temperature=None, pad_token_id=258, eos_token_id=257,
+            )[0, len(s) :].tolist()
+        want.append(ids[: ids.index(257)] if 257 in ids else ids)
+    assert greedy_tokens(model, seqs, 10, batch_size=4) == want
+
+
 @torch.no_grad()
 def test_left_padding_invariance(tiny_dir, tiny_model, prompts):
     """Prompts padded to the longest one's width: the same tokens as alone, and logits as close to a
@@ -56,7 +80,7 @@ def test_left_padding_invariance(tiny_dir, tiny_model, prompts):
     assert len(long) - len(short) > 50  # real padding
     assert greedy_tokens(tiny_model, [long, short], 10)[1] == greedy_tokens(tiny_model, [short], 10)[0]
     ids, mask = left_pad(seqs, tiny_model.tokenizer.pad_token_id)
-    padded = hf_model(tiny_model)(input_ids=ids, attention_mask=mask).logits.double()
+    padded = stock_model(tiny_model)(input_ids=ids, attention_mask=mask).logits.double()
     f64 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval()
     f32 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     exact = [f64(torch.tensor([s])).logits[0] for s in seqs]
@@ -71,8 +95,8 @@ def test_left_padding_invariance(tiny_dir, tiny_model, prompts):
 
 @torch.no_grad()
 def test_engine_shares_the_bridge_tensors(tiny_model, prompts):
-    plain = hf_model(tiny_model)
-    assert plain is hf_model(tiny_model)  # built once
+    plain = stock_model(tiny_model)
+    assert plain is stock_model(tiny_model)  # built once
     assert plain.config._attn_implementation == "sdpa"
     w = tiny_model.original_model.model.layers[1].mlp.down_proj.weight
     assert plain.model.layers[1].mlp.down_proj.weight.data_ptr() == w.data_ptr()
@@ -172,7 +196,7 @@ def test_processed_weights_generate_through_tl(tiny_dir, prompts):
     """Folded weights live in TL's coordinates: no stock engine, TL's generate instead."""
     model = cna_lens.load_model(tiny_dir, dtype=torch.float32, process_weights=True)
     with pytest.raises(ValueError, match="process_weights"):
-        hf_model(model)
+        stock_model(model)
     assert engine_for(model) == "tl"
     assert len(cna_lens.generate(model, prompts[:2], max_new_tokens=3, progress=False)) == 2
 

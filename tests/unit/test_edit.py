@@ -1,0 +1,233 @@
+"""Weight edits equal the hook interventions, and restore every parameter bit for bit."""
+
+import hashlib
+import math
+
+import pytest
+import torch
+
+import cna_lens
+from cna_lens.edit import edit_direction, edit_steering, edit_weights, hf_model
+from cna_lens.intervene import ablate, ablate_direction, steer
+from cna_lens.neurons import NeuronSet
+from cna_lens.prompts import encode
+
+from ..conftest import byte_tokenizer, hf_reference, tiny_config
+
+EPS = torch.finfo(torch.float32).eps  # 2^-23: one fp32 ulp at 1.0
+
+
+def logit_tol(model, logits) -> float:
+    """fp32 bound on |Δlogit| between two orderings of the same linear algebra.
+
+    A rounding difference in one K-term dot product moves it by ~ sqrt(K)·eps relative (random-walk
+    accumulation); K ≤ max(d_mlp, d_model). Each of the 2·n_layers residual writers after the edit can
+    add the same relative error again, and both compared paths carry their own: 2 · 2·n_layers ·
+    sqrt(K) · eps · max|logit| (tiny models: ≈ 1e-4 at |logit| ≈ 10; measured ≤ 3e-5).
+    """
+    k = max(model.cfg.d_mlp, model.cfg.d_model)
+    return 4 * model.cfg.n_layers * math.sqrt(k) * EPS * float(logits.abs().max())
+
+
+def digest(model) -> str:
+    """sha256 over the raw bytes of every parameter and buffer (names included)."""
+    h = hashlib.sha256()
+    for name, t in sorted(hf_model(model).state_dict(keep_vars=False).items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def random_neurons(model, per_layer: int = 10, seed: int = 0) -> NeuronSet:
+    g = torch.Generator().manual_seed(seed)
+    layers, idx = [], []
+    for layer in range(model.cfg.n_layers):
+        for i in torch.randperm(model.cfg.d_mlp, generator=g)[:per_layer].tolist():
+            layers.append(layer)
+            idx.append(i)
+    return NeuronSet(tuple(layers), tuple(idx), (0.0,) * len(idx), model.cfg.n_layers, model.cfg.d_mlp)
+
+
+def batch(model, prompts):
+    """Prompts as one left-padded batch (every row's final real token at -1)."""
+    from cna_lens.prompts import left_pad
+
+    return left_pad(encode(model.tokenizer, prompts), model.tokenizer.pad_token_id)
+
+
+def logits(model, ids, mask):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask)
+
+
+def greedy(model, prompt: str, n: int = 8) -> list[int]:
+    """Greedy continuation by full forwards (no cache: independent of any generation engine)."""
+    ids = torch.tensor([encode(model.tokenizer, [prompt])[0]])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, -n:].tolist()
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.5, -0.3])
+def test_edit_weights_equals_ablate(tiny_model, prompts, scale):
+    neurons = random_neurons(tiny_model)
+    ids, mask = batch(tiny_model, prompts)
+    base = logits(tiny_model, ids, mask)
+    with ablate(tiny_model, neurons, scale):
+        hooked = logits(tiny_model, ids, mask)
+        hooked_tokens = [greedy(tiny_model, p) for p in prompts[:3]]
+    with edit_weights(tiny_model, neurons, scale):
+        edited = logits(tiny_model, ids, mask)
+        edited_tokens = [greedy(tiny_model, p) for p in prompts[:3]]
+    assert (hooked - base).abs().max() > 0.1  # the intervention does something
+    if scale == 0.0:  # zero products in the same kernel: bit-identical
+        assert torch.equal(edited, hooked)
+    else:
+        torch.testing.assert_close(edited, hooked, atol=logit_tol(tiny_model, hooked), rtol=0)
+    assert edited_tokens == hooked_tokens
+    assert torch.equal(logits(tiny_model, ids, mask), base)  # restored
+
+
+def test_plain_hf_model_edit_equals_bridge_hook(tiny_dir, tiny_model, prompts):
+    hf = hf_reference(tiny_dir)
+    neurons = random_neurons(tiny_model, seed=1)
+    ids = torch.tensor([encode(tiny_model.tokenizer, [prompts[1]])[0]])
+    before = digest(hf)
+    with ablate(tiny_model, neurons, 0.0):
+        hooked = logits(tiny_model, ids, None)
+    with edit_weights(hf, neurons, 0.0), torch.no_grad():
+        edited = hf(ids).logits
+    # two engines (bridge vs plain HF eager attention): rounding only
+    torch.testing.assert_close(edited, hooked, atol=logit_tol(tiny_model, hooked), rtol=0)
+    assert digest(hf) == before
+
+
+@pytest.mark.parametrize("which", ["weights", "direction"])
+def test_restored_bit_for_bit_on_exception(tiny_model, which):
+    before = digest(tiny_model)
+    r = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    edit = (
+        edit_weights(tiny_model, random_neurons(tiny_model), 1.7)
+        if which == "weights"
+        else edit_direction(tiny_model, r)
+    )
+    with pytest.raises(RuntimeError, match="inside"), edit:
+        assert digest(tiny_model) != before  # the weights really changed
+        raise RuntimeError("inside the block")
+    assert digest(tiny_model) == before
+
+
+def test_only_touched_columns_are_saved(tiny_model):
+    neurons = random_neurons(tiny_model, per_layer=3)
+    w = hf_model(tiny_model).model.layers[2].mlp.down_proj.weight
+    cols = sorted(neurons.by_layer()[2].tolist())
+    other = [i for i in range(w.shape[1]) if i not in cols]
+    with edit_weights(tiny_model, neurons, 0.0):
+        assert w[:, cols].abs().max() == 0 and w[:, other].abs().max() > 0
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_edit_direction_equals_projection_hooks(tiny_model, prompts, per_layer):
+    g = torch.Generator().manual_seed(2)
+    shape = (tiny_model.cfg.n_layers, tiny_model.cfg.d_model) if per_layer else (tiny_model.cfg.d_model,)
+    r = torch.randn(shape, generator=g)
+    ids, mask = batch(tiny_model, prompts)
+    base = logits(tiny_model, ids, mask)
+    with ablate_direction(tiny_model, r):
+        hooked = logits(tiny_model, ids, mask)
+        hooked_tokens = [greedy(tiny_model, p) for p in prompts[:3]]
+    with edit_direction(tiny_model, r):
+        edited = logits(tiny_model, ids, mask)
+        edited_tokens = [greedy(tiny_model, p) for p in prompts[:3]]
+    assert (hooked - base).abs().max() > 0.1
+    torch.testing.assert_close(edited, hooked, atol=logit_tol(tiny_model, hooked), rtol=0)
+    assert edited_tokens == hooked_tokens
+    assert torch.equal(logits(tiny_model, ids, mask), base)
+
+
+def save_tiny(path, **overrides):
+    """A tiny Llama checkpoint with config overrides (e.g. tied embeddings, an MLP bias)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tok = byte_tokenizer()
+    cfg = LlamaConfig(**{**tiny_config("llama", len(tok)).to_dict(), **overrides})
+    torch.manual_seed(3)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # HF initialises norm weights to one and biases to zero: make them matter
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1, 0.3)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.3)
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return cna_lens.load_model(path, dtype=torch.float32)
+
+
+def test_tied_embeddings_edit_also_projects_the_unembedding(tmp_path, prompts):
+    model = save_tiny(tmp_path, tie_word_embeddings=True)
+    r = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(4))
+    ids, mask = batch(model, prompts)
+    with ablate_direction(model, r, unembed=True):
+        hooked = logits(model, ids, mask)
+    with ablate_direction(model, r, unembed=False):
+        untied = logits(model, ids, mask)
+    before = digest(model)
+    with edit_direction(model, r):
+        edited = logits(model, ids, mask)
+    assert digest(model) == before
+    torch.testing.assert_close(edited, hooked, atol=logit_tol(model, hooked), rtol=0)
+    assert (edited - untied).abs().max() > 100 * logit_tol(model, hooked)  # the unembedding term is real
+
+
+def test_edit_steering_equals_steer_where_down_proj_has_a_bias(tmp_path, prompts):
+    model = save_tiny(tmp_path, mlp_bias=True)
+    vectors = torch.randn(model.cfg.n_layers, model.cfg.d_model, generator=torch.Generator().manual_seed(5))
+    ids, mask = batch(model, prompts)
+    base, before = logits(model, ids, mask), digest(model)
+    for layers in (None, [1, 3]):
+        with steer(model, vectors, 0.7, layers=layers):
+            hooked = logits(model, ids, mask)
+        with edit_steering(model, vectors, 0.7, layers=layers):
+            edited = logits(model, ids, mask)
+        assert (hooked - base).abs().max() > 0.1
+        torch.testing.assert_close(edited, hooked, atol=logit_tol(model, hooked), rtol=0)
+    with pytest.raises(RuntimeError), edit_steering(model, vectors, 0.7):
+        raise RuntimeError
+    assert digest(model) == before
+
+
+def test_errors(tiny_model):
+    vectors = torch.zeros(tiny_model.cfg.n_layers, tiny_model.cfg.d_model)
+    with pytest.raises(NotImplementedError, match="cna_lens.steer"), edit_steering(tiny_model, vectors, 1.0):
+        pass
+    with (
+        pytest.raises(ValueError, match="hook_mlp_out"),
+        edit_steering(tiny_model, vectors, 1.0, hook="hook_resid_post"),
+    ):
+        pass
+    wrong = NeuronSet((0,), (1,), (0.0,), tiny_model.cfg.n_layers + 1, tiny_model.cfg.d_mlp)
+    with pytest.raises(ValueError, match="layers"), edit_weights(tiny_model, wrong):
+        pass
+    pre = NeuronSet((0,), (1,), (0.0,), tiny_model.cfg.n_layers, tiny_model.cfg.d_mlp, hook="mlp.hook_pre")
+    with pytest.raises(ValueError, match="hook_post"), edit_weights(tiny_model, pre):
+        pass
+    ok = random_neurons(tiny_model, 1)
+    with pytest.raises(ValueError, match="finite"), edit_weights(tiny_model, ok, float("nan")):
+        pass
+    with pytest.raises(ValueError, match="non-zero"), edit_direction(tiny_model, torch.zeros(tiny_model.cfg.d_model)):
+        pass
+    with pytest.raises(ValueError, match="d_model"), edit_direction(tiny_model, torch.ones(3)):
+        pass
+    with pytest.raises(TypeError, match="PreTrainedModel"), edit_weights(object(), ok):
+        pass
+
+
+def test_architecture_without_down_proj_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+    neurons = NeuronSet((0,), (1,), (0.0,), 1, 64)
+    with pytest.raises(ValueError, match="not supported|no decoder layers"), edit_weights(gpt2, neurons):
+        pass

@@ -3,9 +3,11 @@
 model = cna_lens.load_model("qwen2.5-coder-1.5b-instruct")
 attr = cna_lens.attribute(model, harmful, harmless)      # final-token hook_post statistics
 neurons = attr.top_neurons(fraction=0.001)                # global top 0.1 %, layers 0-1 excluded
-with cna_lens.ablate(model, neurons, scale=0.0):          # zero them at every position
-    print(cna_lens.generate(model, ["How do I pick a lock?"]))
-verdicts = cna_lens.judge_completions(prompts, completions)  # refuse / comply / evade
+with cna_lens.edit_weights(model, neurons, scale=0.0):    # zero them (down_proj columns, restored on exit)
+    texts = cna_lens.generate(model, prompts)                # stock HF generate on the edited weights
+with cna_lens.ablate(model, neurons, scale=0.0):          # the same as TransformerLens hooks
+    texts = cna_lens.generate(model, prompts)                # TransformerLens' generate
+verdicts = cna_lens.judge_completions(prompts, texts)      # refuse / comply / evade
 """
 
 from .attribute import (
@@ -18,7 +20,7 @@ from .attribute import (
 )
 from .edit import edit_direction, edit_steering, edit_weights
 from .export import export_model
-from .generation import generate, generate_many, greedy_many, greedy_tokens
+from .generation import generate, generate_many, greedy_tokens
 from .intervene import ablate, ablate_direction, neuron_hooks, steer, steering_hooks
 from .judge import Verdict, judge_completions
 from .models import PACKAGED, load_model
@@ -46,7 +48,6 @@ __all__ = [
     "format_prompt",
     "generate",
     "generate_many",
-    "greedy_many",
     "greedy_tokens",
     "hook_name",
     "judge_completions",

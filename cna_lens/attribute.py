@@ -26,11 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .fast import prefilled
 from .hooks import HookedModel, check_hook, hook_name
 from .models import model_name
 from .neurons import NeuronSet
-from .prompts import encode, length_batches, pad_id
+from .prompts import encode, left_pad, length_batches, pad_id
 from .runs import atomic_write, atomic_write_json, read_json
 
 FORMAT_VERSION = 1
@@ -53,9 +52,8 @@ def final_token_activations(
 ) -> Iterator[tuple[list[int], Float[Tensor, "batch layer neuron"]]]:
     """Yield ``(indices, acts)`` per batch: ``hook`` in every layer at each prompt's final token.
 
-    Batches are left-padded with an attention mask, so position -1 is every row's final real token;
-    their common prefix runs once (:func:`cna_lens.fast.prefilled`). The forward stops after the last
-    layer's hook.
+    Batches are left-padded with an attention mask, so position -1 is every row's final real token.
+    The forward stops after the last layer's hook.
     """
     for batch, acts in final_token_activations_multi(model, seqs, (hook,), batch_size=batch_size, bar=bar):
         yield batch, acts[hook]
@@ -69,8 +67,7 @@ def final_token_activations_multi(
     batch_size: int = 16,
     bar: tqdm | None = None,
 ) -> Iterator[tuple[list[int], dict[str, Float[Tensor, "batch layer width"]]]]:
-    """:func:`final_token_activations` of several hooks from one forward pass per batch (a batch's common
-    prefix, e.g. the chat template's system turn, runs once: :func:`cna_lens.fast.prefilled`)."""
+    """:func:`final_token_activations` of several hooks from one forward pass per batch."""
     hooks = tuple(dict.fromkeys(hooks))
     if not hooks:
         raise ValueError("give at least one hook")
@@ -79,8 +76,7 @@ def final_token_activations_multi(
     n_layers = model.cfg.n_layers
     pad = pad_id(model.tokenizer)
     for batch in length_batches([len(s) for s in seqs], batch_size):
-        # before the capture hooks are added: the prefix's last token is not a prompt's
-        ids, mask, kw = prefilled(model, [seqs[i] for i in batch], pad)
+        ids, mask = left_pad([seqs[i] for i in batch], pad, model.cfg.device)
         store: dict[str, list[Tensor | None]] = {h: [None] * n_layers for h in hooks}
         left = [n_layers * len(hooks)]  # hooks still to fire; the forward stops when none are
         fwd = [
@@ -90,7 +86,7 @@ def final_token_activations_multi(
         ]
         with torch.no_grad(), model.hooks(fwd_hooks=fwd):
             try:
-                model(ids, attention_mask=mask, **kw)
+                model(ids, attention_mask=mask)
             except _StopForward:
                 pass
         missing = [h for h in hooks if any(t is None for t in store[h])]

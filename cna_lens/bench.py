@@ -4,16 +4,15 @@ Every figure is the median (with min and max) of ``repeats`` timed runs after on
 same prompts, batch size and threads:
 
 * machine limits: matmul GFLOP/s (float32, and bfloat16 where it is native) and memory read GB/s;
-* attribution tokens/s and its fraction of the matmul limit, ``computed · F_blocks / t / limit``, where
+* attribution tokens/s and its fraction of the matmul limit, ``tokens · F_blocks / t / limit``, where
   ``F_blocks = 2 · (parameters of the blocks)`` FLOP per token (it stops after the last hook: no
-  unembedding) and ``computed`` counts each batch's shared chat prefix once (it runs once,
-  ``cna_lens.fast``); and its time relative to a plain HF ``model(ids, attention_mask)`` forward over
+  unembedding); and its time relative to a plain HF ``model(ids, attention_mask)`` forward over
   all prompt tokens;
-* greedy generation tokens/s at the given batch (finished rows leave the batch), its fraction of the
-  limit with ``computed · F_blocks + new_tokens · F_full`` FLOP (the prefill computes logits at
-  the last position only; ``F_full = F_blocks + 2 · d_model · d_vocab``), and the time under
-  ``ablate(top 0.1 %)`` relative to no intervention (also per new token: ablated models refuse
-  less and write more);
+* greedy generation tokens/s at the given batch (HF ``generate``, static batches: finished rows stay
+  until the batch ends), its fraction of the limit with ``tokens · F_blocks + new_tokens · F_full``
+  FLOP (counting emitted tokens only; the prefill computes logits at the last position only;
+  ``F_full = F_blocks + 2 · d_model · d_vocab``), and the time under ``edit_weights(top 0.1 %)``
+  relative to no intervention (also per new token: ablated models refuse less and write more);
 * the batched pipeline vs a batch-size-1 loop of the same attribution;
 * peak RSS, and its growth, during attribution of ``rss_prompts`` prompts (flat: only running sums
   are kept; the runs go from fewest to most prompts, so memory that grows with the prompts shows).
@@ -34,9 +33,8 @@ import torch
 
 from .attribute import attribute
 from .datasets import load_prompts
-from .fast import computed_tokens
-from .generation import eos_token_ids, greedy_many
-from .intervene import ablate
+from .edit import edit_weights
+from .generation import eos_token_ids, greedy_tokens
 from .models import HookedModel, model_name, native_bf16
 from .prompts import encode, left_pad, length_batches, pad_id
 
@@ -137,8 +135,9 @@ def _rss_peak_during(fn: Callable[[], Any]) -> tuple[int, int]:
 
 
 def _hf_forward(hf: Any, seqs: Sequence[Sequence[int]], pad: int, batch_size: int) -> Callable[[], None]:
-    """A plain HF ``model(input_ids, attention_mask)`` forward over the same batches. ``hf`` must be a
-    separately loaded model: the bridge's ``original_model`` runs through the bridge's components."""
+    """A plain HF ``model(input_ids, attention_mask)`` forward over the same batches. ``hf`` must be plain
+    HF modules (e.g. :func:`cna_lens.engine.stock_model`): the bridge's ``original_model`` runs through the
+    bridge's components."""
 
     def run() -> None:
         with torch.inference_mode():
@@ -171,7 +170,6 @@ def bench(
     pos, neg = harmful[: n_prompts // 2], harmless[: n_prompts - n_prompts // 2]
     seqs = encode(model.tokenizer, pos + neg)
     n_tok = sum(len(s) for s in seqs)
-    computed = computed_tokens(model, seqs, batch_size)  # the shared prefix runs once per batch
     f_blocks, f_full = flops_per_token(model, unembed=False), flops_per_token(model, unembed=True)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     # the limit of the dtype the model computes in (bf16 is only benchmarked where it is native)
@@ -186,7 +184,6 @@ def bench(
         "settings": {
             "n_prompts": len(seqs),
             "prompt_tokens": n_tok,
-            "computed_prompt_tokens": computed,
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
             "repeats": repeats,
@@ -200,7 +197,7 @@ def bench(
     say("attribution ...")
     a = _timed(attr, repeats)
     a["tokens_per_s"] = n_tok / a["median_s"]
-    a["fraction_of_limit"] = computed * f_blocks / a["median_s"] / limit
+    a["fraction_of_limit"] = n_tok * f_blocks / a["median_s"] / limit
     out["attribution"] = a
     if hf_model is not None:
         say("plain HF forward ...")
@@ -211,21 +208,21 @@ def bench(
     counts: dict[str, int] = {}
 
     def gen() -> None:
-        toks = greedy_many(model, [([], seqs)], max_new_tokens, batch_size=batch_size, eos=eos)[0]
+        toks = greedy_tokens(model, seqs, max_new_tokens, batch_size=batch_size, eos=eos)
         counts["new"] = sum(map(len, toks))
 
     say("generation ...")
     g = _timed(gen, repeats)
     g["new_tokens"] = counts["new"]
     g["new_tokens_per_s"] = counts["new"] / g["median_s"]
-    g["fraction_of_limit"] = (computed * f_blocks + counts["new"] * f_full) / g["median_s"] / limit
+    g["fraction_of_limit"] = (n_tok * f_blocks + counts["new"] * f_full) / g["median_s"] / limit
     top = attr().top_neurons(fraction=0.001)
 
     def gen_ablated() -> None:
-        with ablate(model, top):
+        with edit_weights(model, top):
             gen()
 
-    say("generation under ablate ...")
+    say("generation under edit_weights ...")
     ga = _timed(gen_ablated, repeats)
     ga["new_tokens"] = counts["new"]  # ablated models refuse less, so they often write more tokens
     per_token = (ga["median_s"] / ga["new_tokens"]) / (g["median_s"] / g["new_tokens"])

@@ -76,8 +76,9 @@ def _neurons(path: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .edit import edit_weights
     from .generation import generate
-    from .intervene import ablate
+    from .intervene import check_compatible
 
     if args.judge:
         from .judge import resolve_judge
@@ -90,7 +91,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if neurons is None:
         texts = generate(model, prompts, **kw)
     else:
-        with ablate(model, neurons, scale=args.scale):
+        check_compatible(model, neurons)
+        with edit_weights(model, neurons, scale=args.scale):
             texts = generate(model, prompts, **kw)
     rows = [
         {"prompt": p, "completion": t, "neurons": args.neurons, "scale": args.scale if neurons else None}
@@ -224,8 +226,8 @@ def side_by_side(prompt: str, left: str, right: str, width: int = 100) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .attribute import attribute
     from .datasets import load_prompts
+    from .edit import edit_weights
     from .generation import generate
-    from .intervene import ablate
 
     harmful, harmless = load_prompts("discovery_harmful"), load_prompts("discovery_harmless")
     evals = load_prompts("jbb_harmful", limit=args.n)
@@ -241,7 +243,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(layer_histogram(neurons.per_layer_counts()))
     kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     base = generate(model, evals, **kw)
-    with ablate(model, neurons, scale=args.scale):
+    with edit_weights(model, neurons, scale=args.scale):
         steered = generate(model, evals, **kw)
     width = 110
     print(f"\n{'BASELINE':<{(width - 3) // 2}} │ NEURONS × {args.scale:g}")
@@ -276,16 +278,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench, markdown
-    from .models import resolve, resolve_dtype
+    from .engine import stock_model
     from .runs import atomic_write_json, atomic_write_text, read_json
 
     model = _load(args)
-    hf = None
-    if not args.no_hf:
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_pretrained(resolve(args.model)[0], dtype=resolve_dtype(args.dtype, args.device))
-        hf = hf.to(args.device).eval()
+    hf = None if args.no_hf else stock_model(model)  # the stock engine: plain HF modules on the same weights
     res = bench(
         model,
         hf,

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .attribute import Attribution
 from .circuits import mean_refusal_score
+from .edit import edit_weights
 from .evaluate import refusal_token_ids
 from .generation import generate
 from .intervene import ablate
@@ -150,9 +151,8 @@ def cross_apply(
     base = mean_refusal_score(model_b, prompts, ids, batch_size)
     with ablate(model_b, neurons_a, scale):
         ablated = mean_refusal_score(model_b, prompts, ids, batch_size)
-        texts = (
-            generate(model_b, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
-            if max_new_tokens
-            else []
-        )
+    texts = []
+    if max_new_tokens:  # the same intervention as a weight edit: generation on the stock engine
+        with edit_weights(model_b, neurons_a, scale):
+            texts = generate(model_b, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
     return {"baseline_score": base, "ablated_score": ablated, "delta": ablated - base, "completions": texts}

@@ -3,8 +3,8 @@
 Discovery: each rank takes the prompts ``rank::world_size`` of both sets and computes its running
 sums; the sums and counts are all-reduced, so every rank ends with the same ``Attribution`` as one
 process over all prompts (``Attribution.merge`` in a collective). Ranks with no prompts contribute zeros.
-Evaluation: each rank decodes the prompts ``rank::world_size`` of every condition in its own pool
-(:func:`cna_lens.generation.generate_many`) and the texts are all-gathered, in the input order.
+Evaluation: each rank generates the prompts ``rank::world_size`` of every job under that job's
+intervention (:func:`cna_lens.generation.generate_many`) and the texts are all-gathered, in the input order.
 
     torchrun --nproc-per-node 2 -m cna_lens.distributed --model smollm2-135m-instruct --out runs/ddp
 """
@@ -19,8 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .attribute import Attribution, attribute_tokens, encode_sets
-from .generation import generate_many
-from .intervene import FwdHook
+from .generation import Job, generate_many
 from .models import HookedModel
 
 
@@ -52,9 +51,7 @@ def attribute_distributed(
     return Attribution(part.model_name, hook, int(counts[0]), int(counts[1]), stats[0], stats[1], stats[2], stats[3])
 
 
-def generate_distributed(
-    model: HookedModel, jobs: Sequence[tuple[Sequence[FwdHook], Sequence[str]]], **kwargs: Any
-) -> list[list[str]]:
+def generate_distributed(model: HookedModel, jobs: Sequence[Job], **kwargs: Any) -> list[list[str]]:
     """:func:`cna_lens.generation.generate_many` sharded over the ranks of the default process group:
     every rank returns all completions, ``out[job][i]`` for ``jobs[job][1][i]``. ``kwargs`` go to
     ``generate_many`` (``on_done`` reports a rank's own rows, with their indices in the full lists)."""
@@ -62,7 +59,7 @@ def generate_distributed(
         return generate_many(model, jobs, **kwargs)
     rank, world = dist.get_rank(), dist.get_world_size()
     on_done = kwargs.pop("on_done", None)
-    mine = [(hooks, list(prompts)[rank::world]) for hooks, prompts in jobs]
+    mine = [(make, list(prompts)[rank::world]) for make, prompts in jobs]
     keep = [j for j, (_, prompts) in enumerate(mine) if prompts]  # a rank may hold none of a job's prompts
     done = None if on_done is None else (lambda k, i, text: on_done(keep[k], rank + i * world, text))
     kwargs["progress"] = kwargs.get("progress", True) and rank == 0

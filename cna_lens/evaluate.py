@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,9 +22,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .fast import LowerBlocks, prefilled
 from .models import HookedModel, last_logits_kwargs
-from .prompts import encode, length_batches, pad_id
+from .prompts import encode, left_pad, length_batches, pad_id
 
 #: The paper's refusal patterns (case-insensitive), neural-steering experiments/jailbreak_benchmark.py.
 PAPER_PATTERNS = (
@@ -132,21 +130,16 @@ def final_logprobs(
     chat: bool | None = None,
     progress: bool = False,
     response_prefix: str = "",
-    lower: LowerBlocks | None = None,
 ) -> Float[Tensor, "prompt vocab"]:
-    """log p(next token) at the final prompt position (after ``response_prefix``), for every prompt.
-    A batch's common token prefix runs once (see :func:`cna_lens.fast.prefilled`); with ``lower``,
-    repeated calls over the same prompts skip the blocks below the active hooks
-    (:class:`cna_lens.fast.LowerBlocks`)."""
+    """log p(next token) at the final prompt position (after ``response_prefix``), for every prompt,
+    under the active hooks (left-padded batches with an attention mask)."""
     seqs = encode(model.tokenizer, prompts, chat=chat, response_prefix=response_prefix)
     out: Tensor | None = None
-    pad, prefix_kv = pad_id(model.tokenizer), {}  # the chat prefix runs once per call
+    pad = pad_id(model.tokenizer)
     with tqdm(total=len(seqs), desc="score", unit="prompt", disable=not progress) as bar:
         for batch in length_batches([len(s) for s in seqs], batch_size):
-            rows = [seqs[i] for i in batch]
-            ids, mask, kw = prefilled(model, rows, pad, prefix_kv)
-            with lower.reuse(rows, mask) if lower is not None else contextlib.nullcontext():
-                logits = model(ids, attention_mask=mask, **kw, **last_logits_kwargs(model))
+            ids, mask = left_pad([seqs[i] for i in batch], pad, model.cfg.device)
+            logits = model(ids, attention_mask=mask, **last_logits_kwargs(model))
             lp = logits[:, -1, :].float().log_softmax(-1).cpu()
             if out is None:
                 out = torch.empty(len(seqs), lp.shape[-1])

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,14 +248,6 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, str]:
     raise _unknown_alias(name)
 
 
-def setup_tokenizer(tokenizer: Any) -> Any:
-    """Left padding (final real token at position -1) and a pad token."""
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def load_model(
     name_or_path: str | os.PathLike,
     *,
@@ -262,7 +255,6 @@ def load_model(
     dtype: torch.dtype | str = "auto",
     process_weights: bool = False,
     compatibility_mode: bool = True,
-    fast_attention: bool = True,
     **boot_kwargs: Any,
 ) -> HookedModel:
     """A TransformerLens hooked model (TL 4 ``TransformerBridge`` in compatibility mode).
@@ -274,13 +266,11 @@ def load_model(
     weights and center them (HookedTransformer's processed coordinates, for weight-based analyses
     such as a logit lens on raw ``W_U``). CNA does not need it: ``hook_post`` is the same up to float
     rounding either way, and processing holds several copies of the weights while loading (the 1.5B
-    peaked at 19.6 GB processed, 6.5 GB not). ``fast_attention``: grouped-query attention without
-    TL's K/V copies and a mask built once per pass (same outputs and hook values; :mod:`cna_lens.attention`). Extra
-    keyword arguments go to ``boot_transformers`` (e.g. ``device_map="auto"``).
+    peaked at 19.6 GB processed, 6.5 GB not). Extra keyword arguments go to
+    ``boot_transformers`` (e.g. ``device_map="auto"``). cna_lens pads batches itself (left, with an
+    attention mask: :func:`cna_lens.prompts.left_pad`), so the tokenizer is used as TransformerLens sets it up.
     """
     from transformer_lens.model_bridge import TransformerBridge
-
-    from .attention import fast_attention as speed_up
 
     dtype = resolve_dtype(dtype, device)
     check_dtype(dtype, device)
@@ -299,16 +289,26 @@ def load_model(
     if fold_fp32:
         bridge.to(dtype)
     bridge.eval()
-    speed_up(bridge, fast_attention)
-    setup_tokenizer(bridge.tokenizer)
-    bridge.cna_lens_name = display
-    bridge.cna_lens_processed = bool(compatibility_mode and process_weights)
+    _LOADED[bridge] = Loaded(display, bool(compatibility_mode and process_weights))
     return bridge
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What ``load_model`` knows about a model it returned (kept beside the model, never on it)."""
+
+    name: str
+    processed: bool
+
+
+#: models returned by ``load_model`` → how they were loaded (weak keys: forgotten with the model)
+_LOADED: weakref.WeakKeyDictionary[Any, Loaded] = weakref.WeakKeyDictionary()
 
 
 def weights_processed(model: HookedModel) -> bool | None:
     """Whether ``load_model`` folded/centered the weights (None: not loaded by cna_lens)."""
-    return getattr(model, "cna_lens_processed", None)
+    info = _LOADED.get(model)
+    return None if info is None else info.processed
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -366,4 +366,5 @@ def last_logits_kwargs(model: HookedModel) -> dict[str, int]:
 
 def model_name(model: HookedModel) -> str:
     """A stable display name for a hooked model (alias where it was loaded by alias)."""
-    return getattr(model, "cna_lens_name", None) or str(getattr(model.cfg, "model_name", type(model).__name__))
+    info = _LOADED.get(model)
+    return info.name if info is not None else str(getattr(model.cfg, "model_name", type(model).__name__))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .attribute import Attribution, attribute, attribute_multi
 from .datasets import load_dataset
+from .edit import edit_weights
+from .engine import steer_mlp_out
 from .evaluate import (
     MMLU_PREFIX,
     distinct_n,
@@ -35,7 +37,6 @@ from .evaluate import (
     refusal_score,
     refusal_token_ids,
 )
-from .fast import LowerBlocks, first_changed
 from .generation import generate_many
 from .intervene import FwdHook, check_compatible, neuron_hooks, steering_hooks
 from .models import HookedModel, load_model, model_name, resolve_dtype, weights_processed
@@ -59,7 +60,6 @@ class Reproduction:
         self.run = RunDir(out, config)
         self.cfg = config
         self.out = self.run.path
-        self._sweep_lower: LowerBlocks | None = None
         with self.run.timed("discovery"):
             # CNA statistics (``mlp.hook_post``) and CAA vectors (``hook_mlp_out``: ``.diff`` per layer)
             found = self.discovery({"mlp.hook_post": "attribution", "hook_mlp_out": "caa"})
@@ -102,24 +102,34 @@ class Reproduction:
         raise ValueError(f"unknown condition {condition!r}")
 
     def intervention(self, condition: str) -> Callable[[], contextlib.AbstractContextManager]:
-        """A context manager factory that applies ``condition`` (see :meth:`hooks`)."""
+        """A context manager factory that applies ``condition`` through TransformerLens hooks (see :meth:`hooks`)."""
         hooks = self.hooks(condition)
         return lambda: self.model.hooks(fwd_hooks=hooks)
 
+    def edit(self, condition: str) -> Callable[[], contextlib.AbstractContextManager] | None:
+        """The same intervention for generation on the stock engine: CNA / random sets as exact weight
+        edits (:func:`cna_lens.edit.edit_weights`), CAA as torch hooks on the HF MLPs
+        (:func:`cna_lens.engine.steer_mlp_out`); None for the baseline."""
+        kind, *args = condition.split(":")
+        if kind == "baseline":
+            return None
+        if kind in ("cna", "random"):
+            ns = self.neurons(float(args[1]), args[0])
+            if kind == "random":
+                ns = ns.random_like(self.cfg["seed"])
+            check_compatible(self.model, ns)
+            scale = float(args[2]) if kind == "cna" and len(args) > 2 else 0.0
+            return lambda: edit_weights(self.model, ns, scale)
+        if kind == "caa":
+            return lambda: steer_mlp_out(self.model, self.caa.diff, float(args[0]))
+        raise ValueError(f"unknown condition {condition!r}")
+
     # ----------------------------------------------------------------- first-token sweep
-    def scores(
-        self, condition: str, prompts: list[str], response_prefix: str = "", lower: LowerBlocks | None = None
-    ) -> torch.Tensor:
+    def scores(self, condition: str, prompts: list[str], response_prefix: str = "") -> torch.Tensor:
         with self.intervention(condition)():
             return final_logprobs(
-                self.model, prompts, batch_size=self.cfg["batch_size"], response_prefix=response_prefix, lower=lower
+                self.model, prompts, batch_size=self.cfg["batch_size"], response_prefix=response_prefix
             )
-
-    def lower_blocks(self, conditions: Iterable[str]) -> LowerBlocks:
-        """Records for skipping, in each condition's passes, the blocks below its hooks (results unchanged)."""
-        n = self.model.cfg.n_layers
-        hooked = [[name for name, _ in self.hooks(c)] for c in conditions]
-        return LowerBlocks(self.model, {first_changed(names, n) - 1 for names in hooked if names})
 
     def sweep(self, conditions: Sequence[str]) -> dict[str, Any]:
         """Mean first-token refusal score and share > 0 on the validation harmful prompts, per condition."""
@@ -127,8 +137,6 @@ class Reproduction:
         done = read_json(path, "cna_lens.Sweep")["entries"] if path.exists() else {}
         harmful = [r["prompt"] for r in load_dataset(self.cfg["val_harmful"], self.cfg["val_limit"])]
         ids = refusal_token_ids(self.model.tokenizer)
-        if self._sweep_lower is None:  # kept for the second call: the scales share their set's blocks
-            self._sweep_lower = self.lower_blocks(conditions)
         for cond in tqdm(conditions, desc="sweep", disable=not self.progress):
             if cond in done:
                 continue
@@ -136,7 +144,7 @@ class Reproduction:
             if same in done:  # the very same computation, already scored
                 done[cond] = dict(done[same])
             else:
-                s = refusal_score(self.scores(cond, harmful, lower=self._sweep_lower), ids)
+                s = refusal_score(self.scores(cond, harmful), ids)
                 done[cond] = {
                     "mean_score": float(s.mean()),
                     "refusal_share": float((s > 0).float().mean()),
@@ -158,8 +166,9 @@ class Reproduction:
     def generations(self, plan: dict[str, Sequence[str]], n: int | None = None, spread: bool = False) -> None:
         """Greedy completions of the first ``n`` prompts (all if None; with ``spread``, ``n`` evenly spaced
         ones, which keeps every category of a set ordered by category) of each dataset in ``plan``, under
-        each of its conditions. All (dataset, condition) jobs share one continuously refilled batch
-        (:func:`cna_lens.generation.generate_many`); each completion is saved as it finishes."""
+        each of its conditions, on the stock engine under each condition's weight edit
+        (:meth:`edit`, :func:`cna_lens.generation.generate_many`); each completion is saved as its
+        batch finishes, so a stopped run resumes where it was."""
         done, jobs, meta = self.run.done(), [], []
         for dataset, conditions in plan.items():
             rows = load_dataset(dataset, None if spread else n)
@@ -168,7 +177,7 @@ class Reproduction:
             for cond in dict.fromkeys(conditions):  # the chosen point may be the paper's
                 todo = [r for r in rows if (dataset, cond, r["id"]) not in done]
                 if todo:
-                    jobs.append((self.hooks(cond), [r["prompt"] for r in todo]))
+                    jobs.append((self.edit(cond), [r["prompt"] for r in todo]))
                     meta.append((dataset, cond, todo))
 
         def save(j: int, i: int, text: str) -> None:
@@ -193,14 +202,13 @@ class Reproduction:
         harmless = [r["prompt"] for r in load_dataset(self.cfg["kl_dataset"], self.cfg["kl_limit"])]
         mmlu = load_dataset("mmlu", self.cfg["mmlu_limit"]) if self.cfg["mmlu_limit"] else []
         todo = [c for c in dict.fromkeys(conditions) if c not in done]
-        lower = self.lower_blocks(todo)
-        base = self.scores("baseline", harmless, lower=lower) if todo else None  # a finished run skips this
+        base = self.scores("baseline", harmless) if todo else None  # a finished run skips this
         for cond in tqdm(todo, desc="capability (KL, MMLU)", disable=not self.progress):
             entry: dict[str, Any] = {}
-            kl = kl_divergence(base, self.scores(cond, harmless, lower=lower))
+            kl = kl_divergence(base, self.scores(cond, harmless))
             entry["kl_mean"], entry["kl_ci"] = float(kl.mean()), bootstrap_ci(kl.tolist())
             if mmlu:
-                lp = self.scores(cond, [mmlu_prompt(r) for r in mmlu], response_prefix=MMLU_PREFIX, lower=lower)
+                lp = self.scores(cond, [mmlu_prompt(r) for r in mmlu], response_prefix=MMLU_PREFIX)
                 entry["mmlu_acc"] = mmlu_accuracy(
                     lp, [r["answer"] for r in mmlu], self.model.tokenizer, leading_space=True
                 )

@@ -28,9 +28,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .evaluate import MMLU_PREFIX, final_logprobs, mmlu_prompt, quality
-from .fast import prefilled
 from .models import HookedModel, is_bridge
-from .prompts import check_prompts, encode, length_batches, pad_id
+from .prompts import check_prompts, encode, left_pad, length_batches, pad_id
 from .report import bootstrap_ci
 
 log = logging.getLogger(__name__)
@@ -164,9 +163,8 @@ def completion_nll(
     """Per completion, ``−log p(y_t | x, y_<t)`` for each of its tokens (fp32, CPU).
 
     ``x`` is the chat-formatted prompt (:func:`cna_lens.prompts.encode`), ``y`` the completion's own
-    tokens (``add_special_tokens=False``). Batches are left-padded with a mask, the chat template's
-    shared head runs once (:func:`cna_lens.fast.prefilled`) and only the last ``max|y| + 1`` positions
-    get logits, one row's ``log_softmax`` at a time. An empty completion gives an empty tensor.
+    tokens (``add_special_tokens=False``). Batches are left-padded with a mask and only the last
+    ``max|y| + 1`` positions get logits, one row's ``log_softmax`` at a time. An empty completion gives an empty tensor.
     """
     prompts = check_prompts(prompts)
     if isinstance(completions, str) or len(completions) != len(prompts):
@@ -176,13 +174,13 @@ def completion_nll(
     ys = [list(tok(c, add_special_tokens=False)["input_ids"]) if c else [] for c in completions]
     out: list[Tensor] = [torch.empty(0)] * len(prompts)
     todo = [i for i, y in enumerate(ys) if y]
-    pad, reuse = pad_id(tok), {}
+    pad = pad_id(tok)
     with tqdm(total=len(todo), desc="perplexity", unit="completion", disable=not progress) as bar:
         for chunk in length_batches([len(xs[i]) + len(ys[i]) for i in todo], batch_size):
             batch = [todo[j] for j in chunk]
-            ids, mask, kw = prefilled(model, [xs[i] + ys[i] for i in batch], pad, reuse)
+            ids, mask = left_pad([xs[i] + ys[i] for i in batch], pad, model.cfg.device)
             keep = max(len(ys[i]) for i in batch) + 1  # the last prompt token predicts y_0
-            logits = model(ids, attention_mask=mask, **kw, **({"logits_to_keep": keep} if is_bridge(model) else {}))
+            logits = model(ids, attention_mask=mask, **({"logits_to_keep": keep} if is_bridge(model) else {}))
             logits, targets = logits[:, -keep:], ids[:, -keep:]
             for row, i in enumerate(batch):
                 c = len(ys[i])

@@ -5,7 +5,6 @@ import torch
 
 import cna_lens
 from cna_lens.attribute import final_token_activations
-from cna_lens.fast import shared_prefix
 from cna_lens.prompts import encode, left_pad
 
 from ..conftest import hf_reference
@@ -37,12 +36,10 @@ def test_hook_post_equals_hf_down_proj_input(tiny_dir, tiny_model, prompts):
     seqs = encode(tiny_model.tokenizer, prompts)
     expected = hf_down_proj_inputs(hf, seqs).double()
     assert expected.abs().max() > 1e-3  # not trivially zero
-    for share, tol in ((False, 1e-5), (True, 1e-4)):  # a shared prefix runs at batch 1: other rounding
-        got = torch.zeros_like(expected)
-        with shared_prefix(share):
-            for batch, acts in final_token_activations(tiny_model, seqs, batch_size=3):
-                got[batch] = acts
-        torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+    got = torch.zeros_like(expected)
+    for batch, acts in final_token_activations(tiny_model, seqs, batch_size=3):
+        got[batch] = acts
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_hook_post_full_sequence_matches_hf(tiny_dir, tiny_model, prompts):
@@ -146,7 +143,6 @@ def test_hook_post_matches_hf_with_and_without_weight_processing(tiny_dir, promp
     assert cna_lens.models.weights_processed(model) is process
     seqs = encode(model.tokenizer, prompts[:3])
     expected = hf_down_proj_inputs(hf_reference(tiny_dir), seqs).double()
-    with shared_prefix(False):  # the shared prefix's own rounding is tested in test_fast.py
-        pairs = list(final_token_activations(model, seqs, batch_size=2))
+    pairs = list(final_token_activations(model, seqs, batch_size=2))
     got, order = torch.cat([acts for _, acts in pairs]), [i for batch, _ in pairs for i in batch]
     torch.testing.assert_close(got, expected[order], atol=1e-5, rtol=1e-5)

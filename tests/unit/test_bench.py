@@ -50,7 +50,6 @@ def test_bench_smoke(llama_model, llama_dir):
         assert part["min_s"] <= part["median_s"] <= part["max_s"] and part["repeats"] == 1
     assert res["attribution"]["fraction_of_limit"] > 0 and res["hf_forward"]["attribution_over_hf"] > 0
     assert res["generation"]["ablated"]["new_tokens"] > 0 and res["generation"]["ablated_over_plain_per_new_token"] > 0
-    assert res["settings"]["computed_prompt_tokens"] <= res["settings"]["prompt_tokens"]
     assert 0 < res["generation"]["new_tokens"] <= 4 * 3
     assert set(res["rss_growth_mib"]) == set(res["rss_peak_mib"]) == {"8", "16"}
     assert res["rss_peak_mib"]["8"] > 10  # a real process reading, not a placeholder

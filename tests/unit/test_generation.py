@@ -1,16 +1,34 @@
-"""Batched greedy generation: equal to one-at-a-time and to plain HF ``generate``; works under ablate."""
+"""Generation on the stock engine: batching and padding change no token; weight edits + HF generate
+give the same greedy tokens as TransformerLens hooks + TransformerLens' generate."""
+
+import hashlib
 
 import pytest
 import torch
 
 import cna_lens
-from cna_lens import generation
-from cna_lens.generation import generate_many, greedy_many, greedy_tokens
-from cna_lens.intervene import steering_hooks
-from cna_lens.prompts import encode
+from cna_lens.engine import steer_mlp_out, stock_model, tl_hooks_active
+from cna_lens.generation import batches_by_length, engine_for, generate_many, greedy_tokens
+from cna_lens.prompts import encode, left_pad
 
-from ..conftest import PROMPTS, hf_reference
+from ..conftest import PROMPTS
 from .test_activations import _some_neurons
+
+
+def _hf_generate_alone(hf, tok, seqs, n):
+    """An independent plain HF model's greedy tokens, one prompt at a time (no padding)."""
+    out = []
+    for s in seqs:
+        with torch.no_grad():
+            ids = hf.generate(
+                torch.tensor([s]),
+                max_new_tokens=n,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )[0, len(s) :].tolist()
+        out.append(ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids)
+    return out
 
 
 def test_batched_equals_one_at_a_time(tiny_model, prompts):
@@ -20,136 +38,152 @@ def test_batched_equals_one_at_a_time(tiny_model, prompts):
     assert all(isinstance(t, str) for t in batched)
 
 
-def test_tokens_equal_plain_hf_generate(tiny_dir, tiny_model, prompts):
-    hf = hf_reference(tiny_dir)
-    tok = tiny_model.tokenizer
-    seqs = encode(tok, prompts)
-    ours = greedy_tokens(tiny_model, seqs, max_new_tokens=10)
-    for s, got in zip(seqs, ours):
+def test_tokens_equal_an_independent_hf_generate(tiny_dir, tiny_model, prompts):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    seqs = encode(tiny_model.tokenizer, prompts)
+    assert greedy_tokens(tiny_model, seqs, 10, batch_size=len(seqs)) == _hf_generate_alone(
+        hf, tiny_model.tokenizer, seqs, 10
+    )
+
+
+def test_a_sampling_generation_config_does_not_change_greedy_tokens(tmp_path, prompts):
+    """Hub models ship sampling defaults (temperature, top-k, repetition penalty): evaluation stays greedy."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from ..conftest import make_tiny
+
+    path = make_tiny(tmp_path / "tiny", "qwen2")
+    GenerationConfig(
+        do_sample=True, temperature=0.7, top_k=5, repetition_penalty=1.5, eos_token_id=257, bos_token_id=256
+    ).save_pretrained(path)
+    model = cna_lens.load_model(path, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    seqs = encode(model.tokenizer, prompts)
+    want = []
+    for s in seqs:
         with torch.no_grad():
-            out = hf.generate(
+            ids = hf.generate(
                 torch.tensor([s]),
                 max_new_tokens=10,
                 do_sample=False,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-        ref = out[0, len(s) :].tolist()
-        ref = ref[: ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref
-        assert got == ref
+                repetition_penalty=1.0,
+                top_k=None,
+                temperature=None,
+                pad_token_id=258,
+                eos_token_id=257,
+            )[0, len(s) :].tolist()
+        want.append(ids[: ids.index(257)] if 257 in ids else ids)
+    assert greedy_tokens(model, seqs, 10, batch_size=4) == want
 
 
-def test_early_exit_equals_fixed_length(tiny_model, prompts):
-    """A sequence that hits EOS leaves the batch; the others are unaffected."""
+@torch.no_grad()
+def test_left_padding_invariance(tiny_dir, tiny_model, prompts):
+    """Prompts padded to the longest one's width: the same tokens as alone, and logits as close to a
+    float64 forward as HF's own unpadded fp32 forward gets (padding must not move positions or leak)."""
+    from transformers import AutoModelForCausalLM
+
     seqs = encode(tiny_model.tokenizer, prompts)
-    free = greedy_tokens(tiny_model, seqs, max_new_tokens=8, eos=set())
-    # pretend the 3rd token of row 0 and the 1st of row 2 are EOS: those rows stop, others go on
-    eos = {free[0][2], free[2][0]}
-    stopped = greedy_tokens(tiny_model, seqs, max_new_tokens=8, eos=eos)
+    short, long = min(seqs, key=len), max(seqs, key=len)
+    assert len(long) - len(short) > 50  # real padding
+    assert greedy_tokens(tiny_model, [long, short], 10)[1] == greedy_tokens(tiny_model, [short], 10)[0]
+    ids, mask = left_pad(seqs, tiny_model.tokenizer.pad_token_id)
+    padded = stock_model(tiny_model)(input_ids=ids, attention_mask=mask).logits.double()
+    f64 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval()
+    f32 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    exact = [f64(torch.tensor([s])).logits[0] for s in seqs]
+    # fp32 rounding on these random-init models reaches ~1e-5 of logits ~10 (amplified through the
+    # layers, and varying 4x between prompts): the noise floor is the largest error of HF's own unpadded
+    # fp32 forward over all prompts. Padded rows may reach twice that; a position or mask error is O(1).
+    floor = max((f32(torch.tensor([s])).logits[0].double() - e).abs().max() for s, e in zip(seqs, exact))
+    assert 0 < floor < 1e-3
+    worst = max((padded[r, -len(s) :] - e).abs().max() for r, (s, e) in enumerate(zip(seqs, exact)))
+    assert worst <= 2 * floor
+
+
+@torch.no_grad()
+def test_engine_shares_the_bridge_tensors(tiny_model, prompts):
+    plain = stock_model(tiny_model)
+    assert plain is stock_model(tiny_model)  # built once
+    assert plain.config._attn_implementation == "sdpa"
+    w = tiny_model.original_model.model.layers[1].mlp.down_proj.weight
+    assert plain.model.layers[1].mlp.down_proj.weight.data_ptr() == w.data_ptr()
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in tiny_model.original_model.parameters())
+
+
+def _digest(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.original_model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_edit_weights_restores_every_bit(tiny_model):
+    ns = _some_neurons(tiny_model, k=60, seed=3)
+    before = _digest(tiny_model)
+    with cna_lens.edit_weights(tiny_model, ns, 0.37):
+        assert _digest(tiny_model) != before
+    assert _digest(tiny_model) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with cna_lens.edit_weights(tiny_model, ns, 0.0):
+            raise RuntimeError("boom")
+    assert _digest(tiny_model) == before
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5, 2.0])
+def test_edit_and_hf_generate_equal_hooks_and_tl_generate(tiny_model, prompts, scale):
+    """The evaluation path (exact weight edit, HF generate) against the interpretability path (TL hook,
+    TL generate): the same greedy tokens (s ∈ {0, ½, 2} scales exactly in binary floating point)."""
+    ns = _some_neurons(tiny_model, k=60, seed=3)
+    seqs = encode(tiny_model.tokenizer, prompts)
+    base = greedy_tokens(tiny_model, seqs, 10, batch_size=4)
+    with cna_lens.edit_weights(tiny_model, ns, scale):
+        assert engine_for(tiny_model) == "hf"
+        edited = greedy_tokens(tiny_model, seqs, 10, batch_size=4)
+    with cna_lens.ablate(tiny_model, ns, scale):
+        assert engine_for(tiny_model) == "tl" and tl_hooks_active(tiny_model)
+        hooked = greedy_tokens(tiny_model, seqs, 10, batch_size=4)
+    assert not tl_hooks_active(tiny_model)
+    assert edited == hooked
+    assert edited != base  # the intervention acts during generation
+
+
+def test_caa_torch_hooks_equal_tl_steering(tiny_model, prompts):
+    vectors = torch.randn(tiny_model.cfg.n_layers, tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    seqs = encode(tiny_model.tokenizer, prompts)
+    with steer_mlp_out(tiny_model, vectors, 2.0):
+        hf = greedy_tokens(tiny_model, seqs, 10, batch_size=4)
+    with cna_lens.steer(tiny_model, vectors, 2.0):
+        tl = greedy_tokens(tiny_model, seqs, 10, batch_size=4)
+    assert hf == tl and hf != greedy_tokens(tiny_model, seqs, 10, batch_size=4)
+
+
+def test_fwd_hooks_argument_routes_through_tl(tiny_model, prompts):
+    ns = _some_neurons(tiny_model, k=60, seed=3)
+    with cna_lens.ablate(tiny_model, ns):
+        want = cna_lens.generate(tiny_model, prompts[:3], max_new_tokens=8, progress=False)
+    got = cna_lens.generate(
+        tiny_model, prompts[:3], max_new_tokens=8, progress=False, fwd_hooks=cna_lens.neuron_hooks(ns)
+    )
+    assert got == want and not tl_hooks_active(tiny_model)
+
+
+def test_end_of_sequence_cuts_each_row(tiny_model, prompts):
+    seqs = encode(tiny_model.tokenizer, prompts)
+    free = greedy_tokens(tiny_model, seqs, 8, eos=[])
+    eos = [free[0][2], free[2][0]]
+    stopped = greedy_tokens(tiny_model, seqs, 8, eos=eos, batch_size=3)
     for f, s in zip(free, stopped):
         cut = next((i for i, t in enumerate(f) if t in eos), len(f))
         assert s == f[:cut]
-
-
-def test_generate_under_ablation_matches_hf_zeroed(tiny_dir, tiny_model, prompts):
-    hf = hf_reference(tiny_dir)
-    tok = tiny_model.tokenizer
-    neurons = _some_neurons(tiny_model, k=60, seed=3)
-    for layer, idx in neurons.by_layer().items():
-        hf.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
-            lambda mod, args, idx=idx: (args[0].index_fill(-1, idx, 0.0),)
-        )
-    seqs = encode(tok, prompts[:3])
-    with cna_lens.ablate(tiny_model, neurons):
-        ours = greedy_tokens(tiny_model, seqs, max_new_tokens=8)
-    base = greedy_tokens(tiny_model, seqs, max_new_tokens=8)
-    assert ours != base  # the intervention is active during generation
-    for s, got in zip(seqs, ours):
-        with torch.no_grad():
-            out = hf.generate(
-                torch.tensor([s]),
-                max_new_tokens=8,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-        ref = out[0, len(s) :].tolist()
-        assert got == (ref[: ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref)
-
-
-def test_bad_input(tiny_model):
-    with pytest.raises(ValueError, match="empty"):
-        cna_lens.generate(tiny_model, [])
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        cna_lens.generate(tiny_model, ["hi"], max_new_tokens=0)
-    with pytest.raises(ValueError, match="batch_size"):
-        cna_lens.generate(tiny_model, ["hi"], batch_size=0)
-
-
-def _jobs(model):
-    """Three conditions on the same prompts: as is, 60 neurons ablated, residual steering."""
-    seqs = encode(model.tokenizer, PROMPTS)
-    vectors = torch.randn(model.cfg.n_layers, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
-    conditions = [
-        [],
-        cna_lens.neuron_hooks(_some_neurons(model, k=60, seed=3)),
-        steering_hooks(vectors, 2.0),
-    ]
-    return [(c, seqs) for c in conditions]
-
-
-def _alone(model, jobs, max_new_tokens, eos=None):
-    out = []
-    for hooks, seqs in jobs:
-        with model.hooks(fwd_hooks=hooks):
-            out.append([greedy_tokens(model, [s], max_new_tokens, eos)[0] for s in seqs])
-    return out
-
-
-@pytest.mark.parametrize("batch_size", [1, 3, 8, 64])
-def test_pooled_conditions_equal_each_prompt_alone(tiny_model, batch_size):
-    """Rows of different conditions share a refilled batch; each row gets only its own hooks."""
-    jobs = _jobs(tiny_model)
-    alone = _alone(tiny_model, jobs, 10)
-    assert alone[0] != alone[1] and alone[0] != alone[2]  # every condition changes the tokens
-    finished, prefills = [], []
-    real = generation._prefill
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(generation, "_prefill", lambda m, rows, *a: prefills.append(rows) or real(m, rows, *a))
-        pooled = greedy_many(tiny_model, jobs, 10, batch_size=batch_size, on_done=finished.extend)
-    assert pooled == alone
-    if batch_size == 64:  # all 21 prompts at once: each job's are cut by length (less padding)
-        assert len(prefills) > len(jobs) and all(len({j for j, _ in rows}) == 1 for rows in prefills)
-    assert sorted((j, i) for j, i, _ in finished) == [(j, i) for j in range(3) for i in range(len(PROMPTS))]
-    assert all(toks == pooled[j][i] for j, i, toks in finished)
-
-
-def test_pool_refills_after_early_exits(tiny_model):
-    """Rows that hit EOS leave; new prompts are prefilled and left-padded into the running cache."""
-    jobs = _jobs(tiny_model)
-    free = _alone(tiny_model, jobs, 8, eos=set())
-    eos = {free[0][0][2], free[1][2][0], free[2][4][1]}
-    alone = _alone(tiny_model, jobs, 8, eos=eos)
-    assert sum(len(t) < 8 for job in alone for t in job) >= 3  # some rows stop early
-    calls = []
-    real = generation._merge
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(generation, "_merge", lambda *a: calls.append(1) or real(*a))
-        pooled = greedy_many(tiny_model, jobs, 8, batch_size=4, eos=eos)
-    assert pooled == alone
-    assert calls  # rows joined a running pool
-
-
-def test_pool_without_kv_cache_equals_cached(tiny_model, monkeypatch):
-    """Hooked models without an HF cache (TL 3) decode by recomputing: same tokens, same pooling."""
-    jobs = _jobs(tiny_model)
-    cached = greedy_many(tiny_model, jobs, 6, batch_size=5)
-    monkeypatch.setattr(generation, "is_bridge", lambda m: False)
-    assert greedy_many(tiny_model, jobs, 6, batch_size=5) == cached
+    assert len(stopped[2]) == 0 and len(stopped[0]) <= 2
 
 
 def test_generate_many_texts_and_callback(tiny_model):
-    jobs = [([], PROMPTS[:3]), (cna_lens.neuron_hooks(_some_neurons(tiny_model, k=60, seed=3)), PROMPTS[3:])]
+    ns = _some_neurons(tiny_model, k=60, seed=3)
+    jobs = [(None, PROMPTS[:3]), (lambda: cna_lens.edit_weights(tiny_model, ns), PROMPTS[3:])]
     seen = {}
     texts = generate_many(
         tiny_model,
@@ -162,67 +196,34 @@ def test_generate_many_texts_and_callback(tiny_model):
     assert [len(t) for t in texts] == [3, len(PROMPTS) - 3]
     assert seen == {(j, i): t for j, job in enumerate(texts) for i, t in enumerate(job)}
     assert texts[0] == cna_lens.generate(tiny_model, PROMPTS[:3], max_new_tokens=6, progress=False)
+    with cna_lens.ablate(tiny_model, ns):
+        assert texts[1] == cna_lens.generate(tiny_model, PROMPTS[3:], max_new_tokens=6, progress=False)
 
 
-def test_row_hooks_accept_in_place_hooks_that_return_none(tiny_model):
-    """TL hooks may edit the activation in place and return None; only their own rows change."""
-    seqs = encode(tiny_model.tokenizer, PROMPTS[:4])
-    ns = _some_neurons(tiny_model, k=60, seed=3)
-
-    def zero_in_place(idx):
-        def hook(act, hook):
-            act[..., idx] = 0.0
-
-        return hook
-
-    in_place = [(cna_lens.hook_name(layer), zero_in_place(idx)) for layer, idx in ns.by_layer().items()]
-    pooled = greedy_many(tiny_model, [([], seqs), (in_place, seqs)], 8, batch_size=8)
-    assert pooled == _alone(tiny_model, [([], seqs), (cna_lens.neuron_hooks(ns), seqs)], 8)
+def test_batches_by_length():
+    assert batches_by_length([3, 9, 1, 7, 5], 2) == [[1, 3], [4], [0, 2]]  # longest first
+    assert batches_by_length([4] * 10, 4) == [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]  # the fewest, even batches
+    assert batches_by_length([], 4) == []
 
 
-def _scale_mlp(layer: int, by: float):
-    return [(f"blocks.{layer}.mlp.hook_post", lambda act, hook: act * by)]
+def test_processed_weights_generate_through_tl(tiny_dir, prompts):
+    """Folded weights live in TL's coordinates: no stock engine, TL's generate instead."""
+    model = cna_lens.load_model(tiny_dir, dtype=torch.float32, process_weights=True)
+    with pytest.raises(ValueError, match="process_weights"):
+        stock_model(model)
+    assert engine_for(model) == "tl"
+    assert len(cna_lens.generate(model, prompts[:2], max_new_tokens=3, progress=False)) == 2
 
 
-@torch.no_grad()
-def test_prefill_from_lower_blocks_same_cache_and_token(tiny_model, prompts):
-    """A job's prefill that starts at block 2 from a baseline recording: the same next tokens and the
-    same K/V in every layer (the skipped blocks' taken from the recording) as running every block."""
-    from cna_lens.fast import LowerBlocks
-    from cna_lens.generation import _prefill
-
-    seqs, n = encode(tiny_model.tokenizer, prompts), tiny_model.cfg.n_layers
-    rows = [(0, i) for i in range(len(seqs))]
-    lower = LowerBlocks(tiny_model, [2])
-    base = _prefill(tiny_model, rows, seqs, True, {}, (lower, n))  # no hooks: records resid_pre[2] and K/V
-    assert lower.skipped == 0
-    with tiny_model.hooks(fwd_hooks=_scale_mlp(2, 0.5)):  # first changed: resid_pre[3]
-        plain = _prefill(tiny_model, rows, seqs, True, {})
-        new = _prefill(tiny_model, rows, seqs, True, {}, (lower, 3))
-    assert lower.skipped == 2 * len(seqs)
-    assert torch.equal(new.nxt, plain.nxt) and torch.equal(new.mask, plain.mask)
-    for a, b in zip(new.cache.layers, plain.cache.layers, strict=True):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
-    assert not torch.equal(new.cache.layers[3].keys, base.cache.layers[3].keys)  # the hook did act
-
-
-@torch.no_grad()
-def test_pool_reuses_lower_blocks_across_jobs(tiny_model, prompts, monkeypatch):
-    from cna_lens import fast
-
-    seqs, n = encode(tiny_model.tokenizer, prompts), tiny_model.cfg.n_layers
-    jobs = [([], seqs), (_scale_mlp(n - 1, 0.0), seqs), (_scale_mlp(1, 2.0), seqs), ([], seqs[:3])]
-    starts = []
-    real = fast.LowerBlocks._start_at
-
-    def spy(self, start, resid):
-        starts.append(start)
-        return real(self, start, resid)
-
-    monkeypatch.setattr(fast.LowerBlocks, "_start_at", spy)
-    new = greedy_many(tiny_model, jobs, 12, batch_size=4 * len(seqs))  # one refill: the same batches per job
-    assert starts and set(starts) == {n - 1, 1}
-    starts.clear()
-    assert greedy_many(tiny_model, jobs, 12, batch_size=4 * len(seqs), reuse_lower=False) == new and not starts
-    alone = [greedy_many(tiny_model, [job], 12, batch_size=len(seqs))[0] for job in jobs]
-    assert new == alone
+def test_bad_input(tiny_model):
+    with pytest.raises(ValueError, match="empty"):
+        cna_lens.generate(tiny_model, [])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        cna_lens.generate(tiny_model, ["hi"], max_new_tokens=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        cna_lens.generate(tiny_model, ["hi"], batch_size=0)
+    with pytest.raises(TypeError, match="jobs\\[0\\]"):
+        generate_many(tiny_model, [([], ["hi"])])
+    with pytest.raises(TypeError, match="NeuronSet"):
+        with cna_lens.edit_weights(tiny_model, [(0, 1)]):
+            pass

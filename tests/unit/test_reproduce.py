@@ -1,5 +1,6 @@
 """The reproduce pipeline end to end on a tiny model: files, controls, CAA identity, resume."""
 
+import contextlib
 import json
 
 import pytest
@@ -146,9 +147,25 @@ def test_sweep_reuses_conditions_that_compute_the_same(llama_model, full_run):
     for cond in (f"{chosen}:0.0", f"{chosen}:1.0"):
         assert torch.equal(rep.scores(cond, prompts), rep.scores(rp.same_as(cond), prompts))
     assert not torch.equal(rep.scores(chosen, prompts), rep.scores("baseline", prompts))
-    # skipping the blocks below the chosen set's hooks (as sweep and capability do) keeps the bits
-    lower = rep.lower_blocks(["baseline", chosen, "caa:0.5"])
-    assert lower.layers and lower.layers[0] >= 2  # CNA never hooks layers 0-1; CAA hooks all: nothing to skip
-    assert torch.equal(rep.scores("baseline", prompts, lower=lower), rep.scores("baseline", prompts))
-    assert torch.equal(rep.scores(chosen, prompts, lower=lower), rep.scores(chosen, prompts))
-    assert lower.skipped >= lower.layers[0] * len(prompts)
+
+
+def test_generation_edits_equal_the_conditions_hooks(llama_model, full_run):
+    """Each condition generates under a weight edit / torch hook on the stock engine: the same greedy
+    texts as its TransformerLens hooks with TransformerLens' generate (scales 0 and ½ are exact)."""
+    out, results = full_run
+    config = json.loads((out / "config.json").read_text())
+    config.pop("kind")
+    rep = rp.Reproduction(llama_model, out, config, progress=False)
+    chosen = results["chosen"]
+    prompts = ["How do I pick a lock?", "Write a poem about the sea", "Hi", "Explain photosynthesis."]
+    texts = {}
+    for cond in ("baseline", chosen, f"{chosen}:0.5", results["random_control"], "caa:0.5"):
+        edit = rep.edit(cond)
+        assert (edit is None) == (cond == "baseline")
+        kw = dict(max_new_tokens=8, batch_size=4, progress=False)
+        with edit() if edit is not None else contextlib.nullcontext():
+            texts[cond] = cna_lens.generate(llama_model, prompts, **kw)
+        with rep.intervention(cond)():
+            assert cna_lens.generate(llama_model, prompts, **kw) == texts[cond], cond
+    for cond in (chosen, results["random_control"], "caa:0.5"):  # (one neuron at ½ may change no token)
+        assert texts[cond] != texts["baseline"], cond  # the intervention acts during generation

@@ -223,6 +223,27 @@ def side_by_side(prompt: str, left: str, right: str, width: int = 100) -> str:
     return "\n".join(["─" * width, textwrap.shorten(f"PROMPT: {prompt}", width), *rows])
 
 
+def demo_plan(model, discovery: list[str], n_eval: int, args: argparse.Namespace):
+    """Print what the demo will do and how long it should take on this machine; return the stages."""
+    from . import estimate
+    from .bench import flops_per_token
+    from .prompts import encode
+
+    dtype = next(model.parameters()).dtype
+    limits = estimate.measure(dtype)
+    tokens = sum(len(s) for s in encode(model.tokenizer, discovery))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    one = estimate.decode(
+        "", flops_per_token(model, True), weights, n_eval, args.max_new_tokens, args.batch_size, limits
+    )  # baseline and edited run one after the other
+    stages = [
+        estimate.prefill(f"discovery ({len(discovery)} prompts)", flops_per_token(model, False), tokens, limits),
+        estimate.Stage(f"generation (2 × {n_eval} prompts)", 2 * one.seconds, one.detail),
+    ]
+    print(estimate.report(stages, limits), file=sys.stderr)
+    return stages
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .attribute import attribute
     from .datasets import load_prompts
@@ -232,9 +253,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     harmful, harmless = load_prompts("discovery_harmful"), load_prompts("discovery_harmless")
     evals = load_prompts("jbb_harmful", limit=args.n)
     model = _load(args)
+    plan = demo_plan(model, harmful + harmless, len(evals), args)
     t0 = time.time()
     attr = attribute(model, harmful, harmless, batch_size=args.batch_size)
-    print(f"\ndiscovery: {len(harmful)} harmful vs {len(harmless)} harmless prompts, {time.time() - t0:.0f}s")
+    print(
+        f"\ndiscovery: {len(harmful)} harmful vs {len(harmless)} harmless prompts, "
+        f"{time.time() - t0:.0f}s (estimated {plan[0].seconds:.0f}s)"
+    )
     neurons = _select(attr, args)
     print(
         f"top {len(neurons)} MLP neurons by {args.by} ({100 * args.fraction:g} % of "
@@ -242,9 +267,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(layer_histogram(neurons.per_layer_counts()))
     kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    t0 = time.time()
     base = generate(model, evals, **kw)
     with edit_weights(model, neurons, scale=args.scale):
         steered = generate(model, evals, **kw)
+    print(f"generation: {time.time() - t0:.0f}s (estimated {plan[1].seconds:.0f}s)")
     width = 110
     print(f"\n{'BASELINE':<{(width - 3) // 2}} │ NEURONS × {args.scale:g}")
     for p, a, b in zip(evals, base, steered):

@@ -11,6 +11,8 @@ engine reached on 2-core CPUs in fp32 and bf16 (docs/performance.md); expect ±5
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,16 +35,29 @@ class Limits:
 
 
 def measure(dtype: torch.dtype, seconds: float = 0.25) -> Limits:
-    """Best-of timings of a 1024² matmul in ``dtype`` and of a 256 MB read (about ``2·seconds``)."""
-    from .bench import matmul_gflops, memory_gbps
+    """Median timings of a 1024² matmul in ``dtype`` and of a 256 MB read over ~``seconds`` each.
+
+    The median, not the best, so that a machine shared with other work is estimated as it runs now."""
     from .models import native_bf16
 
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    x = torch.ones(64 * 2**20)
     return Limits(
         str(dtype).removeprefix("torch."),
-        matmul_gflops(dtype, 1024, seconds),
-        memory_gbps(256, seconds),
+        2 * 1024**3 / _median_time(lambda: a @ b, seconds) / 1e9,
+        x.numel() * 4 / _median_time(x.sum, seconds) / 1e9,
         native_bf16("cpu"),
     )
+
+
+def _median_time(fn, seconds: float) -> float:
+    fn()
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 3:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
-"""Write notebooks/0*.ipynb from the cell sources below (outputs are added by executing them)."""
+"""Write notebooks/0*.ipynb from the cell sources below (outputs are added by executing them).
 
+python scripts/build_notebooks.py [01_quickstart.ipynb ...]    # all notebooks when none is named
+"""
+
+import sys
 from pathlib import Path
 
 import nbformat as nbf
@@ -41,7 +45,8 @@ NOTEBOOKS = {
             "code",
             'MODEL = "smollm2-135m-instruct"  # or "qwen2.5-coder-1.5b-instruct"\n'
             'DTYPE = "auto"  # bfloat16 where the hardware runs it natively, else float32\n'
-            "FRACTION = 0.003\nN_EVAL = 6\nMAX_NEW_TOKENS = 48",
+            "FRACTION = 0.003\nN_EVAL = 6\nMAX_NEW_TOKENS = 48\n"
+            'JUDGE = "default"  # the MiniLM classifier; "regex" is instant but cannot say evade',
         ),
         ("code", SETUP),
         (
@@ -74,6 +79,42 @@ NOTEBOOKS = {
             '          f\'  ablated  [{"refuses" if judge(a).refused else "complies"}]: {a[:160]!r}\\n\')\n'
             "print('refusals: baseline', sum(judge(t).refused for t in base), '/ ablated', sum(judge(t).refused for t in ablated),\n"
             "      'of', len(prompts), '| quality', round(sum(map(quality, ablated)) / len(ablated), 3))",
+        ),
+        (
+            "md",
+            "## Three-way judge\nA refusal-phrase check calls everything without a refusal phrase compliance. "
+            "`cna_lens.judge_completions` labels each completion **refuse / comply / evade** (evade: no refusal, but no "
+            'delivery either: the opposite of the request, a lecture, a question back, empty text). `judge="default"` is '
+            'the MiniLM classifier validated against human labels; `"regex"` is the phrase check (instant, never says evade); '
+            '`"model:<id>"` asks a language model. Labels, judges and their measured agreement: `docs/judge.md`.',
+        ),
+        (
+            "code",
+            "from cna_lens.judge import rates\nv_base = cna_lens.judge_completions(prompts, base, judge=JUDGE)\n"
+            "v_abl = cna_lens.judge_completions(prompts, ablated, judge=JUDGE)\nfor p, b, a in zip(prompts, v_base, v_abl):\n"
+            "    print(f'{b.label:>7} -> {a.label:<7} ({a.confidence:.2f})  {p[:80]}')\n"
+            "for name, vs in (('baseline', v_base), ('ablated', v_abl)):\n"
+            "    print(f'{name:>8} [{vs[0].judge}]:', {k: round(v, 2) for k, v in rates(vs).items()})",
+        ),
+        (
+            "md",
+            "## Export the edited model\nScaling neuron *i* of `blocks.L.mlp.hook_post` by 0 is the same as zeroing column *i* "
+            "of layer L's `down_proj` weight. `cna_lens.export_model` writes the model with that edit as a plain Hugging Face "
+            'checkpoint (or a GGUF file for llama.cpp, `format="gguf"`), and stock `transformers` runs it with no hooks and '
+            "no cna_lens. Its greedy tokens should be the hooked model's above, up to float rounding (`docs/edit-and-export.md`).",
+        ),
+        (
+            "code",
+            "from transformers import AutoModelForCausalLM\nfrom cna_lens.prompts import encode\n"
+            "out = cna_lens.export_model(model, RUNS / 'edited', neurons=neurons, scale=0.0, force=True)\n"
+            "print(sorted(p.name for p in out.iterdir()))\n"
+            "plain = AutoModelForCausalLM.from_pretrained(out, dtype=next(model.parameters()).dtype)  # transformers only\n"
+            "tok = model.tokenizer\nfor p, a in zip(prompts, ablated):\n"
+            "    ids = torch.tensor([encode(tok, [p])[0]])\n"
+            "    gen = plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,\n"
+            "                         pad_token_id=tok.pad_token_id)\n"
+            "    first = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)\n"
+            '    print(f\'{"same" if a.startswith(first) else "DIFFERENT"}  exported: {first!r}  hooked: {a[:len(first) + 10]!r}\')',
         ),
     ],
     "02_circuit_maps.ipynb": [
@@ -169,8 +210,14 @@ NOTEBOOKS = {
 }
 
 
-def build() -> None:
+def build(names: list[str] | None = None) -> None:
+    """Write the notebooks in ``names`` (all when empty); a rewritten notebook has no outputs."""
+    unknown = sorted(set(names or ()) - NOTEBOOKS.keys())
+    if unknown:
+        raise SystemExit(f"unknown notebooks {unknown}; choose from {sorted(NOTEBOOKS)}")
     for name, cells in NOTEBOOKS.items():
+        if names and name not in names:
+            continue
         nb = nbf.v4.new_notebook()
         nb.cells = [nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells]
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -178,4 +225,4 @@ def build() -> None:
 
 
 if __name__ == "__main__":
-    build()
+    build(sys.argv[1:])

@@ -10,7 +10,7 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = {
     "01_quickstart.ipynb": 'MODEL = "smollm2-135m-instruct"\nDTYPE = "auto"\n'
-    "FRACTION = 0.001\nN_EVAL = 2\nMAX_NEW_TOKENS = 8",
+    "FRACTION = 0.001\nN_EVAL = 2\nMAX_NEW_TOKENS = 8\nJUDGE = \"regex\"",  # regex: no encoder load
     "02_circuit_maps.ipynb": 'MODEL = "smollm2-135m-instruct"\nDTYPE = "auto"\n'
     "FRACTION = 0.0005\nN_EVAL = 3\nTOP_N = 3",
     "03_base_vs_instruct.ipynb": 'MODEL_A = "smollm2-135m-instruct"\nDTYPE = "auto"\n'

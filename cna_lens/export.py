@@ -201,6 +201,16 @@ def edit_record(
     }
 
 
+def _readable(directory: Path) -> None:
+    """Give the export the permissions of a normal directory under the user's umask."""
+    from .runs import _umask
+
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for p in directory.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def export_model(
     model: HookedModel,
     out_dir: str | os.PathLike,
@@ -290,6 +300,7 @@ def export_model(
                 shutil.rmtree(scratch)
                 record["files"] = [name]
         atomic_write_json(tmp / EDIT_FILE, record)
+        _readable(tmp)  # mkdtemp (and safetensors' writer) make owner-only files
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

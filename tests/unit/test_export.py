@@ -1,6 +1,7 @@
 """Exported checkpoints reproduce the hooked model with plain transformers (HF) or its GGUF loader."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -69,6 +70,10 @@ def test_hf_export_reloads_without_cna_lens(tiny_model, prompts, tmp_path):
     before = digest(tiny_model)
     out = export_model(tiny_model, tmp_path / "edited", neurons=neurons, scale=0.0, provenance={"run": "x"})
     assert digest(tiny_model) == before  # the export's edit was undone
+    mask_bits = os.umask(0)
+    os.umask(mask_bits)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask_bits  # a normal directory, not mkdtemp's 0700
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~mask_bits for p in out.iterdir() if p.is_file())
     got, got_tokens, info = reload_in_subprocess(out, ids, mask)
     # same weights, same eager ops: measured bit-identical; the bound allows other kernels' rounding
     torch.testing.assert_close(real(got, mask), real(hooked, mask), atol=logit_tol(tiny_model, hooked), rtol=0)

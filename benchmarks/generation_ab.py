@@ -123,7 +123,7 @@ def main() -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument(
         "--attribution",
-        default=str(ROOT / "results/reproduce-qwen2.5-coder-1.5b-instruct-bf16-150/attribution"),
+        default=str(ROOT / "results/reproduce-qwen2.5-coder-1.5b-instruct/attribution"),
     )
     p.add_argument("--conditions", default="baseline,cna:abs:0.003")
     p.add_argument("--n", type=int, default=48, help="JBB harmful prompts")

@@ -223,22 +223,39 @@ def side_by_side(prompt: str, left: str, right: str, width: int = 100) -> str:
     return "\n".join(["─" * width, textwrap.shorten(f"PROMPT: {prompt}", width), *rows])
 
 
-def demo_plan(model, discovery: list[str], n_eval: int, args: argparse.Namespace):
-    """Print what the demo will do and how long it should take on this machine; return the stages."""
-    from . import estimate
-    from .bench import flops_per_token
-    from .prompts import encode
+def demo_plan(model, discovery: list[str], evals: list[str], args: argparse.Namespace):
+    """Print what the demo will do and how long it should take here, timed on a slice of the work
+    (one discovery batch, one and five decoding steps); return the stages."""
+    import math
 
-    dtype = next(model.parameters()).dtype
-    limits = estimate.measure(dtype)
-    tokens = sum(len(s) for s in encode(model.tokenizer, discovery))
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    one = estimate.decode(
-        "", flops_per_token(model, True), weights, n_eval, args.max_new_tokens, args.batch_size, limits
-    )  # baseline and edited run one after the other
+    import torch
+
+    from . import estimate
+    from .generation import generate
+    from .prompts import encode, left_pad, pad_id
+
+    limits = estimate.measure(next(model.parameters()).dtype)
+    seqs = encode(model.tokenizer, discovery[: args.batch_size])
+    ids, mask = left_pad(seqs, pad_id(model.tokenizer), model.cfg.device)
+    with torch.no_grad():
+        per_batch = estimate.timed(lambda: model(ids, attention_mask=mask))
+    kw = dict(batch_size=args.batch_size, progress=False)
+    first = estimate.timed(lambda: generate(model, evals, max_new_tokens=1, **kw))
+    five = estimate.timed(lambda: generate(model, evals, max_new_tokens=5, **kw))
+    step = max(five - first, 0.0) / 4
     stages = [
-        estimate.prefill(f"discovery ({len(discovery)} prompts)", flops_per_token(model, False), tokens, limits),
-        estimate.Stage(f"generation (2 × {n_eval} prompts)", 2 * one.seconds, one.detail),
+        estimate.extrapolate(
+            f"discovery ({len(discovery)} prompts)",
+            per_batch,
+            math.ceil(len(discovery) / args.batch_size),
+            f"one batch of {len(seqs)} took {per_batch:.1f} s",
+        ),
+        estimate.extrapolate(
+            f"generation (2 × {len(evals)} prompts)",
+            2 * (first + step * (args.max_new_tokens - 1)),
+            1,
+            f"≤ {args.max_new_tokens} tokens at {step:.2f} s per step",
+        ),
     ]
     print(estimate.report(stages, limits), file=sys.stderr)
     return stages
@@ -253,7 +270,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     harmful, harmless = load_prompts("discovery_harmful"), load_prompts("discovery_harmless")
     evals = load_prompts("jbb_harmful", limit=args.n)
     model = _load(args)
-    plan = demo_plan(model, harmful + harmless, len(evals), args)
+    plan = demo_plan(model, harmful + harmless, evals, args)
     t0 = time.time()
     attr = attribute(model, harmful, harmless, batch_size=args.batch_size)
     print(

@@ -2,16 +2,17 @@
 
 * ``old``: a checkout of the former engine (continuous-batching pool over TransformerLens with
   patched attention and KV cache; conditions as TL hooks), imported from ``--old`` as its own package;
-* ``hf``: this checkout's stock engine (HF ``generate`` on the plain HF model that shares the
-  bridge's tensors, static batches sorted by length; conditions as exact weight edits);
-* ``cb``: HF continuous batching (``generate_batch``, paged KV cache) on the same plain model and edits.
+* ``cb``: this checkout's default, HF continuous batching on the plain HF model that shares the
+  bridge's tensors (conditions as exact weight edits);
+* ``hf``: this checkout's HF ``generate`` on static batches sorted by length (same model and edits).
 
 Every engine decodes the same prompts (JBB harmful, chat-formatted), greedy, with the same batch size,
-under each condition; the model is loaded once (bf16 where native). Reports wall time, tokens
-emitted, row-steps decoded (static batches keep finished rows), and how many completions are
-token-for-token identical to the first engine's.
+under each condition; the model is loaded once (bf16 where native). Reports wall and process CPU
+time, tokens emitted, row-steps decoded (``hf``: static batches keep finished rows), and how many
+completions are token-for-token identical to the first engine's. ``--scoring`` also times the
+first-token scores (the sweep's computation) of the former code against this checkout's.
 
-python benchmarks/generation_ab.py --old /work/wt-old --out benchmarks/results/generation-ab
+python benchmarks/generation_ab.py --old /work/wt-old --engines cb,hf,old --scoring --out DIR
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
-import math
 import os
 import sys
 import time
@@ -31,9 +30,8 @@ import torch
 import cna_lens
 from cna_lens.datasets import load_prompts
 from cna_lens.edit import edit_weights
-from cna_lens.engine import stock_model
-from cna_lens.generation import batches_by_length, eos_token_ids, greedy_tokens
-from cna_lens.prompts import encode, pad_id
+from cna_lens.generation import batches_by_length, greedy_tokens
+from cna_lens.prompts import encode
 from cna_lens.runs import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,51 +67,63 @@ def run_old(old, model, seqs, conds, attr_dir, args):
     return dict(zip(conds, toks)), None
 
 
-def run_hf(model, seqs, conds, attr, args):
+def run_new(model, seqs, conds, attr, args, engine):
+    """This checkout's stock engine ``engine`` ("cb" or "hf") under each condition's weight edit."""
     out, steps = {}, 0
+
+    def count(batch, toks):
+        nonlocal steps
+        steps += len(batch) * max(map(len, toks), default=0)
+
     for c in conds:
         by, frac, scale = condition_args(c)
-        ns = attr.top_neurons(fraction=frac, by=by) if c != "baseline" else None
-
-        def count(batch, toks):
-            nonlocal steps
-            steps += len(batch) * max(map(len, toks), default=0)
-
-        if ns is None:
-            out[c] = greedy_tokens(model, seqs, args.max_new_tokens, batch_size=args.batch_size, on_batch=count)
-        else:
-            with edit_weights(model, ns, scale):
-                out[c] = greedy_tokens(model, seqs, args.max_new_tokens, batch_size=args.batch_size, on_batch=count)
+        edit = edit_weights(model, attr.top_neurons(fraction=frac, by=by), scale) if c != "baseline" else None
+        with edit if edit is not None else contextlib.nullcontext():
+            kw = dict(batch_size=args.batch_size, on_batch=count, engine=engine)
+            out[c] = greedy_tokens(model, seqs, args.max_new_tokens, **kw)
     return out, steps
 
 
-def run_cb(model, seqs, conds, attr, args):
-    """HF continuous batching, sized for the workload (the default sizing assumes a GPU's memory)."""
-    from transformers import ContinuousBatchingConfig, GenerationConfig
+def score_ab(old, model, attr, args) -> dict:
+    """First-token scoring (``final_logprobs`` under TL hooks, the sweep's computation) of baseline and
+    the CNA sets of ``--score-fractions`` on the validation prompts: the former code (shared chat
+    prefix, lower blocks, patched attention) against plain left-padded batches on TL's own attention."""
+    import importlib
 
-    plain, eos = stock_model(model), eos_token_ids(model)
-    page = 64
-    cb = ContinuousBatchingConfig(
-        page_size=page,
-        num_blocks=sum(math.ceil((len(s) + args.max_new_tokens) / page) for s in seqs) + 8,
-        max_batch_tokens=max(256, max(map(len, seqs)) * 4),
-        max_requests_per_batch=args.batch_size,
-        allow_block_sharing=False,
-    )
-    gc = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad_id(model.tokenizer)
-    )
-    out = {}
-    for c in conds:
-        by, frac, scale = condition_args(c)
-        ctx = edit_weights(model, attr.top_neurons(fraction=frac, by=by), scale) if c != "baseline" else None
-        with ctx if ctx is not None else contextlib.nullcontext():
-            res = plain.generate_batch(
-                [list(s) for s in seqs], generation_config=gc, continuous_batching_config=cb, warmup=False
+    from cna_lens.evaluate import final_logprobs
+
+    prompts = load_prompts("harmful_val", limit=args.score_n)
+    fracs = [float(f) for f in args.score_fractions.split(",")]
+    sets = {"baseline": None} | {f"cna:abs:{f}": attr.top_neurons(fraction=f, by="abs") for f in fracs}
+    o_ev, o_fast = importlib.import_module("cna_lens_old.evaluate"), importlib.import_module("cna_lens_old.fast")
+    o_attn, o_attr = importlib.import_module("cna_lens_old.attention"), old.Attribution.load(args.attribution)
+    n = model.cfg.n_layers
+    out: dict = {"prompts": len(prompts), "conditions": list(sets), "engines": {}}
+    logps = {}
+    for e in ("old", "new"):
+        o_attn.fast_attention(model, e == "old")  # the former code's attention patches: on for it only
+        t0, c0 = time.perf_counter(), time.process_time()
+        if e == "old":
+            hooks = {
+                c: [] if ns is None else old.neuron_hooks(o_attr.top_neurons(fraction=float(c.split(":")[2]), by="abs"))
+                for c, ns in sets.items()
+            }
+            lower = o_fast.LowerBlocks(
+                model, {o_fast.first_changed([h for h, _ in x], n) - 1 for x in hooks.values() if x}
             )
-        rows = [r.generated_tokens for r in res.values()]
-        out[c] = [next((r[:k] for k, t in enumerate(r) if t in eos), r) for r in rows]
-    return out, None
+            for c, x in hooks.items():
+                with model.hooks(fwd_hooks=x):
+                    logps[(e, c)] = o_ev.final_logprobs(model, prompts, batch_size=args.batch_size, lower=lower)
+        else:
+            for c, ns in sets.items():
+                with model.hooks(fwd_hooks=[] if ns is None else cna_lens.neuron_hooks(ns)):
+                    logps[(e, c)] = final_logprobs(model, prompts, batch_size=args.batch_size)
+        out["engines"][e] = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+        print(f"scoring {e}: {out['engines'][e]['wall_s']:.1f} s wall", flush=True)
+    o_attn.fast_attention(model, False)
+    out["max_abs_logprob_diff"] = {c: float((logps[("old", c)] - logps[("new", c)]).abs().max()) for c in sets}
+    out["same_argmax"] = {c: int((logps[("old", c)].argmax(-1) == logps[("new", c)].argmax(-1)).sum()) for c in sets}
+    return out
 
 
 def main() -> int:
@@ -130,15 +140,23 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=48)
     p.add_argument("--engines", default="old,hf", help="comma list of old, hf, cb, in the order run")
+    p.add_argument("--scoring", action="store_true", help="also time first-token scoring, former code vs new")
+    p.add_argument("--score-n", type=int, default=None, help="harmful_val prompts for --scoring (default: all)")
+    p.add_argument("--score-fractions", default="0.001,0.003,0.01")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     engines = args.engines.split(",")
-    if set(engines) - {"old", "hf", "cb"} or ("old" in engines and not args.old):
-        raise SystemExit("--engines: choose among old (needs --old), hf, cb")
+    if (
+        set(engines) - {"old", "hf", "hfs", "cb", ""}
+        or ("old" in engines and not args.old)
+        or (args.scoring and not args.old)
+    ):
+        raise SystemExit("--engines: choose among old (needs --old), hf, cb; --scoring needs --old")
+    engines = [e for e in engines if e]
     conds = args.conditions.split(",")
     for c in conds:
         condition_args(c)
-    old = import_old(args.old) if "old" in engines else None
+    old = import_old(args.old) if "old" in engines or args.scoring else None
     # the old engine patches the bridge it loads; the stock engine only reads that bridge's tensors
     model = (old or cna_lens).load_model(args.model, dtype=args.dtype)
     attr = cna_lens.Attribution.load(args.attribution)
@@ -162,10 +180,8 @@ def main() -> int:
         t0, c0 = time.perf_counter(), time.process_time()
         if e == "old":
             tokens[e], steps = run_old(old, model, seqs, conds, args.attribution, args)
-        elif e == "hf":
-            tokens[e], steps = run_hf(model, seqs, conds, attr, args)
         else:
-            tokens[e], steps = run_cb(model, seqs, conds, attr, args)
+            tokens[e], steps = run_new(model, seqs, conds, attr, args, e)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         emitted = sum(len(t) for c in conds for t in tokens[e][c])
         res["engines"][e] = {
@@ -178,7 +194,7 @@ def main() -> int:
             "loadavg_1min_before_after": [load0, os.getloadavg()[0]],
         }
         print(f"{e}: {wall:.1f} s wall, {cpu:.1f} s CPU, {emitted} tokens", flush=True)
-    ref = engines[0]
+    ref = engines[0] if engines else None
     for e in engines[1:]:
         same = {c: sum(a == b for a, b in zip(tokens[ref][c], tokens[e][c])) for c in conds}
         prefix = {  # identical up to where the shorter one stops (e.g. one row cut by max_new_tokens only)
@@ -187,7 +203,12 @@ def main() -> int:
         }
         res["engines"][e]["identical_to_" + ref] = same
         res["engines"][e]["same_prefix_as_" + ref] = prefix
-    texts = {e: {c: [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens[e][c]] for c in conds} for e in engines}
+    texts = {
+        e: {c: [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens[e][c]] for c in conds}
+        for e in engines
+    }
+    if args.scoring:
+        res["scoring"] = score_ab(old, model, attr, args)
     out = Path(args.out)
     atomic_write_json(out / "generation_ab.json", res)
     atomic_write_json(out / "texts.json", {"kind": "cna_lens.GenerationABTexts", "texts": texts})
@@ -198,9 +219,9 @@ def main() -> int:
     for e, r in res["engines"].items():
         ident = r.get("identical_to_" + ref)
         ident_s = ", ".join(f"{c}: {v}/{len(seqs)}" for c, v in ident.items()) if ident else "—"
-        lines.append(
-            f"| {e} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['tokens_emitted']} | {r['tokens_per_s']:.1f} | {ident_s} |"
-        )
+        row = [e, f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", str(r["tokens_emitted"])]
+        row += [f"{r['tokens_per_s']:.1f}", ident_s]
+        lines.append("| " + " | ".join(row) + " |")
     atomic_write_text(out / "generation_ab.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

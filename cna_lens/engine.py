@@ -98,9 +98,7 @@ def _same_tensors(model: HookedModel, plain: Any) -> bool:
 
 
 @contextmanager
-def steer_mlp_out(
-    model: HookedModel, vectors: Float[Tensor, "layer d_model"], alpha: float
-) -> Iterator[Any]:
+def steer_mlp_out(model: HookedModel, vectors: Float[Tensor, "layer d_model"], alpha: float) -> Iterator[Any]:
     """CAA on the stock engine: ``mlp_out_l ← mlp_out_l − alpha · v_l`` in every layer, at every position,
     as plain torch forward hooks on the plain HF model's MLP modules (removed on exit). The same sum as
     :func:`cna_lens.intervene.steer` at ``blocks.l.hook_mlp_out`` (the HF MLP's output); yields the HF model."""
@@ -118,4 +116,3 @@ def steer_mlp_out(
     finally:
         for h in handles:
             h.remove()
-

@@ -31,21 +31,23 @@ def _hf_generate_alone(hf, tok, seqs, n):
     return out
 
 
-def test_batched_equals_one_at_a_time(tiny_model, prompts):
-    batched = cna_lens.generate(tiny_model, prompts, max_new_tokens=12, batch_size=4, progress=False)
-    single = [cna_lens.generate(tiny_model, [p], max_new_tokens=12, batch_size=1, progress=False)[0] for p in prompts]
+@pytest.mark.parametrize("engine", ["cb", "hf"])
+def test_batched_equals_one_at_a_time(tiny_model, prompts, engine):
+    kw = dict(max_new_tokens=12, progress=False, engine=engine)
+    batched = cna_lens.generate(tiny_model, prompts, batch_size=4, **kw)
+    single = [cna_lens.generate(tiny_model, [p], batch_size=1, **kw)[0] for p in prompts]
     assert batched == single
     assert all(isinstance(t, str) for t in batched)
 
 
-def test_tokens_equal_an_independent_hf_generate(tiny_dir, tiny_model, prompts):
+@pytest.mark.parametrize("engine", ["cb", "hf"])
+def test_tokens_equal_an_independent_hf_generate(tiny_dir, tiny_model, prompts, engine):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     seqs = encode(tiny_model.tokenizer, prompts)
-    assert greedy_tokens(tiny_model, seqs, 10, batch_size=len(seqs)) == _hf_generate_alone(
-        hf, tiny_model.tokenizer, seqs, 10
-    )
+    want = _hf_generate_alone(hf, tiny_model.tokenizer, seqs, 10)
+    assert greedy_tokens(tiny_model, seqs, 10, batch_size=3, engine=engine) == want
 
 
 def test_a_sampling_generation_config_does_not_change_greedy_tokens(tmp_path, prompts):
@@ -75,7 +77,8 @@ def test_a_sampling_generation_config_does_not_change_greedy_tokens(tmp_path, pr
                 eos_token_id=257,
             )[0, len(s) :].tolist()
         want.append(ids[: ids.index(257)] if 257 in ids else ids)
-    assert greedy_tokens(model, seqs, 10, batch_size=4) == want
+    for engine in ("cb", "hf"):
+        assert greedy_tokens(model, seqs, 10, batch_size=4, engine=engine) == want, engine
 
 
 @torch.no_grad()
@@ -87,7 +90,8 @@ def test_left_padding_invariance(tiny_dir, tiny_model, prompts):
     seqs = encode(tiny_model.tokenizer, prompts)
     short, long = min(seqs, key=len), max(seqs, key=len)
     assert len(long) - len(short) > 50  # real padding
-    assert greedy_tokens(tiny_model, [long, short], 10)[1] == greedy_tokens(tiny_model, [short], 10)[0]
+    alone = greedy_tokens(tiny_model, [short], 10, engine="hf")[0]
+    assert greedy_tokens(tiny_model, [long, short], 10, engine="hf")[1] == alone
     ids, mask = left_pad(seqs, tiny_model.tokenizer.pad_token_id)
     padded = stock_model(tiny_model)(input_ids=ids, attention_mask=mask).logits.double()
     f64 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval()
@@ -133,17 +137,18 @@ def test_edit_weights_restores_every_bit(tiny_model):
 
 
 @pytest.mark.parametrize("scale", [0.0, 0.5, 2.0])
-def test_edit_and_hf_generate_equal_hooks_and_tl_generate(tiny_model, prompts, scale):
+def test_edit_and_stock_engine_equal_hooks_and_tl_generate(tiny_model, prompts, scale):
     """The evaluation path (exact weight edit, HF generate) against the interpretability path (TL hook,
     TL generate): the same greedy tokens (s ∈ {0, ½, 2} scales exactly in binary floating point)."""
     ns = _some_neurons(tiny_model, k=60, seed=3)
     seqs = encode(tiny_model.tokenizer, prompts)
     base = greedy_tokens(tiny_model, seqs, 10, batch_size=4)
     with cna_lens.edit_weights(tiny_model, ns, scale):
-        assert engine_for(tiny_model) == "hf"
+        assert engine_for(tiny_model) == "cb"
         edited = greedy_tokens(tiny_model, seqs, 10, batch_size=4)
+        assert greedy_tokens(tiny_model, seqs, 10, batch_size=4, engine="hf") == edited
     with cna_lens.ablate(tiny_model, ns, scale):
-        assert engine_for(tiny_model) == "tl" and tl_hooks_active(tiny_model)
+        assert engine_for(tiny_model) == engine_for(tiny_model, "cb") == "tl" and tl_hooks_active(tiny_model)
         hooked = greedy_tokens(tiny_model, seqs, 10, batch_size=4)
     assert not tl_hooks_active(tiny_model)
     assert edited == hooked
@@ -174,11 +179,12 @@ def test_end_of_sequence_cuts_each_row(tiny_model, prompts):
     seqs = encode(tiny_model.tokenizer, prompts)
     free = greedy_tokens(tiny_model, seqs, 8, eos=[])
     eos = [free[0][2], free[2][0]]
-    stopped = greedy_tokens(tiny_model, seqs, 8, eos=eos, batch_size=3)
-    for f, s in zip(free, stopped):
-        cut = next((i for i, t in enumerate(f) if t in eos), len(f))
-        assert s == f[:cut]
-    assert len(stopped[2]) == 0 and len(stopped[0]) <= 2
+    for engine in ("cb", "hf", "tl"):
+        stopped = greedy_tokens(tiny_model, seqs, 8, eos=eos, batch_size=3, engine=engine)
+        for f, s in zip(free, stopped):
+            cut = next((i for i, t in enumerate(f) if t in eos), len(f))
+            assert s == f[:cut], engine
+        assert len(stopped[2]) == 0 and len(stopped[0]) <= 2
 
 
 def test_generate_many_texts_and_callback(tiny_model):
@@ -211,7 +217,7 @@ def test_processed_weights_generate_through_tl(tiny_dir, prompts):
     model = cna_lens.load_model(tiny_dir, dtype=torch.float32, process_weights=True)
     with pytest.raises(ValueError, match="process_weights"):
         stock_model(model)
-    assert engine_for(model) == "tl"
+    assert engine_for(model) == engine_for(model, "hf") == "tl"
     assert len(cna_lens.generate(model, prompts[:2], max_new_tokens=3, progress=False)) == 2
 
 
@@ -224,6 +230,8 @@ def test_bad_input(tiny_model):
         cna_lens.generate(tiny_model, ["hi"], batch_size=0)
     with pytest.raises(TypeError, match="jobs\\[0\\]"):
         generate_many(tiny_model, [([], ["hi"])])
+    with pytest.raises(ValueError, match="engine 'vllm'"):
+        cna_lens.generate(tiny_model, ["hi"], engine="vllm")
     with pytest.raises(TypeError, match="NeuronSet"):
         with cna_lens.edit_weights(tiny_model, [(0, 1)]):
             pass

@@ -191,6 +191,15 @@ def check_args(args: Any) -> dict[str, Any]:
         resolve_judge(a["judge"])
     if a.get("neurons"):
         got["neurons"] = neurons(a["neurons"], shape)
+    if a.get("layer_alpha") is not None:
+        finite(a["layer_alpha"], "--layer-alpha")
+    if isinstance(a.get("selection"), str):
+        from .selection import Selection
+
+        try:
+            Selection.load(a["selection"])
+        except (OSError, KeyError, TypeError) as e:
+            raise ValueError(f"--selection {a['selection']}: {e}") from None
     if a.get("out"):
         writable(a["out"])
     return got

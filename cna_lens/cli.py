@@ -24,7 +24,8 @@ from .commands import (
 
 def build_parser() -> argparse.ArgumentParser:
     from .models import DTYPES
-    from .reproduce import FRACTIONS, RANKINGS
+    from .conditions import RANKINGS
+    from .reproduce import CAA_ALPHAS, FRACTIONS
 
     parser = argparse.ArgumentParser(prog="cna-lens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,12 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--max-new-tokens", type=int, default=64)
     r.add_argument("--limit", type=int, default=None, help="first N JBB prompts per split (1..100)")
-    r.add_argument("--caa-alphas", default="0.5,1.0")
-    r.add_argument("--mmlu-limit", type=int, default=57, help="MMLU questions (0 = skip)")
+    r.add_argument("--caa-alphas", default=",".join(map(str, CAA_ALPHAS)), help="CAA strengths generated")
+    r.add_argument("--layer-alpha", type=float, default=1.0, help="single-layer CAA strength generated")
+    r.add_argument("--mmlu-limit", type=int, default=None, help="MMLU items (default all 570; 0 = skip)")
     r.add_argument("--kl-limit", type=int, default=64, help="alpaca_val prompts for the KL measure")
     r.add_argument("--xstest-limit", type=int, default=100, help="XSTest safe prompts, evenly spaced (0 = skip)")
     r.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="sweep: shares of all MLP neurons")
     r.add_argument("--rankings", default=",".join(RANKINGS), help="sweep: rankings among abs,diff,effect")
+    r.add_argument("--judge", default="default", help="regex | classifier | model:<id> (default: classifier)")
+    r.add_argument("--selection", default=None, help="selection.json from `cna-lens search`, added as a condition")
+    r.add_argument("--heldout", action=argparse.BooleanOptionalAction, default=True, help="harmful_test transfer")
     r.set_defaults(func=cmd_reproduce)
 
     b = sub.add_parser("bench", help="CNA's speed as fractions of this machine's limits (JSON + markdown)")

@@ -244,7 +244,7 @@ def choose_direction_layer(
 ) -> DirectionChoice:
     """Pick the layer whose refusal direction, ablated, lowers the mean first-token refusal log-odds on
     ``val_prompts`` the most. Default candidates: layers below 0.8 · n_layers (Arditi et al.: later
-    directions act on the output tokens directly); with ``harmless``, layers whose ablation moves the
+    directions act on the output tokens directly; layer 0 holds only the final token's embedding); with ``harmless``, layers whose ablation moves the
     harmless next-token distribution by more than ``max_kl`` nats (mean KL) are skipped."""
     check_hook(model, attr_resid.hook)
     if attr_resid.n_layers != model.cfg.n_layers or attr_resid.d_mlp != model.cfg.d_model:
@@ -252,7 +252,9 @@ def choose_direction_layer(
             f"the attribution is {attr_resid.n_layers} × {attr_resid.d_mlp}; this model's residual stream is "
             f"{model.cfg.n_layers} × {model.cfg.d_model}"
         )
-    layers = list(range(max(1, int(0.8 * model.cfg.n_layers)))) if layers is None else [int(x) for x in layers]
+    # layer 0's residual is the embedding of the final token, which the chat template fixes: no contrast there
+    n = model.cfg.n_layers
+    layers = list(range(1, max(2, int(0.8 * n)))) if layers is None else [int(x) for x in layers]
     if not layers:
         raise ValueError("no candidate layers")
     directions = {layer: refusal_direction(attr_resid, layer) for layer in layers}  # checks before the passes

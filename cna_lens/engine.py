@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -98,18 +98,28 @@ def _same_tensors(model: HookedModel, plain: Any) -> bool:
 
 
 @contextmanager
-def steer_mlp_out(model: HookedModel, vectors: Float[Tensor, "layer d_model"], alpha: float) -> Iterator[Any]:
-    """CAA on the stock engine: ``mlp_out_l ← mlp_out_l − alpha · v_l`` in every layer, at every position,
-    as plain torch forward hooks on the plain HF model's MLP modules (removed on exit). The same sum as
-    :func:`cna_lens.intervene.steer` at ``blocks.l.hook_mlp_out`` (the HF MLP's output); yields the HF model."""
+def steer_mlp_out(
+    model: HookedModel,
+    vectors: Float[Tensor, "layer d_model"],
+    alpha: float,
+    layers: Sequence[int] | None = None,
+) -> Iterator[Any]:
+    """CAA on the stock engine: ``mlp_out_l ← mlp_out_l − alpha · v_l`` in every layer (or in
+    ``layers``), at every position, as plain torch forward hooks on the plain HF model's MLP modules
+    (removed on exit). The same sum as :func:`cna_lens.intervene.steer` at ``blocks.l.hook_mlp_out``
+    (the HF MLP's output); yields the HF model."""
     plain = stock_model(model)
-    layers = decoder_layers(plain)
-    if vectors.ndim != 2 or vectors.shape[0] != len(layers):
-        raise ValueError(f"vectors must be [{len(layers)} layers, d_model], got shape {tuple(vectors.shape)}")
+    blocks = decoder_layers(plain)
+    if vectors.ndim != 2 or vectors.shape[0] != len(blocks):
+        raise ValueError(f"vectors must be [{len(blocks)} layers, d_model], got shape {tuple(vectors.shape)}")
+    chosen = range(len(blocks)) if layers is None else [int(x) for x in layers]
+    if any(not 0 <= x < len(blocks) for x in chosen):
+        raise ValueError(f"layers {list(chosen)} must lie in 0..{len(blocks) - 1}")
     coef = -float(alpha)
     handles = []
     try:
-        for layer, block in enumerate(layers):
+        for layer in chosen:
+            block = blocks[layer]
             v = coef * vectors[layer].float().to(block.mlp.down_proj.weight.device, block.mlp.down_proj.weight.dtype)
             handles.append(block.mlp.register_forward_hook(lambda mod, args, out, v=v: out + v))
         yield plain

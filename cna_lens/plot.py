@@ -14,6 +14,7 @@ from plotly.subplots import make_subplots
 from .attribute import Attribution
 from .circuits import LayerMap
 from .compare import check_same_shape
+from .conditions import Condition
 from .neurons import NeuronSet
 
 log = logging.getLogger(__name__)
@@ -147,22 +148,16 @@ def layer_profiles(profiles: dict[str, dict[str, list[float]]]) -> go.Figure:
 
 def dose_response(results: dict[str, Any]) -> go.Figure:
     """First-token refusal share on the validation prompts: CNA fraction × ranking (with random
-    controls), CNA scale at the chosen point, and CAA strength α."""
-    sweep = results["sweep"]
+    controls), CNA scale at the chosen point, CAA strength α (all layers and one layer)."""
+    sweep = {Condition.parse(k): e for k, e in results["sweep"].items()}
+    chosen = Condition.parse(results["chosen"])
     fig = make_subplots(
         rows=1, cols=3, subplot_titles=("CNA: fraction of MLP neurons", "CNA: neuron scale", "CAA: strength α")
     )
-    base = sweep.get("baseline", {}).get("refusal_share")
+    base = results["sweep"].get("baseline", {}).get("refusal_share")
 
-    def entries(prefix: str) -> list[tuple[float, float, tuple[float, float]]]:
-        pts = [
-            (float(c[len(prefix) :]), e["refusal_share"], tuple(e["ci"]))
-            for c, e in sweep.items()
-            if c.startswith(prefix) and ":" not in c[len(prefix) :]
-        ]
-        return sorted(pts)
-
-    def trace(pts, name, col, dash=None):
+    def trace(select, x_of, name, col, dash=None):
+        pts = sorted((x_of(c), e["refusal_share"], tuple(e["ci"])) for c, e in sweep.items() if select(c))
         x, y, ci = zip(*pts) if pts else ((), (), ())
         fig.add_trace(
             go.Scatter(
@@ -182,11 +177,14 @@ def dose_response(results: dict[str, Any]) -> go.Figure:
             col=col,
         )
 
+    frac = lambda c: c.fraction  # noqa: E731
     for by in ("abs", "diff", "effect"):
-        trace(entries(f"cna:{by}:"), f"CNA {by}", 1)
-        trace(entries(f"random:{by}:"), f"random ({by} counts)", 1, "dot")
-    trace(entries(f"{results['chosen']}:"), f"CNA {results['chosen']}", 2)
-    trace(entries("caa:"), "CAA", 3)
+        trace(lambda c, by=by: c.kind == "cna" and c.ranking == by and c.scale is None, frac, f"CNA {by}", 1)
+        trace(lambda c, by=by: c.kind == "random" and c.ranking == by, frac, f"random ({by} counts)", 1, "dot")
+    same = lambda c: c.kind == "cna" and (c.ranking, c.fraction) == (chosen.ranking, chosen.fraction)  # noqa: E731
+    trace(lambda c: same(c) and c.scale is not None, lambda c: c.scale, f"CNA {chosen.label}", 2)
+    trace(lambda c: c.kind == "caa", lambda c: c.alpha, "CAA (all layers)", 3)
+    trace(lambda c: c.kind == "caa_layer", lambda c: c.alpha, "CAA (one layer)", 3, "dot")
     fig.update_xaxes(type="log", title_text="fraction", row=1, col=1)
     fig.update_xaxes(title_text="scale (0 = ablate, 1 = unchanged)", row=1, col=2)
     fig.update_xaxes(title_text="α", row=1, col=3)
@@ -202,6 +200,42 @@ def dose_response(results: dict[str, Any]) -> go.Figure:
         height=450,
     )
     return fig
+
+
+def method_curves(results: dict[str, Any]) -> go.Figure:
+    """Judged compliance on JBB harmful against KL on harmless prompts (left) and against MMLU
+    accuracy (right), one curve per method, every curve starting at the baseline."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("compliance vs KL", "compliance vs MMLU"))
+    for i, (method, pts) in enumerate(results.get("curves", {}).items()):
+        labels = [Condition.parse(p["condition"]).label for p in pts]
+        color = _PALETTE[i % len(_PALETTE)]
+        for col, key in ((1, "kl"), (2, "mmlu")):
+            shown = [(p[key], p["compliance"], t) for p, t in zip(pts, labels) if key in p]
+            if not shown:
+                continue
+            x, y, text = zip(*shown)
+            fig.add_trace(
+                go.Scatter(
+                    x=x, y=y, text=text, mode="lines+markers", name=method, legendgroup=method,
+                    showlegend=col == 1, line=dict(color=color), hovertemplate="%{text}<br>%{x:.3f}, %{y:.2f}",
+                ),
+                row=1,
+                col=col,
+            )  # fmt: skip
+    chosen = results.get("chosen")
+    fig.update_xaxes(title_text="KL on harmless prompts (nats)", row=1, col=1)
+    fig.update_xaxes(title_text="MMLU accuracy", row=1, col=2)
+    fig.update_yaxes(title_text="judged compliance (JBB harmful)", range=[-0.02, 1.02])
+    fig.update_layout(
+        title=f"Methods, {results['config']['model']} (chosen CNA point {chosen})",
+        template="plotly_white",
+        width=1200,
+        height=460,
+    )
+    return fig
+
+
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
 
 
 def _kl_compliance(point: Any) -> tuple[float, float, str]:

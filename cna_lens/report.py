@@ -57,47 +57,95 @@ def agreement(rows: list[dict[str, Any]], logodds: dict[str, float]) -> float | 
     return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}"
+def _pct(x: float | None) -> str:
+    return "—" if x is None or x != x else f"{100 * x:.0f}"
+
+
+def _rate(entry: dict[str, Any] | None, label: str, ci: bool = False) -> str:
+    if not entry:
+        return "—"
+    r = entry[label]
+    return f"{_pct(r['rate'])} [{_pct(r['ci'][0])}–{_pct(r['ci'][1])}]" if ci else _pct(r["rate"])
+
+
+def _num(x: Any, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
 
 
 def report(results: dict[str, Any]) -> str:
-    """A markdown table in the paper's format (refusal %, 95 % CI, quality) plus capability."""
+    """``report.md``: judged compliance (three-way judge, Wilson 95 % CIs) next to the regex refusal
+    rate, capability (KL, MMLU with McNemar p), perplexity, matched-set quality, the matched table."""
     cfg = results["config"]
-    gens = results["generations"]
+    gens = results.get("generations", {})
+    comp = results.get("compliance", {})
+    cap = results.get("capability", {})
+    ppl = results.get("perplexity", {})
+    labels = {c: v.get("label", c) for c, v in results.get("conditions", {}).items()}
     lines = [
         f"# CNA reproduction: {cfg['model']}",
         "",
         f"Status: **{results.get('status', 'complete')}**.",
         "",
-        f"Greedy, {cfg['max_new_tokens']} new tokens, dtype {cfg['dtype']}; regex judge over the first 500 "
-        f"characters. Operating point chosen on `{cfg['val_harmful']}` (first-token score): `{results['chosen']}`.",
+        f"Greedy, {cfg['max_new_tokens']} new tokens, dtype {cfg['dtype']}. Judge: `{cfg.get('judge')}` "
+        "(refuse / comply / evade, Wilson 95 % CIs); regex: refusal phrasing in the first 500 characters. "
+        f"Operating point chosen on `{cfg['val_harmful']}` (first-token score): `{results['chosen']}`.",
         "",
-        "| condition | JBB harmful refusal % [95 % CI] | quality | JBB benign refusal % | XSTest safe refusal % "
-        "| KL (alpaca) | MMLU |",
-        "|---|---|---|---|---|---|---|",
+        "## JBB harmful",
+        "",
+        "| condition | comply % [CI] | evade % | refuse % [CI] | regex refusal % | KL (alpaca) | MMLU | McNemar p "
+        "| perplexity | matched ppl (baseline) | matched quality Δ (n) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    harmful = comp.get("jbb_harmful", {})
     for cond, g in gens.get("jbb_harmful", {}).items():
-        b = gens.get("jbb_benign", {}).get(cond)
-        x = gens.get("xstest_safe", {}).get(cond)
-        xs = f"{_pct(x['refusal_rate'])} (n={x['n']})" if x else "—"
-        cap = results["capability"].get(cond, {})
-        lo, hi = g["refusal_ci"]
+        e, c, p = harmful.get(cond), cap.get(cond, {}), ppl.get(cond, {})
+        mq = (e or {}).get("matched_quality")
+        mp, mb = p.get("matched"), p.get("matched_baseline")
         lines.append(
-            f"| `{cond}` (n={g['n']}) | {_pct(g['refusal_rate'])} [{_pct(lo)}–{_pct(hi)}] | {g['quality']:.3f} | "
-            f"{_pct(b['refusal_rate']) if b else '—'} | "
-            f"{xs} | {cap.get('kl_mean', float('nan')):.3f} | "
-            f"{cap.get('mmlu_acc', float('nan')):.2f} |"
+            f"| {labels.get(cond, cond)} `{cond}` | {_rate(e, 'comply', True)} | {_rate(e, 'evade')} | "
+            f"{_rate(e, 'refuse', True)} | {_pct(g['refusal_rate'])} | {_num(c.get('kl_mean'), '.3f')} | "
+            f"{_num(c.get('mmlu_acc'), '.3f')} | {_num(c.get('mcnemar', {}).get('p'), '.2g')} | "
+            f"{_num(p.get('all', {}).get('ppl'), '.2f')} | "
+            + (f"{mp['ppl']:.2f} ({mb['ppl']:.2f}), n={mp['n']}" if mp and mp["n"] else "—")
+            + " | "
+            + (f"{mq['diff']:+.3f} ({mq['n']})" if mq else "—")
+            + " |"
         )
+    lines += ["", "## Over-refusal (judged refusal %)", "", "| condition | JBB benign | XSTest safe | regex JBB benign |"]
+    lines.append("|---|---|---|---|")
+    for cond, g in gens.get("jbb_benign", {}).items():
+        x = comp.get("xstest_safe", {}).get(cond)
+        lines.append(
+            f"| `{cond}` | {_rate(comp.get('jbb_benign', {}).get(cond), 'refuse', True)} | "
+            f"{_rate(x, 'refuse', True)} | {_pct(g['refusal_rate'])} |"
+        )
+    m = results.get("matched") or {}
+    for name, key in (("at_kl", "KL"), ("at_compliance", "compliance")):
+        if name in m:
+            lines += ["", f"## Methods at the chosen point's {key} ({m[name]['target']:.3g})", ""]
+            lines += ["| method | KL | compliance | MMLU |", "|---|---|---|---|"]
+            for method, row in m[name]["methods"].items():
+                cells = ["—"] * 3 if row is None else [_num(row.get(k), ".3f") for k in ("kl", "compliance", "mmlu")]
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    ft = results.get("first_token_vs_judge") or {}
+    held = results.get("heldout") or {}
+    jv = results.get("judge_validation") or {}
     lines += [
         "",
         "Paper (instruct → CNA-ablated JBB refusal %): " + "; ".join(f"{k} {a}→{b}" for k, (a, b) in PAPER_JBB.items()),
         "",
-        f"First-token score vs judge agreement (baseline JBB harmful): {results['judge_first_token_agreement']}",
-        f"Split-half Jaccard of the chosen top set: {results['split_half_jaccard']}",
+        "Classifier judge vs human labels: XSTest held out by model κ "
+        f"{_num(jv.get('xstest_held_out_kappa', {}).get('classifier'), '.3f')}; JBB hand labels κ "
+        f"{_num(jv.get('jbb_kappa', {}).get('classifier_cross_validated'), '.3f')} (cross-validated).",
+        f"First-token score > 0 vs judged refusal (JBB harmful, all conditions): accuracy "
+        f"{_num(ft.get('pooled_accuracy'), '.3f')} over {ft.get('n', 0)} completions; Pearson r of the "
+        f"per-condition rates {_num(ft.get('pearson_r'), '.3f')}.",
+        "Held-out transfer (harmful_test, first-token refusal share): "
+        + (", ".join(f"`{c}` {_pct(v['first_token_refusal'])} % (n={v['n']})" for c, v in held.items()) or "—"),
+        f"Refusal direction layer: {results.get('direction', {}).get('layer')}. "
+        f"Split-half Jaccard of the chosen top set: {_num(results.get('split_half_jaccard'), '.3f')}.",
         "",
-        "Wall time per stage (s, summed over resumed runs): "
-        + ", ".join(f"{k} {v:.0f}" for k, v in results.get("timings_s", {}).items()),
+        "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results.get("timings_s", {}).items()),
         "",
     ]
     return "\n".join(lines)

@@ -174,6 +174,21 @@ class RunDir:
         self._rows.extend(rows)
 
 
+def append_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Append JSON lines and fsync; a torn last line (a write stopped mid-line) is cut first."""
+    path = Path(path)
+    if path.exists():
+        data = path.read_bytes()
+        good = data.rfind(b"\n") + 1
+        if good != len(data):
+            with open(path, "r+b") as f:
+                f.truncate(good)
+    with open(path, "ab") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 @contextlib.contextmanager
 def exclusive(path: Path):
     """Hold an exclusive lock on ``path`` (released when the process ends, even by a crash): two

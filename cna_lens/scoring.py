@@ -57,6 +57,18 @@ def mmlu_letter_ids(tokenizer: Any, leading_space: bool = True) -> list[int]:
     return ids
 
 
+def mmlu_leading_space(tokenizer: Any) -> bool:
+    """Whether the answer letters are scored as ``" A"`` (True) or ``"A"``: the first form whose
+    four letters are single tokens (chat models' BPE keep ``" A"`` whole after "The answer is")."""
+    for lead in (True, False):
+        try:
+            mmlu_letter_ids(tokenizer, lead)
+            return lead
+        except ValueError:
+            continue
+    raise ValueError("the tokenizer splits both ' A'..' D' and 'A'..'D': MMLU by first-token likelihood needs single tokens")
+
+
 def mmlu_letters(logprobs: Float[Tensor, "item vocab"], tokenizer: Any, leading_space: bool = True) -> list[str]:
     """The predicted letter per item: ``argmax`` of the next-token log-probability over the four letters."""
     pred = logprobs[:, mmlu_letter_ids(tokenizer, leading_space)].argmax(-1)

@@ -8,6 +8,8 @@ import torch
 
 import cna_lens
 from cna_lens import reproduce as rp
+from cna_lens import stages
+from cna_lens.conditions import Condition
 from cna_lens.intervene import steer
 from cna_lens.runs import RunDir
 
@@ -16,12 +18,13 @@ KW = dict(
     limit=3,
     batch_size=8,
     caa_alphas=(0.5,),
-    mmlu_limit=4,
+    mmlu_limit=6,
     kl_limit=4,
     xstest_limit=4,
     val_limit=4,
     fractions=(0.001, 0.01),
     rankings=("abs", "diff"),
+    judge="regex",
     progress=False,
 )
 
@@ -39,17 +42,27 @@ def test_run_directory_contents(full_run):
         "results.json",
         "report.md",
         "completions.jsonl",
+        "verdicts.jsonl",
+        "compliance.json",
+        "perplexity.jsonl",
         "sweep.json",
+        "direction.json",
         "capability.json",
+        "first_token.json",
+        "heldout.json",
         "attribution/attribution.json",
         "caa/attribution.json",
+        "resid/attribution.json",
         "figures/dose_response.html",
+        "figures/methods.html",
         "timings.json",
     ):
         assert (out / f).exists(), f
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     keys = {(r["dataset"], r["condition"], r["prompt_id"]) for r in rows}
-    harmful = {"baseline", results["paper_point"], results["chosen"], results["random_control"], *results["caa"]}
+    harmful = set(results["conditions"])
+    kinds = {Condition.parse(c).kind for c in harmful}
+    assert kinds == {"baseline", "cna", "random", "magnitude", "top", "caa", "caa_layer", "direction"}
     # 3 JBB prompts × (harmful conditions + 2 benign) + 4 XSTest safe × (baseline, chosen)
     assert len(keys) == len(rows) == 3 * (len(harmful) + 2) + 4 * 2
     assert {r["condition"] for r in rows if r["dataset"] == "jbb_harmful"} == harmful
@@ -57,15 +70,43 @@ def test_run_directory_contents(full_run):
     xstest = {r["prompt_id"] for r in rows if r["dataset"] == "xstest_safe"}
     by_id = {r["id"]: r["category"] for r in cna_lens.datasets.load_dataset("xstest_safe")}
     assert len({by_id[i] for i in xstest}) == 4  # evenly spaced over a set ordered by category
-    assert set(results["timings_s"]) >= {"discovery", "sweep", "generate_jbb", "capability", "generate_xstest"}
-    assert results["capability"]["baseline"]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # KL = 0 without intervention
-    assert "| `baseline` (n=3)" in (out / "report.md").read_text()
+    stages_run = {"discovery", "direction", "sweep", "generate_jbb", "capability", "generate_xstest", "judge"}
+    assert set(results["timings_s"]) >= stages_run | {"perplexity", "first_token", "split_half"}
+    cap = results["capability"]
+    assert cap["baseline"]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # KL(P‖P) = 0 up to fp32 log-softmax rounding
+    assert all(c["mmlu_n"] == 6 for c in cap.values())
+    assert all(0 <= c["mcnemar"]["p"] <= 1 for k, c in cap.items() if k != "baseline")
+    labels = {"refuse", "comply", "evade"}
+    for cond in harmful:
+        e = results["compliance"]["jbb_harmful"][cond]
+        assert e["n"] == 3 and set(e) >= labels and sum(e[x]["count"] for x in labels) == 3
+    assert set(results["perplexity"]) == harmful
+    assert results["first_token_vs_judge"]["n"] == 3 * len(harmful)
+    assert set(results["heldout"]) == {"baseline", results["chosen"]}
+    assert all(pts[0]["condition"] == "baseline" for pts in results["curves"].values())
+    report = (out / "report.md").read_text()
+    assert "| baseline `baseline` |" in report and "## Over-refusal" in report
     assert results["status"] == "complete" and 0 <= results["split_half_jaccard"] <= 1
+
+
+def test_mcnemar_in_the_table_matches_the_stored_predictions(full_run):
+    """The table's p-value is recomputed from the per-item predictions the run saved."""
+    from cna_lens.scoring import mcnemar
+
+    out, results = full_run
+    entries = json.loads((out / "capability.json").read_text())["entries"]
+    answers = [r["answer"] for r in cna_lens.datasets.load_dataset("mmlu", 6)]
+    base = [p == a for p, a in zip(entries["baseline"]["mmlu_predictions"], answers)]
+    for cond, e in entries.items():
+        if cond != "baseline":
+            ok = [p == a for p, a in zip(e["mmlu_predictions"], answers)]
+            assert results["capability"][cond]["mcnemar"]["p"] == mcnemar(base, ok)[2]
+            assert results["capability"][cond]["mmlu_acc"] == sum(ok) / 6
 
 
 def test_resume_after_interruption_gives_same_results(llama_model, full_run, tmp_path, monkeypatch):
     _, ref = full_run
-    real = rp.generate_many
+    real = stages.generate_many
     n_jbb = 3 * sum(len(conds) for ds, conds in ref["generations"].items() if ds.startswith("jbb"))
 
     def flaky(*a, on_done, **k):
@@ -79,7 +120,7 @@ def test_resume_after_interruption_gives_same_results(llama_model, full_run, tmp
 
         return real(*a, on_done=interrupt, **k)
 
-    monkeypatch.setattr(rp, "generate_many", flaky)
+    monkeypatch.setattr(stages, "generate_many", flaky)
     with pytest.raises(KeyboardInterrupt):
         rp.reproduce(llama_model, tmp_path, **KW)
     rows = RunDir(tmp_path, json.loads((tmp_path / "config.json").read_text()) | {}).rows
@@ -88,9 +129,9 @@ def test_resume_after_interruption_gives_same_results(llama_model, full_run, tmp
     ref_rows = {(r["dataset"], r["condition"], r["prompt_id"]): r for r in done}
     for r in rows:
         assert r == ref_rows[(r["dataset"], r["condition"], r["prompt_id"])]
-    monkeypatch.setattr(rp, "generate_many", real)
+    monkeypatch.setattr(stages, "generate_many", real)
     again = rp.reproduce(llama_model, tmp_path, **KW)
-    for key in ("generations", "capability", "sweep", "chosen", "split_half_jaccard"):
+    for key in ("generations", "capability", "sweep", "chosen", "compliance", "perplexity", "split_half_jaccard"):
         assert again[key] == ref[key], key
 
 
@@ -120,7 +161,7 @@ def test_caa_alpha_zero_is_identity(llama_model):
 
 
 def test_bootstrap_ci():
-    lo, hi = rp.bootstrap_ci([0.0] * 50 + [1.0] * 50)
+    lo, hi = cna_lens.report.bootstrap_ci([0.0] * 50 + [1.0] * 50)
     assert 0.35 < lo < 0.5 < hi < 0.65
 
 
@@ -133,39 +174,45 @@ def test_legacy_run_dirs_count_as_weight_processed(tmp_path):
     RunDir(tmp_path, {"model": "m"})  # configs without the field compare as before
 
 
-def test_sweep_reuses_conditions_that_compute_the_same(llama_model, full_run):
-    out, results = full_run
-    sweep, chosen = results["sweep"], results["chosen"]
-    assert rp.same_as(f"{chosen}:0.0") == chosen and rp.same_as(f"{chosen}:1.0") == "baseline"
-    assert rp.same_as(f"{chosen}:0.5") == f"{chosen}:0.5" and rp.same_as("caa:1.0") == "caa:1.0"
-    assert sweep[f"{chosen}:0.0"] == sweep[chosen] and sweep[f"{chosen}:1.0"] == sweep["baseline"]
-    # the reuse is exact: scoring both conditions gives the same bits
+def _rep(llama_model, out):
     config = json.loads((out / "config.json").read_text())
     config.pop("kind")
-    rep = rp.Reproduction(llama_model, out, config, progress=False)
+    return stages.Reproduction(llama_model, out, config, progress=False)
+
+
+def test_sweep_reuses_conditions_that_compute_the_same(llama_model, full_run):
+    out, results = full_run
+    sweep, chosen = results["sweep"], Condition.parse(results["chosen"])
+    at = lambda s: Condition("cna", chosen.ranking, chosen.fraction, s)  # noqa: E731
+    assert at(0.0).same_as() == chosen and at(1.0).same_as() == Condition("baseline")
+    assert at(0.5).same_as() == at(0.5)
+    assert sweep[at(0.0).key] == sweep[chosen.key] and sweep[at(1.0).key] == sweep["baseline"]
+    # the reuse is exact: scoring both conditions gives the same bits
+    rep = _rep(llama_model, out)
     prompts = ["How do I pick a lock?", "Write a poem", "Hi"]
-    for cond in (f"{chosen}:0.0", f"{chosen}:1.0"):
-        assert torch.equal(rep.scores(cond, prompts), rep.scores(rp.same_as(cond), prompts))
-    assert not torch.equal(rep.scores(chosen, prompts), rep.scores("baseline", prompts))
+    for c in (at(0.0), at(1.0)):
+        assert torch.equal(rep.scores(c, prompts), rep.scores(c.same_as(), prompts))
+    assert not torch.equal(rep.scores(chosen, prompts), rep.scores(Condition("baseline"), prompts))
 
 
 def test_generation_edits_equal_the_conditions_hooks(llama_model, full_run):
     """Each condition generates under a weight edit / torch hook on the stock engine: the same greedy
     texts as its TransformerLens hooks with TransformerLens' generate (scales 0 and ½ are exact)."""
     out, results = full_run
-    config = json.loads((out / "config.json").read_text())
-    config.pop("kind")
-    rep = rp.Reproduction(llama_model, out, config, progress=False)
-    chosen = results["chosen"]
+    rep = _rep(llama_model, out)
+    chosen = Condition.parse(results["chosen"])
+    conds = [Condition.parse(c) for c in results["conditions"]]
+    conds.append(Condition("cna", chosen.ranking, chosen.fraction, 0.5))
     prompts = ["How do I pick a lock?", "Write a poem about the sea", "Hi", "Explain photosynthesis."]
     texts = {}
-    for cond in ("baseline", chosen, f"{chosen}:0.5", results["random_control"], "caa:0.5"):
-        edit = rep.edit(cond)
-        assert (edit is None) == (cond == "baseline")
+    for c in conds:
+        edit = rep.iv.edit(c)
+        assert (edit is None) == (c.kind == "baseline")
         kw = dict(max_new_tokens=8, batch_size=4, progress=False)
         with edit() if edit is not None else contextlib.nullcontext():
-            texts[cond] = cna_lens.generate(llama_model, prompts, **kw)
-        with rep.intervention(cond)():
-            assert cna_lens.generate(llama_model, prompts, **kw) == texts[cond], cond
-    for cond in (chosen, results["random_control"], "caa:0.5"):  # (one neuron at ½ may change no token)
-        assert texts[cond] != texts["baseline"], cond  # the intervention acts during generation
+            texts[c] = cna_lens.generate(llama_model, prompts, **kw)
+        with rep.iv.hooked(c):
+            assert cna_lens.generate(llama_model, prompts, **kw) == texts[c], c.key
+    for c in conds:
+        if c.kind in ("cna", "caa", "caa_layer", "direction") and c.scale is None:
+            assert texts[c] != texts[Condition("baseline")], c.key  # the intervention acts during generation

@@ -318,11 +318,12 @@ def attribute(
     chat: bool | None = None,
     system: str | None = None,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> Attribution:
-    """Contrast final-token ``hook`` activations of ``positive`` vs ``negative`` prompts."""
-    return attribute_multi(
-        model, positive, negative, (hook,), batch_size=batch_size, chat=chat, system=system, progress=progress
-    )[hook]
+    """Contrast final-token ``hook`` activations of ``positive`` vs ``negative`` prompts.
+    ``shard=(i, n)``: every prompt is checked and formatted, the sums cover prompts ``i::n`` of each set."""
+    options = {"batch_size": batch_size, "chat": chat, "system": system, "progress": progress, "shard": shard}
+    return attribute_multi(model, positive, negative, (hook,), **options)[hook]
 
 
 def attribute_multi(
@@ -335,11 +336,15 @@ def attribute_multi(
     chat: bool | None = None,
     system: str | None = None,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, Attribution]:
     """:func:`attribute` for several hooks at once (e.g. ``mlp.hook_post`` for CNA and ``hook_mlp_out``
     for CAA vectors) from one forward pass per prompt; equal to separate calls."""
+    i, n = shard
+    if not 0 <= i < n:
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
     pos, neg = encode_sets(model, positive, negative, hooks=hooks, chat=chat, system=system)
-    return attribute_tokens_multi(model, pos, neg, hooks, batch_size=batch_size, progress=progress)
+    return attribute_tokens_multi(model, pos[i::n], neg[i::n], hooks, batch_size=batch_size, progress=progress)
 
 
 def encode_sets(

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .hooks import HookedModel, check_hook, hook_name
 from .models import model_name
-from .neurons import NeuronSet
+from .neurons import NeuronSet, best_neurons
 from .prompts import encode, left_pad, length_batches, pad_id
 from .runs import atomic_write, atomic_write_json, read_json
 
@@ -221,39 +221,8 @@ class Attribution:
         by: str = "abs",
     ) -> NeuronSet:
         """The ``k`` best neurons across all layers (``k = round(fraction · n_layers · d_mlp)`` if None)."""
-        scores = self.scores(by).double().clone()
-        bad = [layer for layer in exclude_layers if not 0 <= layer < self.n_layers]
-        if bad:
-            raise ValueError(f"exclude_layers {bad} outside 0..{self.n_layers - 1}")
-        scores[list(exclude_layers)] = float("-inf")
-        eligible = int(torch.isfinite(scores).sum())
-        total = self.n_layers * self.d_mlp
-        if k is None:
-            if not 0 < fraction <= 1:
-                raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-            k = max(1, round(fraction * total))
-        if not 1 <= k <= eligible:
-            raise ValueError(f"k must be in 1..{eligible} (neurons outside excluded layers), got {k}")
-        flat = scores.flatten()
-        order = torch.sort(flat, descending=True, stable=True).indices[:k]
-        layers, idx = order // self.d_mlp, order % self.d_mlp
-        return NeuronSet(
-            tuple(layers.tolist()),
-            tuple(idx.tolist()),
-            tuple(flat[order].tolist()),
-            self.n_layers,
-            self.d_mlp,
-            self.hook,
-            {
-                "model": self.model_name,
-                "by": by,
-                "k": k,
-                "fraction": k / total,
-                "exclude_layers": list(exclude_layers),
-                "n_pos": self.n_pos,
-                "n_neg": self.n_neg,
-            },
-        )
+        meta = {"model": self.model_name, "by": by, "n_pos": self.n_pos, "n_neg": self.n_neg}
+        return best_neurons(self.scores(by), k, fraction, exclude_layers, self.hook, meta)
 
     @classmethod
     def merge(cls, parts: Sequence[Attribution]) -> Attribution:
@@ -318,11 +287,12 @@ def attribute(
     chat: bool | None = None,
     system: str | None = None,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> Attribution:
-    """Contrast final-token ``hook`` activations of ``positive`` vs ``negative`` prompts."""
-    return attribute_multi(
-        model, positive, negative, (hook,), batch_size=batch_size, chat=chat, system=system, progress=progress
-    )[hook]
+    """Contrast final-token ``hook`` activations of ``positive`` vs ``negative`` prompts.
+    ``shard=(i, n)``: every prompt is checked and formatted, the sums cover prompts ``i::n`` of each set."""
+    options = {"batch_size": batch_size, "chat": chat, "system": system, "progress": progress, "shard": shard}
+    return attribute_multi(model, positive, negative, (hook,), **options)[hook]
 
 
 def attribute_multi(
@@ -335,11 +305,15 @@ def attribute_multi(
     chat: bool | None = None,
     system: str | None = None,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, Attribution]:
     """:func:`attribute` for several hooks at once (e.g. ``mlp.hook_post`` for CNA and ``hook_mlp_out``
     for CAA vectors) from one forward pass per prompt; equal to separate calls."""
+    i, n = shard
+    if not 0 <= i < n:
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
     pos, neg = encode_sets(model, positive, negative, hooks=hooks, chat=chat, system=system)
-    return attribute_tokens_multi(model, pos, neg, hooks, batch_size=batch_size, progress=progress)
+    return attribute_tokens_multi(model, pos[i::n], neg[i::n], hooks, batch_size=batch_size, progress=progress)
 
 
 def encode_sets(

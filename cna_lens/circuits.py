@@ -86,37 +86,56 @@ class LayerMap:
         )
 
 
+def ablation_scores(
+    model: HookedModel,
+    prompts: Sequence[str],
+    sets: Sequence[NeuronSet],
+    *,
+    scale: float = 0.0,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "ablations",
+) -> tuple[float, list[float]]:
+    """The mean refusal score of ``prompts`` as the model is, and with each of ``sets`` alone scaled by
+    ``scale`` (0: ablated)."""
+    ids = refusal_token_ids(model.tokenizer)
+    base = mean_refusal_score(model, prompts, ids, batch_size)
+    scores = []
+    for subset in tqdm(sets, desc=desc, disable=not progress):
+        with ablate(model, subset, scale):
+            scores.append(mean_refusal_score(model, prompts, ids, batch_size))
+    return base, scores
+
+
 def layer_map(
     model: HookedModel,
     neurons: NeuronSet,
     prompts: Sequence[str],
     *,
-    scale: float = 0.0,
-    batch_size: int = 16,
     cumulative: bool = True,
-    progress: bool = True,
+    scale: float = 0.0,
+    **options: Any,
 ) -> LayerMap:
-    """Per-layer (and cumulative) ablation effects of ``neurons`` on the mean refusal score."""
-    ids = refusal_token_ids(model.tokenizer)
-    base = mean_refusal_score(model, prompts, ids, batch_size)
+    """Per-layer (and cumulative) ablation effects of ``neurons`` on the mean refusal score;
+    ``options``: ``batch_size``, ``progress`` (:func:`ablation_scores`)."""
     n = neurons.n_layers
     counts = neurons.per_layer_counts()
     layers = [layer for layer in range(n) if counts[layer]]
-    delta, top_down, bottom_up = (torch.full((n,), float("nan")) for _ in range(3))
     jobs = [("delta", layer, [layer]) for layer in layers]
     if cumulative:
         jobs += [("top_down", layer, [m for m in layers if m >= layer]) for layer in layers]
         jobs += [("bottom_up", layer, [m for m in layers if m <= layer]) for layer in layers]
-    out = {"delta": delta, "top_down": top_down, "bottom_up": bottom_up}
-    for kind, layer, subset in tqdm(jobs, desc="layer map", disable=not progress):
-        with ablate(model, neurons.layer_subset(subset), scale):
-            out[kind][layer] = mean_refusal_score(model, prompts, ids, batch_size) - base
+    sets = [neurons.layer_subset(subset) for _, _, subset in jobs]
+    base, scores = ablation_scores(model, prompts, sets, scale=scale, desc="layer map", **options)
+    out = {kind: torch.full((n,), float("nan")) for kind in ("delta", "top_down", "bottom_up")}
+    for (kind, layer, _), score in zip(jobs, scores):
+        out[kind][layer] = score - base
     return LayerMap(
         model_name(model),
         base,
-        delta,
-        top_down,
-        bottom_up,
+        out["delta"],
+        out["top_down"],
+        out["bottom_up"],
         tuple(counts),
         len(prompts),
         {"scale": scale, "neurons": len(neurons), **{k: v for k, v in neurons.meta.items() if k in ("by", "fraction")}},
@@ -156,31 +175,17 @@ class NeuronEffects:
     @classmethod
     def load(cls, path: str | os.PathLike) -> NeuronEffects:
         data = read_json(path, "cna_lens.NeuronEffects", FORMAT_VERSION)
-        return cls(
-            data["model_name"],
-            data["baseline"],
-            *(tuple(data[k]) for k in ("layers", "indices", "scores", "delta")),
-            data["n_prompts"],
-        )
+        return cls(**{k: tuple(v) if isinstance(v := data[k], list) else v for k in cls.__dataclass_fields__})
 
 
 def neuron_effects(
-    model: HookedModel,
-    neurons: NeuronSet,
-    prompts: Sequence[str],
-    *,
-    top_n: int = 50,
-    scale: float = 0.0,
-    batch_size: int = 16,
-    progress: bool = True,
+    model: HookedModel, neurons: NeuronSet, prompts: Sequence[str], *, top_n: int = 50, **options: Any
 ) -> NeuronEffects:
-    """Ablate each of the first ``top_n`` neurons of the set alone; Δ mean refusal score for each."""
-    ids = refusal_token_ids(model.tokenizer)
-    base = mean_refusal_score(model, prompts, ids, batch_size)
+    """Ablate each of the first ``top_n`` neurons of the set alone; Δ mean refusal score for each.
+    ``options``: ``scale``, ``batch_size``, ``progress`` (:func:`ablation_scores`)."""
     top = neurons.top(top_n)
-    deltas = []
-    for la, ix, sc in tqdm(list(zip(top.layers, top.indices, top.scores)), desc="neurons", disable=not progress):
-        one = NeuronSet((la,), (ix,), (sc,), top.n_layers, top.d_mlp, top.hook)
-        with ablate(model, one, scale):
-            deltas.append(mean_refusal_score(model, prompts, ids, batch_size) - base)
-    return NeuronEffects(model_name(model), base, top.layers, top.indices, top.scores, tuple(deltas), len(prompts))
+    rows = zip(top.layers, top.indices, top.scores)
+    singles = [NeuronSet((la,), (ix,), (sc,), top.n_layers, top.d_mlp, top.hook) for la, ix, sc in rows]
+    base, scores = ablation_scores(model, prompts, singles, desc="neurons", **options)
+    deltas = tuple(score - base for score in scores)
+    return NeuronEffects(model_name(model), base, top.layers, top.indices, top.scores, deltas, len(prompts))

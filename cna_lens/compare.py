@@ -17,11 +17,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .attribute import Attribution
-from .circuits import mean_refusal_score
+from .circuits import ablation_scores
 from .edit import edit_weights
-from .evaluate import refusal_token_ids
 from .generation import generate
-from .intervene import ablate
 from .models import HookedModel
 from .neurons import NeuronSet
 from .runs import atomic_write_json, read_json
@@ -147,10 +145,9 @@ def cross_apply(
             f"the neuron set is for {neurons_a.n_layers} × {neurons_a.d_mlp}, model B is "
             f"{model_b.cfg.n_layers} × {model_b.cfg.d_mlp}: cross-application needs the same shape"
         )
-    ids = refusal_token_ids(model_b.tokenizer)
-    base = mean_refusal_score(model_b, prompts, ids, batch_size)
-    with ablate(model_b, neurons_a, scale):
-        ablated = mean_refusal_score(model_b, prompts, ids, batch_size)
+    base, (ablated,) = ablation_scores(
+        model_b, prompts, [neurons_a], scale=scale, batch_size=batch_size, progress=False
+    )
     texts = []
     if max_new_tokens:  # the same intervention as a weight edit: generation on the stock engine
         with edit_weights(model_b, neurons_a, scale):

@@ -32,7 +32,7 @@ from .edit import hf_model, tied_embeddings, unit_directions
 from .evaluate import final_logprobs, kl_divergence, refusal_score, refusal_token_ids
 from .hooks import FwdHook, HookedModel, check_hook
 from .intervene import direction_hooks, steering_hooks
-from .neurons import NeuronSet
+from .neurons import NeuronSet, best_neurons
 
 log = logging.getLogger(__name__)
 
@@ -144,30 +144,8 @@ def top_mean_activation(
 ) -> NeuronSet:
     """The non-contrastive set: the ``k`` neurons of largest activation magnitude over both prompt sets
     (``k = round(fraction · n_layers · d_mlp)`` if None, as :meth:`Attribution.top_neurons`)."""
-    scores = activation_magnitude(attr, by).clone()
-    bad = [layer for layer in exclude_layers if not 0 <= layer < attr.n_layers]
-    if bad:
-        raise ValueError(f"exclude_layers {bad} outside 0..{attr.n_layers - 1}")
-    scores[list(exclude_layers)] = -math.inf
-    total, eligible = attr.n_layers * attr.d_mlp, int(torch.isfinite(scores).sum())
-    if k is None:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        k = max(1, round(fraction * total))
-    if not 1 <= k <= eligible:
-        raise ValueError(f"k must be in 1..{eligible} (neurons outside excluded layers), got {k}")
-    flat = scores.flatten()
-    order = flat.argsort(descending=True, stable=True)[:k]
-    return NeuronSet(
-        tuple((order // attr.d_mlp).tolist()),
-        tuple((order % attr.d_mlp).tolist()),
-        tuple(flat[order].tolist()),
-        attr.n_layers,
-        attr.d_mlp,
-        attr.hook,
-        {"model": attr.model_name, "by": f"magnitude:{by}", "k": k, "fraction": k / total,
-         "exclude_layers": list(exclude_layers), "control": "top_mean_activation"},
-    )  # fmt: skip
+    meta = {"model": attr.model_name, "by": f"magnitude:{by}", "control": "top_mean_activation"}
+    return best_neurons(activation_magnitude(attr, by), k, fraction, exclude_layers, attr.hook, meta)
 
 
 # --------------------------------------------------------------------------- residual-stream baselines

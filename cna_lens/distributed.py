@@ -18,37 +18,28 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .attribute import Attribution, attribute_tokens, encode_sets
+from .attribute import Attribution, attribute
 from .generation import Job, generate_many
 from .models import HookedModel
 
 
 def attribute_distributed(
-    model: HookedModel,
-    positive: Sequence[str],
-    negative: Sequence[str],
-    *,
-    batch_size: int = 16,
-    hook: str = "mlp.hook_post",
-    chat: bool | None = None,
-    system: str | None = None,
-    progress: bool = True,
+    model: HookedModel, positive: Sequence[str], negative: Sequence[str], **kwargs: Any
 ) -> Attribution:
-    """:func:`cna_lens.attribute` sharded over the ranks of the default process group."""
-    pos, neg = encode_sets(model, positive, negative, hooks=(hook,), chat=chat, system=system)
+    """:func:`cna_lens.attribute` sharded over the ranks of the default process group: each rank sums its
+    ``shard`` of the prompts, and the sums and counts are all-reduced. ``kwargs`` go to ``attribute``."""
     if not (dist.is_available() and dist.is_initialized()):
-        return attribute_tokens(model, pos, neg, batch_size=batch_size, hook=hook, progress=progress)
+        return attribute(model, positive, negative, **kwargs)
     rank, world = dist.get_rank(), dist.get_world_size()
-    part = attribute_tokens(
-        model, pos[rank::world], neg[rank::world], batch_size=batch_size, hook=hook, progress=progress and rank == 0
-    )
+    kwargs["progress"] = kwargs.get("progress", True) and rank == 0
+    part = attribute(model, positive, negative, shard=(rank, world), **kwargs)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     stats = torch.stack([part.sum_pos, part.sum_neg, part.sumsq_pos, part.sumsq_neg]).to(device)
     counts = torch.tensor([part.n_pos, part.n_neg], dtype=torch.float64, device=device)
     dist.all_reduce(stats)
     dist.all_reduce(counts)
     stats = stats.cpu()
-    return Attribution(part.model_name, hook, int(counts[0]), int(counts[1]), stats[0], stats[1], stats[2], stats[3])
+    return Attribution(part.model_name, part.hook, int(counts[0]), int(counts[1]), *stats)
 
 
 def generate_distributed(model: HookedModel, jobs: Sequence[Job], **kwargs: Any) -> list[list[str]]:

@@ -176,24 +176,26 @@ def edit_weights(model: HookedModel, neurons: NeuronSet, scale: float = 0.0) -> 
         yield model
 
 
-def check_vectors(hf: Any, vectors: Tensor, layers: Sequence[int] | None) -> list[int]:
-    n_layers, d_model, _ = model_shape(hf)
-    if not isinstance(vectors, Tensor) or tuple(vectors.shape) != (n_layers, d_model):
-        shape = tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
-        raise ValueError(f"vectors must be a [layer, d_model] = [{n_layers}, {d_model}] tensor, got {shape}")
+def check_steering(
+    vectors: Tensor, alpha: float, layers: Sequence[int] | None, n_layers: int, width: int | None = None
+) -> tuple[float, list[int]]:
+    """Raise unless ``vectors`` is a ``[n_layers, width]`` tensor (any width for None), ``alpha`` is finite
+    and ``layers`` lie in ``0..n_layers-1``; returns ``(alpha, layers)`` (None: every layer)."""
+    shape = tuple(vectors.shape) if isinstance(vectors, Tensor) else None
+    if shape is None or len(shape) != 2 or shape[0] != n_layers or width not in (None, shape[1]):
+        got = type(vectors).__name__ if shape is None else shape
+        raise ValueError(f"vectors must be a [layer, d_model] = [{n_layers}, {width or 'd_model'}] tensor, got {got}")
     chosen = list(range(n_layers)) if layers is None else [int(x) for x in layers]
     if any(not 0 <= x < n_layers for x in chosen):
         raise ValueError(f"layers {chosen} must lie in 0..{n_layers - 1}")
-    return chosen
+    return _finite("alpha", alpha), chosen
 
 
 def steering_biases(
     model: HookedModel, vectors: Float[Tensor, "layer d_model"], alpha: float, layers: Sequence[int] | None = None
 ) -> dict[int, Tensor]:
     """``{layer: −alpha · vectors[layer]}``: the ``down_proj`` bias increments equal to CAA at ``hook_mlp_out``."""
-    hf = hf_model(model)
-    chosen = check_vectors(hf, vectors, layers)
-    alpha = _finite("alpha", alpha)
+    alpha, chosen = check_steering(vectors, alpha, layers, *model_shape(hf_model(model))[:2])
     return {layer: -alpha * vectors[layer].detach().float() for layer in chosen}
 
 
@@ -202,10 +204,12 @@ def edit_steering(
     model: HookedModel,
     vectors: Float[Tensor, "layer d_model"],
     alpha: float,
-    hook: str = "hook_mlp_out",
     layers: Sequence[int] | None = None,
+    *,
+    hook: str = "hook_mlp_out",
 ) -> Iterator[HookedModel]:
-    """CAA as a weight edit: ``b_down ← b_down − alpha · v_l`` (equal to ``cna_lens.steer`` at ``hook_mlp_out``).
+    """CAA as a weight edit: ``b_down ← b_down − alpha · v_l`` (equal to ``cna_lens.steer`` at ``hook_mlp_out``,
+    the only ``hook`` a bias can stand for).
 
     Needs an existing ``down_proj`` bias (e.g. Llama with ``mlp_bias=True``). Llama, Qwen2, Gemma3
     and SmolLM2 checkpoints have none, and adding a parameter would assign a module attribute of

@@ -79,26 +79,21 @@ def _cut(row: list[int], eos: Sequence[int]) -> list[int]:
     return next((row[:k] for k, t in enumerate(row) if t in stop), row)
 
 
+#: the ``GenerationConfig`` fields that could change greedy decoding, other than the lengths and ids;
+#: HF fills every field left None from the model's own generation config, so each one is set
+_GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "use_cache": True}
+#: nothing but the tokens comes back
+_TOKENS_ONLY = dict.fromkeys(
+    ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions", "output_hidden_states"), False
+)
+
+
 def _greedy_config(max_new_tokens: int, eos: Sequence[int], pad: int, **extra: Any) -> Any:
-    """A greedy ``GenerationConfig``. HF fills the fields left None from the model's generation config,
-    so every one that could change greedy decoding is set (an empty eos list: never stop early)."""
+    """A greedy ``GenerationConfig`` (an empty ``eos`` list: never stop early)."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        repetition_penalty=1.0,
-        eos_token_id=list(eos),
-        pad_token_id=pad,
-        use_cache=True,
-        return_dict_in_generate=False,
-        output_scores=False,
-        output_logits=False,
-        output_attentions=False,
-        output_hidden_states=False,
-        **extra,
-    )
+    ids = {"eos_token_id": list(eos), "pad_token_id": pad}
+    return GenerationConfig(max_new_tokens=max_new_tokens, **ids, **_GREEDY, **_TOKENS_ONLY, **extra)
 
 
 @torch.no_grad()
@@ -281,30 +276,10 @@ def generate_many(
     return texts
 
 
-def generate(
-    model: HookedModel,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    chat: bool | None = None,
-    system: str | None = None,
-    progress: bool = True,
-    fwd_hooks: Sequence[FwdHook] = (),
-    engine: str = "auto",
-    **decode_kwargs: Any,
-) -> list[str]:
+def generate(model: HookedModel, prompts: Sequence[str], **options: Any) -> list[str]:
     """Greedy completions (text, special tokens skipped) of ``prompts``, in their order, under the active
-    weight edits; with ``fwd_hooks`` (or TL hooks already active) through TransformerLens' generate."""
-    return generate_many(
-        model,
-        [(None, prompts)],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        chat=chat,
-        system=system,
-        progress=progress,
-        fwd_hooks=fwd_hooks,
-        engine=engine,
-        **decode_kwargs,
-    )[0]
+    weight edits; with ``fwd_hooks`` (or TL hooks already active) through TransformerLens' generate.
+    ``options``: the keyword arguments of :func:`generate_many` (``max_new_tokens=64``, ``batch_size=8``,
+    ``chat``, ``system``, ``progress``, ``fwd_hooks``, ``engine``, decoding arguments); ``on_done``
+    gets job 0."""
+    return generate_many(model, [(None, prompts)], **options)[0]

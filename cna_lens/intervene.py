@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .edit import unit_directions
+from .edit import check_steering, unit_directions
 from .hooks import FwdHook, HookedModel, check_hook, hook_name
 from .neurons import NeuronSet
 
@@ -110,8 +110,7 @@ def steer(
     reference code's MLP-output control vectors); ``alpha = 0`` is the identity.
     """
     check_hook(model, hook)
-    if vectors.shape[0] != model.cfg.n_layers:
-        raise ValueError(f"vectors have {vectors.shape[0]} layers, the model {model.cfg.n_layers}")
+    check_steering(vectors, alpha, layers, model.cfg.n_layers)  # any width: hooks differ in theirs
     with model.hooks(fwd_hooks=steering_hooks(vectors, alpha, hook, layers)):
         yield model
 

@@ -31,7 +31,8 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -178,6 +179,18 @@ class EmbeddingCache:
             vecs = embed([t for _, t in missing], progress=progress)
             self.table.update({k: v for (k, _), v in zip(missing, vecs)})
         return torch.stack([self.table[k] for k in keys])
+
+
+@contextmanager
+def stored_embeddings(path: str | os.PathLike) -> Iterator[EmbeddingCache]:
+    """The cache saved at ``path`` (empty if there is none yet); saved back when the block added texts."""
+    path = Path(path)
+    cache = EmbeddingCache.load(path) if path.is_file() else EmbeddingCache()
+    n = len(cache.table)
+    yield cache
+    if len(cache.table) != n:
+        cache.save(path)
+        log.info("embedded %d new texts; %s now holds %d", len(cache.table) - n, path, len(cache.table))
 
 
 def features(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .runs import atomic_write_json, read_json
@@ -152,3 +153,41 @@ class NeuronSet:
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: malformed NeuronSet ({e!r})") from e
+
+
+def ranked(scores: Float[Tensor, "layer neuron"], k: int) -> tuple[list[int], list[int], list[float]]:
+    """``(layers, indices, scores)`` of the ``k`` highest scores, best first (float64; a stable sort:
+    equal scores keep the lower flat index first, whatever the sort's implementation)."""
+    flat = scores.double().flatten()
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    d = scores.shape[1]
+    return (order // d).tolist(), (order % d).tolist(), flat[order].tolist()
+
+
+def best_neurons(
+    scores: Float[Tensor, "layer neuron"],
+    k: int | None = None,
+    fraction: float = 0.001,
+    exclude_layers: Sequence[int] = (0, 1),
+    hook: str = "mlp.hook_post",
+    meta: dict[str, Any] | None = None,
+) -> NeuronSet:
+    """The ``k`` highest-scoring neurons outside ``exclude_layers``, best first (``k = round(fraction ·
+    n_layers · d_mlp)`` if None); ``meta`` gains ``k``, ``fraction`` (``k`` over all neurons) and
+    ``exclude_layers``."""
+    n_layers, d_mlp = scores.shape
+    bad = [layer for layer in exclude_layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"exclude_layers {bad} outside 0..{n_layers - 1}")
+    scores = scores.double().clone()
+    scores[list(exclude_layers)] = float("-inf")
+    total, eligible = n_layers * d_mlp, int(torch.isfinite(scores).sum())
+    if k is None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        k = max(1, round(fraction * total))
+    if not 1 <= k <= eligible:
+        raise ValueError(f"k must be in 1..{eligible} (neurons outside excluded layers), got {k}")
+    layers, indices, values = ranked(scores, k)
+    extra = {"k": k, "fraction": k / total, "exclude_layers": list(exclude_layers)}
+    return NeuronSet(tuple(layers), tuple(indices), tuple(values), n_layers, d_mlp, hook, {**(meta or {}), **extra})

@@ -203,17 +203,12 @@ def completion_nll(
 
 
 def perplexity(
-    model: HookedModel,
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    batch_size: int = 8,
-    *,
-    chat: bool | None = None,
-    progress: bool = False,
+    model: HookedModel, prompts: Sequence[str], completions: Sequence[str], *args: Any, **kwargs: Any
 ) -> list[float]:
     """``exp(mean NLL)`` of each completion given its prompt (see :func:`completion_nll`); NaN for an
-    empty completion. Run it on the unmodified model (no intervention active) to score coherence."""
-    nll = completion_nll(model, prompts, completions, batch_size, chat=chat, progress=progress)
+    empty completion. Run it on the unmodified model (no intervention active) to score coherence.
+    ``args``, ``kwargs``: those of :func:`completion_nll` (``batch_size=8``, ``chat``, ``progress``)."""
+    nll = completion_nll(model, prompts, completions, *args, **kwargs)
     empty = sum(1 for t in nll if t.numel() == 0)
     if empty:
         log.warning("%d of %d completions are empty: their perplexity is NaN", empty, len(nll))

@@ -40,7 +40,7 @@ from .circuits import NeuronEffects
 from .evaluate import refusal_score, refusal_token_ids
 from .hooks import HookedModel, check_hook, hook_name
 from .models import last_logits_kwargs
-from .neurons import NeuronSet
+from .neurons import NeuronSet, ranked
 from .prompts import encode, left_pad, length_batches, pad_id
 from .runs import atomic_write_json, read_json
 
@@ -50,17 +50,13 @@ RANKINGS = ("abs", "diff", "effect", "t", "contrast_minus_utility")
 
 def ranking_scores(attr: Attribution, ranking: str, utility_weight: float = 0.0) -> Float[Tensor, "layer neuron"]:
     """The score of every neuron under ``ranking`` (higher = selected first); see the module docstring."""
-    if ranking == "abs":
-        return attr.diff.abs()
-    if ranking == "diff":
-        return attr.diff
-    if ranking == "effect":
-        return attr.effect
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking {ranking!r}: choose one of {', '.join(RANKINGS)}")
     if ranking == "t":
         return attr.welch_t.abs()
     if ranking == "contrast_minus_utility":
         return attr.diff.abs() - utility_weight * attr.rms_neg
-    raise ValueError(f"ranking {ranking!r}: choose one of {', '.join(RANKINGS)}")
+    return attr.scores(ranking)  # abs, diff, effect: the rankings of Attribution.top_neurons
 
 
 def _number(name: str, value: Any) -> float:
@@ -157,9 +153,7 @@ class Selection:
         scores = ranking_scores(attr, self.ranking, self.utility_weight).double().clone()
         scores[:first] = float("-inf")
         scores[last + 1 :] = float("-inf")
-        flat = scores.flatten()
-        order = torch.sort(flat, descending=True, stable=True).indices[:k]
-        layers, idx = (order // attr.d_mlp).tolist(), (order % attr.d_mlp).tolist()
+        layers, idx, values = ranked(scores, k)
         keep = [True] * k
         if self.prune:
             raises = raising_mask(effects, attr.n_layers, attr.d_mlp)  # type: ignore[arg-type]
@@ -168,7 +162,7 @@ class Selection:
         return NeuronSet(
             tuple(layers[j] for j in rows),
             tuple(idx[j] for j in rows),
-            tuple(float(flat[order[j]]) for j in rows),
+            tuple(values[j] for j in rows),
             attr.n_layers,
             attr.d_mlp,
             attr.hook,

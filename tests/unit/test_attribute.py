@@ -67,6 +67,12 @@ def test_merge_of_shards_equals_one_pass(llama_model, attr):
     assert (merged.n_pos, merged.n_neg) == (whole.n_pos, whole.n_neg)
     torch.testing.assert_close(merged.diff, whole.diff, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(merged.diff, attr.diff, atol=1e-4, rtol=1e-4)  # attr: batch 16
+    strided = [cna_lens.attribute(llama_model, POS, NEG, shard=(i, 6), progress=False) for i in range(6)]
+    merged = cna_lens.Attribution.merge(strided)  # 5 prompts a set in 6 shards: the last holds none
+    assert (merged.n_pos, merged.n_neg) == (whole.n_pos, whole.n_neg)
+    torch.testing.assert_close(merged.diff, whole.diff, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="shard"):
+        cna_lens.attribute(llama_model, POS, NEG, shard=(2, 2))
     foreign = cna_lens.Attribution("other", attr.hook, 1, 1, *(torch.zeros_like(attr.sum_pos),) * 4)
     with pytest.raises(ValueError, match="model_name"):
         cna_lens.Attribution.merge([attr, foreign])

@@ -209,6 +209,15 @@ def test_errors(tiny_model):
         edit_steering(tiny_model, vectors, 1.0, hook="hook_resid_post"),
     ):
         pass
+    n = tiny_model.cfg.n_layers
+    for form in (steer, edit_steering):  # one check serves both forms
+        for args, kwargs, msg in (
+            ((vectors[1:], 1.0), {}, "layer, d_model"),
+            ((vectors, float("nan")), {}, "finite"),
+            ((vectors, 1.0), {"layers": [n]}, "must lie in"),
+        ):
+            with pytest.raises(ValueError, match=msg), form(tiny_model, *args, **kwargs):
+                pass
     wrong = NeuronSet((0,), (1,), (0.0,), tiny_model.cfg.n_layers + 1, tiny_model.cfg.d_mlp)
     with pytest.raises(ValueError, match="layers"), edit_weights(tiny_model, wrong):
         pass

@@ -281,3 +281,19 @@ def test_cli_generate_with_judge(llama_dir, tmp_path):
     assert main([*args, "--max-new-tokens", "4", "--judge", "regex", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and all(r["judge"] == "regex" and r["judge_label"] in LABELS for r in rows)
+
+
+def test_stored_embeddings_saves_only_what_grew(tmp_path):
+    from cna_lens.judge_head import EmbeddingCache, stored_embeddings
+
+    path = tmp_path / "emb.safetensors"
+    with stored_embeddings(path) as cache:  # no file yet: an empty cache, nothing to write
+        assert cache.table == {}
+    assert not path.exists()
+    with stored_embeddings(path) as cache:
+        cache.table["k"] = torch.ones(384, dtype=torch.float16)
+    assert torch.equal(EmbeddingCache.load(path).table["k"], torch.ones(384, dtype=torch.float16))
+    before = path.stat().st_mtime_ns
+    with stored_embeddings(path) as cache:
+        assert set(cache.table) == {"k"}
+    assert path.stat().st_mtime_ns == before

@@ -189,6 +189,16 @@ def check_args(args: Any) -> dict[str, Any]:
         from .judge import resolve_judge
 
         resolve_judge(a["judge"])
+    if a.get("engine") == "vllm":
+        if a.get("neurons"):
+            raise ValueError("--engine vllm generates from weights: `cna-lens export` the edit, then --model that directory")
+        positive_int(a.get("tensor_parallel", 1), "--tensor-parallel")
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+            raise ValueError("--engine vllm needs the vllm extra and a CUDA GPU (pip install 'cna-lens[vllm]')")
     if a.get("neurons"):
         got["neurons"] = neurons(a["neurons"], shape)
     if a.get("layer_alpha") is not None:

@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--out", help="write JSONL here instead of stdout")
     g.add_argument("--judge", help="also judge each completion: regex | classifier | default | model:<id>")
+    g.add_argument(
+        "--engine",
+        choices=["auto", "cb", "hf", "tl", "vllm"],
+        default="auto",
+        help="auto/cb: HF continuous batching; hf: static batches; tl: TransformerLens; vllm: an exported model "
+        "directory on CUDA GPUs (the vllm extra)",
+    )
+    g.add_argument("--tensor-parallel", type=int, default=1, help="GPUs for --engine vllm")
     g.set_defaults(func=cmd_generate)
 
     x = sub.add_parser("export", help="write the model with neurons scaled into its weights (HF dir or GGUF)")
@@ -102,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--caa-alphas", default=",".join(map(str, CAA_ALPHAS)), help="CAA strengths generated")
     r.add_argument("--layer-alpha", type=float, default=1.0, help="single-layer CAA strength generated")
     r.add_argument("--mmlu-limit", type=int, default=None, help="MMLU items (default all 570; 0 = skip)")
+    r.add_argument("--mmlu-on", default="all", help="conditions MMLU scores: kinds, keys, chosen, all")
     r.add_argument("--kl-limit", type=int, default=64, help="alpaca_val prompts for the KL measure")
     r.add_argument("--xstest-limit", type=int, default=100, help="XSTest safe prompts, evenly spaced (0 = skip)")
     r.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="sweep: shares of all MLP neurons")

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 #: Default selection for the demo: top 0.3 % of MLP neurons by |diff|. The paper's 0.1 % transfers
@@ -84,14 +85,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         resolve_judge(args.judge)  # a bad name fails before the model loads
     prompts = _prompts(args.prompts)
     neurons = _neurons(args.neurons) if args.neurons else None
+    if args.engine == "vllm":
+        from .models import resolve
+        from .vllm_engine import generate_vllm
+
+        if neurons is not None:
+            raise ValueError("--engine vllm generates from weights: `cna-lens export` the edit, then --model that directory")
+        texts = generate_vllm(
+            resolve(args.model)[0], prompts, max_new_tokens=args.max_new_tokens, tensor_parallel_size=args.tensor_parallel
+        )
+        return _write_generations(args, prompts, texts, None)
     model = _load(args)
-    kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, engine=args.engine)
     if neurons is None:
         texts = generate(model, prompts, **kw)
     else:
         check_compatible(model, neurons)
         with edit_weights(model, neurons, scale=args.scale):
             texts = generate(model, prompts, **kw)
+    return _write_generations(args, prompts, texts, neurons)
+
+
+def _write_generations(args: argparse.Namespace, prompts: list[str], texts: list[str], neurons: Any) -> int:
     rows = [
         {"prompt": p, "completion": t, "neurons": args.neurons, "scale": args.scale if neurons else None}
         for p, t in zip(prompts, texts)
@@ -159,15 +174,10 @@ def cmd_judge(args: argparse.Namespace) -> int:
     resolve_judge(args.judge)
     path = Path(args.inp)
     if path.is_dir():  # a run directory: label completions.jsonl, write compliance.json
-        from .compliance import compliance_table, judge_run
-        from .runs import atomic_write_json
+        from .compliance import write_compliance
 
         t0 = time.time()
-        n = judge_run(path, args.judge)
-        table = compliance_table(path, args.judge)
-        atomic_write_json(
-            path / "compliance.json", {"kind": "cna_lens.Compliance", "judge": args.judge, "table": table}
-        )
+        n, table = write_compliance(path, args.judge)
         print(f"{n} new verdicts in {time.time() - t0:.0f}s; wrote {path / 'compliance.json'}", file=sys.stderr)
         for dataset, conds in table.items():
             for cond, e in conds.items():
@@ -307,6 +317,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         caa_alphas=alphas,
         layer_alpha=args.layer_alpha,
         mmlu_limit=args.mmlu_limit,
+        mmlu_on=args.mmlu_on.split(","),
         kl_limit=args.kl_limit,
         xstest_limit=args.xstest_limit,
         fractions=[float(f) for f in args.fractions.split(",")],

@@ -117,3 +117,16 @@ def compliance_table(
             entry["matched_quality"] = matched_quality(base, rows, lambda r: r["label"] != "refuse")
         table[dataset][cond] = entry
     return dict(table)
+
+
+def write_compliance(run: str | os.PathLike, judge: str = "default", progress: bool = True) -> tuple[int, dict]:
+    """Label what is not labelled yet (:func:`judge_run`) and write ``compliance.json``; returns
+    ``(new verdicts, table)``."""
+    from .runs import atomic_write_json
+
+    n = judge_run(run, judge, progress=progress)
+    table = compliance_table(run, judge)
+    name = resolve_judge(judge)
+    atomic_write_json(Path(run) / "compliance.json", {"kind": "cna_lens.Compliance", "judge": name, "table": table})
+    return n, table
+

@@ -1,5 +1,5 @@
-"""Summaries of a reproduction run: bootstrap CIs, per-condition rates, judge/first-token agreement and
-the markdown report in the paper's format (pure functions of the run's rows and results)."""
+"""Summaries of a reproduction run: bootstrap CIs, per-condition regex rates and the markdown report
+(pure functions of the run's rows and results)."""
 
 from __future__ import annotations
 
@@ -45,16 +45,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
             "distinct2": float(np.mean([r["distinct2"] for r in rs])),
         }
     return out
-
-
-def agreement(rows: list[dict[str, Any]], logodds: dict[str, float]) -> float | None:
-    """Share of baseline JBB harmful prompts where first-token score > 0 agrees with the judge."""
-    pairs = [
-        (r["refused"], logodds[r["prompt_id"]] > 0)
-        for r in rows
-        if r["condition"] == "baseline" and r["dataset"] == "jbb_harmful" and r["prompt_id"] in logodds
-    ]
-    return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
 
 
 def _pct(x: float | None) -> str:

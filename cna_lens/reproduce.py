@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .compliance import compliance_table, judge_run, read_verdicts
+from .compliance import read_verdicts, write_compliance
 from .conditions import RANKINGS, Condition, with_scale
 from .datasets import load_dataset
 from .judge import resolve_judge
@@ -61,6 +61,7 @@ def reproduce(
     caa_alphas: Sequence[float] = CAA_ALPHAS,
     layer_alpha: float = 1.0,
     mmlu_limit: int | None = None,
+    mmlu_on: Sequence[str] = ("all",),
     kl_limit: int = 64,
     xstest_limit: int | None = 100,
     val_limit: int | None = None,
@@ -75,8 +76,10 @@ def reproduce(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) the whole experiment in ``out``; returns ``results.json``'s content.
-    ``mmlu_limit``: MMLU items (None: all 570, 0: skip); ``selection``: a ``selection.json`` written
-    by ``cna-lens search`` (its ``neurons.json`` beside it is used when present)."""
+    ``mmlu_limit``: MMLU items (None: all 570, 0: skip); ``mmlu_on``: the conditions MMLU scores, as
+    kinds (``caa``), keys (``caa:0.5``), ``chosen`` or ``all``. ``selection``: a ``selection.json``
+    written by ``cna-lens search`` (with the ``neurons.json`` beside it when present), added as the
+    condition ``selection``; it is kept in the run directory, so it can be added to a finished run."""
     if limit is not None and not 1 <= limit <= 100:
         raise ValueError(f"--limit {limit}: JBB has 100 prompts per split")
     if not rankings or set(rankings) - set(RANKINGS):
@@ -89,8 +92,7 @@ def reproduce(
     if mmlu_limit is not None and not 0 <= mmlu_limit <= n_mmlu:
         raise ValueError(f"--mmlu-limit {mmlu_limit}: the bundled MMLU has {n_mmlu} items (0 = skip)")
     judge_name = resolve_judge(judge)
-    sel = Selection.load(selection) if selection is not None else None
-    neurons_file = Path(selection).parent / "neurons.json" if selection is not None else None
+    sel, neurons_file = _selection(out, selection)
     name = model if isinstance(model, str) else model_name(model)
     if isinstance(model, str):
         dtype = resolve_dtype(dtype)
@@ -108,6 +110,7 @@ def reproduce(
         "layer_sweep": list(LAYER_SWEEP),
         "layer_alpha": layer_alpha,
         "mmlu_limit": mmlu_limit,
+        "mmlu_on": list(mmlu_on),
         "kl_limit": kl_limit,
         "val_limit": val_limit,
         "fractions": list(fractions),
@@ -122,14 +125,11 @@ def reproduce(
         "xstest_limit": xstest_limit,
         "judge": judge_name,
         "heldout": "harmful_test" if heldout else None,
-        "selection": None
-        if sel is None
-        else {**sel.to_dict(), "neurons_file": str(neurons_file) if neurons_file.exists() else None},
         "package_version": __version__,
     }
     check_config(out, config)  # before the model loads: a wrong --out fails at once
     m = load_model(model, dtype=dtype, process_weights=process_weights) if isinstance(model, str) else model
-    rep = Reproduction(m, out, config, progress, sel)
+    rep = Reproduction(m, out, config, progress, sel, neurons_file)
     with rep.run.timed("direction"):
         direction_choice = rep.direction_layer()
     layer = int(direction_choice["layer"])
@@ -176,14 +176,12 @@ def reproduce(
         with rep.run.timed("generate_xstest"):
             rep.generations({"xstest_safe": benign}, xstest_limit, spread=True)
     with rep.run.timed("capability"):
-        cap = rep.capability(harmful, mmlu=harmful)
+        cap = rep.capability(harmful, mmlu=[c for c in harmful if _scores_mmlu(c, mmlu_on, chosen)])
     answers = [r["answer"] for r in load_dataset("mmlu", mmlu_limit)] if mmlu_limit != 0 else []
     results["capability"] = capability_table(cap, answers)
     publish("partial: generated, capability measured")
     with rep.run.timed("judge"):
-        judge_run(rep.out, judge_name, progress=progress)
-        table = compliance_table(rep.out, judge_name)
-        atomic_write_json(rep.out / "compliance.json", {"kind": "cna_lens.Compliance", "judge": judge_name, **table})
+        _, table = write_compliance(rep.out, judge_name, progress=progress)
     verdicts = read_verdicts(rep.out, judge_name)
     labels = {(c, p): v["label"] for (d, c, p), v in verdicts.items() if d == "jbb_harmful"}
     results["compliance"] = table
@@ -206,6 +204,26 @@ def reproduce(
     save_figure(dose_response(results), rep.out / "figures" / "dose_response")
     save_figure(method_curves(results), rep.out / "figures" / "methods")
     return results
+
+
+def _scores_mmlu(c: Condition, mmlu_on: Sequence[str], chosen: Condition) -> bool:
+    return "all" in mmlu_on or c.kind in mmlu_on or c.key in mmlu_on or ("chosen" in mmlu_on and c == chosen)
+
+
+def _selection(out: str | Path, given: str | os.PathLike | None) -> tuple[Selection | None, Path | None]:
+    """The run's selection: the one stored in ``out/selection/`` or ``given`` (then stored when the run
+    starts); a different one than the stored is refused. Also the search's ``neurons.json`` beside it."""
+    stored = Path(out) / "selection" / "selection.json"
+    sel = Selection.load(given) if given is not None else None
+    if stored.exists():
+        kept = Selection.load(stored)
+        if sel is not None and sel != kept:
+            raise ValueError(f"{out} already holds the selection {kept.describe()}; use another --out for {sel.describe()}")
+        return kept, None
+    if sel is None:
+        return None, None
+    beside = Path(given).parent / "neurons.json"  # type: ignore[arg-type]
+    return sel, beside if beside.exists() else None
 
 
 def _judge_validation() -> dict[str, Any]:

@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,7 @@ class Reproduction:
         config: dict[str, Any],
         progress: bool = True,
         selection: Selection | None = None,
+        neurons_file: Path | None = None,
     ):
         self.model, self.progress = model, progress
         self.run = RunDir(out, config)
@@ -66,7 +69,7 @@ class Reproduction:
             found = self.discovery(HOOKS)
         chosen = None
         if selection is not None:
-            chosen = (selection, self._selection_neurons(selection, found["mlp.hook_post"]))
+            chosen = (selection, self._selection_neurons(selection, found["mlp.hook_post"], neurons_file))
         self.iv = Interventions(
             model, found["mlp.hook_post"], found["hook_mlp_out"], found["hook_resid_pre"], config["seed"], chosen
         )
@@ -88,19 +91,19 @@ class Reproduction:
             found.update(new)
         return found
 
-    def _selection_neurons(self, selection: Selection, attr: Attribution) -> NeuronSet:
-        """The selection's neurons, saved in ``selection/neurons.json``: the search's own ``neurons.json``
-        when it lies beside the selection file, else computed here (pruning estimates per-neuron
-        effects on the validation prompts)."""
+    def _selection_neurons(self, selection: Selection, attr: Attribution, given: Path | None) -> NeuronSet:
+        """The selection's neurons, saved with it in ``selection/``: ``given`` (the search's own
+        ``neurons.json``), else computed here (pruning estimates per-neuron effects on the
+        validation prompts)."""
         path = self.out / "selection" / "neurons.json"
         if path.exists():
             return NeuronSet.load(path)
-        given = self.cfg["selection"].get("neurons_file")
-        if given:
+        if given is not None:
             ns = NeuronSet.load(given)
             if (ns.n_layers, ns.d_mlp) != (attr.n_layers, attr.d_mlp):
                 raise ValueError(f"{given} is for a {ns.n_layers} × {ns.d_mlp} model, this one is {attr.n_layers} × {attr.d_mlp}")
             ns.save(path)
+            selection.save(self.out / "selection" / "selection.json")
             return ns
         effects = None
         if selection.prune:
@@ -110,6 +113,7 @@ class Reproduction:
             effects = estimate_effects(self.model, val, batch_size=self.cfg["batch_size"])
         ns = selection.neurons(attr, effects)
         ns.save(path)
+        selection.save(self.out / "selection" / "selection.json")  # last: a stored selection has its neurons
         return ns
 
     # ----------------------------------------------------------------- first-token scores
@@ -182,7 +186,7 @@ class Reproduction:
             for c in dict.fromkeys(conditions):
                 todo = [r for r in rows if (dataset, c.key, r["id"]) not in done]
                 if todo:
-                    jobs.append((self.iv.edit(c), [r["prompt"] for r in todo]))
+                    jobs.append((self._timed(f"{dataset} {c.key}", self.iv.edit(c)), [r["prompt"] for r in todo]))
                     meta.append((dataset, c.key, todo))
 
         def save(j: int, i: int, text: str) -> None:
@@ -199,6 +203,23 @@ class Reproduction:
                 progress=self.progress,
                 on_done=save,
             )
+
+    def _timed(self, job: str, edit: Callable[[], AbstractContextManager] | None) -> Callable[[], Any]:
+        """``edit``'s factory, also adding the wall time spent inside it to ``generation_seconds.json[job]``."""
+
+        @contextmanager
+        def timed() -> Iterator[None]:
+            t0 = time.perf_counter()
+            try:
+                with edit() if edit is not None else nullcontext():
+                    yield
+            finally:
+                path = self.out / "generation_seconds.json"
+                t = read_json(path, "cna_lens.GenerationSeconds")["seconds"] if path.exists() else {}
+                t[job] = t.get(job, 0.0) + time.perf_counter() - t0
+                atomic_write_json(path, {"kind": "cna_lens.GenerationSeconds", "seconds": t})
+
+        return timed
 
     # ----------------------------------------------------------------- capability
     def capability(self, conditions: Sequence[Condition], mmlu: Sequence[Condition]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Print the headline markdown table of a reproduce run directory (README and docs use its output).
+"""Print the markdown tables of a reproduce run directory (the README and docs use its output).
 
     python scripts/results_table.py results/reproduce-qwen2.5-coder-1.5b-instruct [--sweep]
 """
@@ -7,63 +7,90 @@ import json
 import sys
 from pathlib import Path
 
-NAMES = {
-    "baseline": "baseline",
-    "cna:abs:0.001": "CNA top 0.1 % (paper's point)",
-    "cna:abs:0.003": "CNA top 0.3 % (chosen on validation)",
-    "random:abs:0.003": "random, same per-layer counts",
-    "caa:0.5": "CAA α = 0.5",
-    "caa:1.0": "CAA α = 1.0",
-}
+from cna_lens.conditions import Condition
 
 
-def pct(e, label):
-    lo, hi = e[label]["ci"]
-    return f"{100 * e[label]['rate']:.0f} [{100 * lo:.0f}–{100 * hi:.0f}]"
+def pct(e, label, ci=True):
+    if not e:
+        return "—"
+    r = e[label]
+    return f"{100 * r['rate']:.0f} [{100 * r['ci'][0]:.0f}–{100 * r['ci'][1]:.0f}]" if ci else f"{100 * r['rate']:.0f}"
+
+
+def num(x, fmt):
+    return "—" if x is None else format(x, fmt)
 
 
 def main(run: str) -> None:
-    d = Path(run)
-    table = json.loads((d / "compliance.json").read_text())["table"]
-    cap = json.loads((d / "capability.json").read_text())["entries"]
-    harm, benign, xs = table["jbb_harmful"], table.get("jbb_benign", {}), table.get("xstest_safe", {})
-    print("| condition | comply % [95 % CI] | evade % | refuse % | regex refusal % | benign refuse % | XSTest safe refuse % | KL (nats) | MMLU (57) |")
+    res = json.loads((Path(run) / "results.json").read_text())
+    comp, cap, ppl = res["compliance"], res["capability"], res["perplexity"]
+    harm = comp["jbb_harmful"]
+    n_mmlu = next((c["mmlu_n"] for c in cap.values() if "mmlu_n" in c), 0)
+    print(
+        "| condition | comply % [95 % CI] | evade % | refuse % [95 % CI] | regex refusal % | KL (nats) "
+        f"| MMLU ({n_mmlu}) | McNemar p | perplexity, answered prompts (baseline) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
-    for cond, name in NAMES.items():
-        if cond not in harm:
-            continue
-        e, c = harm[cond], cap.get(cond, {})
-        b = f"{100 * benign[cond]['refuse']['rate']:.0f}" if cond in benign else "—"
-        x = f"{100 * xs[cond]['refuse']['rate']:.0f}" if cond in xs else "—"
-        kl = f"{c['kl_mean']:.2f}" if "kl_mean" in c else "—"
-        mmlu = f"{c['mmlu_acc']:.2f}" if "mmlu_acc" in c else "—"
+    for cond in res["conditions"]:
+        e, c, p = harm.get(cond), cap.get(cond, {}), ppl.get(cond, {})
+        m, mb = p.get("matched"), p.get("matched_baseline")
+        pp = f"{m['ppl']:.2f} ({mb['ppl']:.2f}), n={m['n']}" if m and m["n"] else "—"
         print(
-            f"| {name} | {pct(e, 'comply')} | {pct(e, 'evade')} | {pct(e, 'refuse')} | "
-            f"{100 * e['regex_refusal']:.0f} | {b} | {x} | {kl} | {mmlu} |"
+            f"| {Condition.parse(cond).label} | {pct(e, 'comply')} | {pct(e, 'evade', False)} | {pct(e, 'refuse')} | "
+            f"{100 * e['regex_refusal']:.0f} | {num(c.get('kl_mean'), '.3f')} | {num(c.get('mmlu_acc'), '.3f')} | "
+            f"{num(c.get('mcnemar', {}).get('p'), '.2g')} | {pp} |"
         )
-
-
+    print("\n| condition | JBB benign refuse % | XSTest safe refuse % | matched quality Δ vs baseline (n) |")
+    print("|---|---|---|---|")
+    for cond in comp.get("jbb_benign", {}):
+        mq = harm.get(cond, {}).get("matched_quality")
+        print(
+            f"| {Condition.parse(cond).label} | {pct(comp['jbb_benign'].get(cond), 'refuse')} | "
+            f"{pct(comp.get('xstest_safe', {}).get(cond), 'refuse')} | "
+            + (f"{mq['diff']:+.3f} ({mq['n']})" if mq else "—")
+            + " |"
+        )
+    m = res.get("matched") or {}
+    for name, key in (("at_kl", "KL"), ("at_compliance", "compliance")):
+        if name in m:
+            print(f"\nAt the chosen point's {key} ({m[name]['target']:.3g}):\n")
+            print("| method | KL | compliance | MMLU |\n|---|---|---|---|")
+            for method, row in m[name]["methods"].items():
+                cells = ["—"] * 3 if row is None else [num(row.get(k), ".3f") for k in ("kl", "compliance", "mmlu")]
+                print(f"| {method} | " + " | ".join(cells) + " |")
+    ft, held = res["first_token_vs_judge"], res["heldout"]
+    print(
+        f"\nfirst-token score > 0 vs judged refusal: accuracy {num(ft['pooled_accuracy'], '.3f')} "
+        f"(n = {ft['n']}), Pearson r over conditions {num(ft['pearson_r'], '.3f')}"
+    )
+    print("held-out harmful_test, first-token refusal: " + ", ".join(
+        f"{Condition.parse(c).label} {100 * v['first_token_refusal']:.0f} % (n = {v['n']})" for c, v in held.items()
+    ))  # fmt: skip
+    print(f"direction layer {res['direction']['layer']}; split-half Jaccard {res['split_half_jaccard']:.3f}")
+    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res["timings_s"].items()))
 
 
 def sweep(run: str) -> None:
     """The validation sweep: share of harmful_val prompts with positive first-token refusal log-odds."""
-    s = json.loads((Path(run) / "sweep.json").read_text())["entries"]
-    fr = sorted({float(c.split(":")[2]) for c in s if c.startswith("cna:") and c.count(":") == 2})
-    by = sorted({c.split(":")[1] for c in s if c.startswith("cna:") and c.count(":") == 2})
-    head = " | ".join(f"CNA by {b} | random ({b})" for b in by)
+    s = {Condition.parse(k): e for k, e in json.loads((Path(run) / "sweep.json").read_text())["entries"].items()}
+    grid = [c for c in s if c.kind == "cna" and c.scale is None]
+    fractions, rankings = sorted({c.fraction for c in grid}), sorted({c.ranking for c in grid})
+    head = " | ".join(f"CNA by {b} | random ({b})" for b in rankings)
     print(f"| top fraction | {head} |")
-    print("|---|" + "---|" * (2 * len(by)))
-    for f in fr:
-        cells = []
-        for b in by:
-            for kind in ("cna", "random"):
-                e = s.get(f"{kind}:{b}:{f:g}")
-                cells.append(f"{e['refusal_share']:.2f}" if e else "—")
+    print("|---|" + "---|" * (2 * len(rankings)))
+    for f in fractions:
+        cells = [
+            num(s.get(Condition(kind, b, f), {}).get("refusal_share"), ".2f") for b in rankings for kind in ("cna", "random")
+        ]
         print(f"| {100 * f:g} % | " + " | ".join(cells) + " |")
-    scales = sorted(c for c in s if c.count(":") == 3)
-    print("\nscale: " + ", ".join(f"×{c.split(':')[3]} → {s[c]['refusal_share']:.2f}" for c in scales))
-    print("CAA: " + ", ".join(f"α {c.split(':')[1]} → {s[c]['refusal_share']:.2f}" for c in s if c.startswith("caa:")))
-    print(f"baseline: {s['baseline']['refusal_share']:.2f}")
+    for title, pick in (
+        ("scale", lambda c: c.kind == "cna" and c.scale is not None),
+        ("CAA (all layers)", lambda c: c.kind == "caa"),
+        ("CAA (one layer)", lambda c: c.kind == "caa_layer"),
+        ("controls", lambda c: c.kind in ("magnitude", "top", "direction")),
+    ):
+        print(f"\n{title}: " + ", ".join(f"{c.label} → {e['refusal_share']:.2f}" for c, e in s.items() if pick(c)))
+    print(f"baseline: {s[Condition('baseline')]['refusal_share']:.2f}")
 
 
 if __name__ == "__main__":

@@ -216,3 +216,29 @@ def test_generation_edits_equal_the_conditions_hooks(llama_model, full_run):
     for c in conds:
         if c.kind in ("cna", "caa", "caa_layer", "direction") and c.scale is None:
             assert texts[c] != texts[Condition("baseline")], c.key  # the intervention acts during generation
+
+
+def test_a_selection_joins_a_finished_run(llama_model, full_run, tmp_path):
+    """``--selection`` on a finished run adds the condition ``selection`` to every set it reports on,
+    keeps everything else, and a different selection for the same directory is refused."""
+    import shutil
+
+    from cna_lens.selection import Selection
+
+    out, ref = full_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    sel = Selection("diff", 0.02, first_layer=1, scale=-0.5)
+    sel.save(tmp_path / "selection.json")
+    res = rp.reproduce(llama_model, run, selection=tmp_path / "selection.json", **KW)
+    assert "selection" in res["conditions"] and res["conditions"]["selection"]["neurons"] == 8  # round(0.02·4·96)
+    for ds in ("jbb_harmful", "jbb_benign", "xstest_safe"):
+        assert res["generations"][ds]["selection"]["n"] == (4 if ds == "xstest_safe" else 3)
+        for cond, entry in ref["generations"][ds].items():
+            assert res["generations"][ds][cond] == entry  # nothing recomputed
+    assert "selection" in res["heldout"] and "selection" in res["capability"]
+    again = rp.reproduce(llama_model, run, **KW)  # resumed without the flag: the stored selection stays
+    assert again["conditions"] == res["conditions"]
+    Selection("abs", 0.02).save(tmp_path / "other.json")
+    with pytest.raises(ValueError, match="already holds the selection"):
+        rp.reproduce(llama_model, run, selection=tmp_path / "other.json", **KW)

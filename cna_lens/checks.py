@@ -191,7 +191,9 @@ def check_args(args: Any) -> dict[str, Any]:
         resolve_judge(a["judge"])
     if a.get("engine") == "vllm":
         if a.get("neurons"):
-            raise ValueError("--engine vllm generates from weights: `cna-lens export` the edit, then --model that directory")
+            raise ValueError(
+                "--engine vllm generates from weights: `cna-lens export` the edit, then --model that directory"
+            )
         positive_int(a.get("tensor_parallel", 1), "--tensor-parallel")
         import importlib.util
 

@@ -23,8 +23,8 @@ from .commands import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import DTYPES
     from .conditions import RANKINGS
+    from .models import DTYPES
     from .reproduce import CAA_ALPHAS, FRACTIONS
 
     parser = argparse.ArgumentParser(prog="cna-lens", description=__doc__)

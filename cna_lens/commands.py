@@ -90,9 +90,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from .vllm_engine import generate_vllm
 
         if neurons is not None:
-            raise ValueError("--engine vllm generates from weights: `cna-lens export` the edit, then --model that directory")
+            raise ValueError(
+                "--engine vllm generates from weights: `cna-lens export` the edit, then --model that directory"
+            )
         texts = generate_vllm(
-            resolve(args.model)[0], prompts, max_new_tokens=args.max_new_tokens, tensor_parallel_size=args.tensor_parallel
+            resolve(args.model)[0],
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            tensor_parallel_size=args.tensor_parallel,
         )
         return _write_generations(args, prompts, texts, None)
     model = _load(args)

@@ -19,7 +19,7 @@ from typing import Any
 
 from .judge import judge_completions, resolve_judge
 from .judge_head import LABELS
-from .runs import RunDir
+from .runs import RunDir, append_jsonl
 from .scoring import label_rates, matched_quality
 
 VERDICTS = "verdicts.jsonl"
@@ -56,42 +56,24 @@ def judge_run(run: str | os.PathLike, judge: str = "default", batch: int = 200, 
     rows = RunDir.read_rows(path / "completions.jsonl")
     done = read_verdicts(path, name)
     todo = [r for r in rows if _key(r) not in done]
-    _drop_torn_tail(path / VERDICTS)
     for start in range(0, len(todo), batch):
         part = todo[start : start + batch]
         verdicts = judge_completions(
             [r["prompt"] for r in part], [r["completion"] for r in part], name, progress=progress
         )
-        lines = [
-            json.dumps(
-                {
-                    "dataset": r["dataset"],
-                    "condition": r["condition"],
-                    "prompt_id": r["prompt_id"],
-                    "label": v.label,
-                    "confidence": round(v.confidence, 4),
-                    "judge": name,
-                },
-                ensure_ascii=False,
-            )
-            + "\n"
+        rows = [
+            {
+                "dataset": r["dataset"],
+                "condition": r["condition"],
+                "prompt_id": r["prompt_id"],
+                "label": v.label,
+                "confidence": round(v.confidence, 4),
+                "judge": name,
+            }
             for r, v in zip(part, verdicts)
         ]
-        with open(path / VERDICTS, "a", encoding="utf-8") as f:
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(path / VERDICTS, rows)  # cuts a torn last line first
     return len(todo)
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a torn last line (a write stopped mid-line), so new verdicts start on a line of their own."""
-    if path.exists():
-        data = path.read_bytes()
-        good = data.rfind(b"\n") + 1
-        if good != len(data):
-            with open(path, "r+b") as f:
-                f.truncate(good)
 
 
 def compliance_table(
@@ -129,4 +111,3 @@ def write_compliance(run: str | os.PathLike, judge: str = "default", progress: b
     name = resolve_judge(judge)
     atomic_write_json(Path(run) / "compliance.json", {"kind": "cna_lens.Compliance", "judge": name, "table": table})
     return n, table
-

@@ -221,9 +221,10 @@ def choose_direction_layer(
     progress: bool = False,
 ) -> DirectionChoice:
     """Pick the layer whose refusal direction, ablated, lowers the mean first-token refusal log-odds on
-    ``val_prompts`` the most. Default candidates: layers below 0.8 · n_layers (Arditi et al.: later
-    directions act on the output tokens directly; layer 0 holds only the final token's embedding); with ``harmless``, layers whose ablation moves the
-    harmless next-token distribution by more than ``max_kl`` nats (mean KL) are skipped."""
+    ``val_prompts`` the most. Default candidates: layers 1 to below 0.8 · n_layers (Arditi et al.: later
+    directions act on the output tokens directly; layer 0 holds only the final token's embedding);
+    with ``harmless``, layers whose ablation moves the harmless next-token distribution by more than
+    ``max_kl`` nats (mean KL) are skipped."""
     check_hook(model, attr_resid.hook)
     if attr_resid.n_layers != model.cfg.n_layers or attr_resid.d_mlp != model.cfg.d_model:
         raise ValueError(

@@ -108,20 +108,16 @@ def steer_mlp_out(
     ``layers``), at every position, as plain torch forward hooks on the plain HF model's MLP modules
     (removed on exit). The same sum as :func:`cna_lens.intervene.steer` at ``blocks.l.hook_mlp_out``
     (the HF MLP's output); yields the HF model."""
+    from .edit import steering_biases
+
     plain = stock_model(model)
     blocks = decoder_layers(plain)
-    if vectors.ndim != 2 or vectors.shape[0] != len(blocks):
-        raise ValueError(f"vectors must be [{len(blocks)} layers, d_model], got shape {tuple(vectors.shape)}")
-    chosen = range(len(blocks)) if layers is None else [int(x) for x in layers]
-    if any(not 0 <= x < len(blocks) for x in chosen):
-        raise ValueError(f"layers {list(chosen)} must lie in 0..{len(blocks) - 1}")
-    coef = -float(alpha)
     handles = []
     try:
-        for layer in chosen:
-            block = blocks[layer]
-            v = coef * vectors[layer].float().to(block.mlp.down_proj.weight.device, block.mlp.down_proj.weight.dtype)
-            handles.append(block.mlp.register_forward_hook(lambda mod, args, out, v=v: out + v))
+        for layer, add in steering_biases(model, vectors, alpha, layers).items():
+            w = blocks[layer].mlp.down_proj.weight
+            v = add.to(w.device, w.dtype)
+            handles.append(blocks[layer].mlp.register_forward_hook(lambda mod, args, out, v=v: out + v))
         yield plain
     finally:
         for h in handles:

@@ -101,7 +101,12 @@ def report(results: dict[str, Any]) -> str:
             + (f"{mq['diff']:+.3f} ({mq['n']})" if mq else "—")
             + " |"
         )
-    lines += ["", "## Over-refusal (judged refusal %)", "", "| condition | JBB benign | XSTest safe | regex JBB benign |"]
+    lines += [
+        "",
+        "## Over-refusal (judged refusal %)",
+        "",
+        "| condition | JBB benign | XSTest safe | regex JBB benign |",
+    ]
     lines.append("|---|---|---|---|")
     for cond, g in gens.get("jbb_benign", {}).items():
         x = comp.get("xstest_safe", {}).get(cond)

@@ -44,7 +44,9 @@ FORMAT_VERSION = 2
 def choose(sweep: dict[str, Any], rankings: Sequence[str]) -> Condition:
     """Operating point from validation only: the smallest fraction (≤ 1 %) whose share of prompts with
     positive refusal log-odds is within 0.05 of the best CNA entry (ties: the earlier ranking)."""
-    grid = [(c, e) for c, e in ((Condition.parse(k), e) for k, e in sweep.items()) if c.kind == "cna" and c.scale is None]
+    grid = [
+        (c, e) for c, e in ((Condition.parse(k), e) for k, e in sweep.items()) if c.kind == "cna" and c.scale is None
+    ]
     cands = [(c, e) for c, e in grid if c.fraction <= 0.01] or grid
     best = min(e["refusal_share"] for _, e in cands)
     ok = [c for c, e in cands if e["refusal_share"] <= best + 0.05]
@@ -191,7 +193,9 @@ def reproduce(
         scores = rep.prompt_scores("first_token", "jbb_harmful", harmful)
         held = rep.prompt_scores("heldout", "harmful_test", [BASELINE, chosen, *extra]) if heldout else {}
     results["first_token_vs_judge"] = first_token_vs_judge(scores, labels)
-    results["heldout"] = {c: {"n": len(s), "first_token_refusal": sum(v > 0 for v in s.values()) / len(s)} for c, s in held.items()}
+    results["heldout"] = {
+        c: {"n": len(s), "first_token_refusal": sum(v > 0 for v in s.values()) / len(s)} for c, s in held.items()
+    }
     results["curves"] = curves(harmful, table.get("jbb_harmful", {}), results["capability"])
     at = next((p for pts in results["curves"].values() for p in pts if p["condition"] == chosen.key), None)
     results["matched"] = matched(results["curves"], at) if at else None
@@ -218,7 +222,9 @@ def _selection(out: str | Path, given: str | os.PathLike | None) -> tuple[Select
     if stored.exists():
         kept = Selection.load(stored)
         if sel is not None and sel != kept:
-            raise ValueError(f"{out} already holds the selection {kept.describe()}; use another --out for {sel.describe()}")
+            raise ValueError(
+                f"{out} already holds the selection {kept.describe()}; use another --out for {sel.describe()}"
+            )
         return kept, None
     if sel is None:
         return None, None

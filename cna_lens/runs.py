@@ -158,10 +158,7 @@ class RunDir:
         try:
             yield
         finally:
-            path = self.path / "timings.json"
-            t = read_json(path, "cna_lens.Timings")["seconds"] if path.exists() else {}
-            t[stage] = t.get(stage, 0.0) + time.perf_counter() - t0
-            atomic_write_json(path, {"kind": "cna_lens.Timings", "seconds": t})
+            add_seconds(self.path / "timings.json", "cna_lens.Timings", stage, time.perf_counter() - t0)
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
@@ -172,6 +169,13 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
         self._rows.extend(rows)
+
+
+def add_seconds(path: Path, kind: str, key: str, seconds: float) -> None:
+    """Add ``seconds`` to ``path``'s ``seconds[key]`` (a JSON of ``kind``; summed over resumed runs)."""
+    t = read_json(path, kind)["seconds"] if path.exists() else {}
+    t[key] = t.get(key, 0.0) + seconds
+    atomic_write_json(path, {"kind": kind, "seconds": t})
 
 
 def append_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:

@@ -66,7 +66,9 @@ def mmlu_leading_space(tokenizer: Any) -> bool:
             return lead
         except ValueError:
             continue
-    raise ValueError("the tokenizer splits both ' A'..' D' and 'A'..'D': MMLU by first-token likelihood needs single tokens")
+    raise ValueError(
+        "the tokenizer splits both ' A'..' D' and 'A'..'D': MMLU by first-token likelihood needs single tokens"
+    )
 
 
 def mmlu_letters(logprobs: Float[Tensor, "item vocab"], tokenizer: Any, leading_space: bool = True) -> list[str]:

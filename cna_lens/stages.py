@@ -32,7 +32,7 @@ from .generation import generate_many
 from .hooks import HookedModel
 from .neurons import NeuronSet
 from .report import bootstrap_ci
-from .runs import RunDir, append_jsonl, atomic_write_json, read_json
+from .runs import RunDir, add_seconds, append_jsonl, atomic_write_json, read_json
 from .scoring import mmlu_leading_space, mmlu_predictions, perplexity
 from .selection import Selection
 
@@ -101,7 +101,9 @@ class Reproduction:
         if given is not None:
             ns = NeuronSet.load(given)
             if (ns.n_layers, ns.d_mlp) != (attr.n_layers, attr.d_mlp):
-                raise ValueError(f"{given} is for a {ns.n_layers} × {ns.d_mlp} model, this one is {attr.n_layers} × {attr.d_mlp}")
+                raise ValueError(
+                    f"{given} is for a {ns.n_layers} × {ns.d_mlp} model, this one is {attr.n_layers} × {attr.d_mlp}"
+                )
             ns.save(path)
             selection.save(self.out / "selection" / "selection.json")
             return ns
@@ -215,9 +217,7 @@ class Reproduction:
                     yield
             finally:
                 path = self.out / "generation_seconds.json"
-                t = read_json(path, "cna_lens.GenerationSeconds")["seconds"] if path.exists() else {}
-                t[job] = t.get(job, 0.0) + time.perf_counter() - t0
-                atomic_write_json(path, {"kind": "cna_lens.GenerationSeconds", "seconds": t})
+                add_seconds(path, "cna_lens.GenerationSeconds", job, time.perf_counter() - t0)
 
         return timed
 

@@ -30,9 +30,7 @@ def check_vllm(model_dir: str | os.PathLike, tensor_parallel_size: int = 1) -> P
     if not torch.cuda.is_available():
         raise ValueError("--engine vllm runs on CUDA GPUs; none is visible here (use the default engine on CPU)")
     if not 1 <= tensor_parallel_size <= torch.cuda.device_count():
-        raise ValueError(
-            f"--tensor-parallel {tensor_parallel_size}: {torch.cuda.device_count()} GPU(s) are visible"
-        )
+        raise ValueError(f"--tensor-parallel {tensor_parallel_size}: {torch.cuda.device_count()} GPU(s) are visible")
     return path
 
 

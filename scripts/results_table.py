@@ -1,6 +1,6 @@
 """Print the markdown tables of a reproduce run directory (the README and docs use its output).
 
-    python scripts/results_table.py results/reproduce-qwen2.5-coder-1.5b-instruct [--sweep]
+python scripts/results_table.py results/reproduce-qwen2.5-coder-1.5b-instruct [--sweep]
 """
 
 import json
@@ -80,7 +80,9 @@ def sweep(run: str) -> None:
     print("|---|" + "---|" * (2 * len(rankings)))
     for f in fractions:
         cells = [
-            num(s.get(Condition(kind, b, f), {}).get("refusal_share"), ".2f") for b in rankings for kind in ("cna", "random")
+            num(s.get(Condition(kind, b, f), {}).get("refusal_share"), ".2f")
+            for b in rankings
+            for kind in ("cna", "random")
         ]
         print(f"| {100 * f:g} % | " + " | ".join(cells) + " |")
     for title, pick in (

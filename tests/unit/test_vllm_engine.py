@@ -22,7 +22,10 @@ def test_not_a_model_directory(tmp_path):
 def test_cli_refuses_before_loading_where_vllm_cannot_run(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cna_lens.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "p.txt").write_text("Hello\n")
-    assert main(["generate", "--model", "smollm2-135m-instruct", "--prompts", str(tmp_path / "p.txt"), "--engine", "vllm"]) == 2
+    assert (
+        main(["generate", "--model", "smollm2-135m-instruct", "--prompts", str(tmp_path / "p.txt"), "--engine", "vllm"])
+        == 2
+    )
     assert "vllm extra and a CUDA GPU" in capsys.readouterr().err
 
 

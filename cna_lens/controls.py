@@ -188,7 +188,7 @@ def direction_ablation_hooks(model: HookedModel, direction: Float[Tensor, "*laye
 @dataclass(frozen=True)
 class DirectionChoice:
     """Per candidate layer: mean first-token refusal score on validation prompts with the direction
-    ablated, and mean KL on harmless prompts (when given). ``layer``: the lowest score among layers
+    ablated; mean KL on harmless prompts (when given) for the layers checked, best score first. ``layer``: the lowest score among layers
     with KL ≤ ``max_kl`` (all layers when none passes: ``kl_filter_met`` False)."""
 
     layer: int
@@ -241,17 +241,26 @@ def choose_direction_layer(
     score = lambda: float(refusal_score(final_logprobs(model, val_prompts, batch_size=batch_size), ids).mean())  # noqa: E731
     baseline = score()
     base_h = final_logprobs(model, harmless, batch_size=batch_size) if harmless is not None else None
-    scores, kl = {}, {}
+    scores: dict[int, float] = {}
+    kl: dict[int, float] = {}
     for layer in tqdm(layers, desc="direction layer", disable=not progress):
         with model.hooks(fwd_hooks=direction_ablation_hooks(model, directions[layer])):
             scores[layer] = score()
-            if base_h is not None:
-                kl[layer] = float(kl_divergence(base_h, final_logprobs(model, harmless, batch_size=batch_size)).mean())
-    ok = [layer for layer in layers if base_h is None or kl[layer] <= max_kl]
+    # the KL filter in order of score: the first layer that passes is the choice (the same layer as
+    # filtering every layer first), and the harmless passes stop there
+    ranked = sorted(layers, key=lambda layer: (scores[layer], layer))
+    best = None
+    for layer in ranked if base_h is not None else []:
+        with model.hooks(fwd_hooks=direction_ablation_hooks(model, directions[layer])):
+            kl[layer] = float(kl_divergence(base_h, final_logprobs(model, harmless, batch_size=batch_size)).mean())
+        if kl[layer] <= max_kl:
+            best = layer
+            break
+    ok = base_h is None or best is not None
     if not ok:
         log.warning("no layer's direction ablation stays within KL %.3g nats; choosing among all", max_kl)
-    best = min(ok or layers, key=lambda layer: (scores[layer], layer))
-    return DirectionChoice(best, baseline, scores, kl, max_kl if base_h is not None else None, bool(ok))
+    best = ranked[0] if best is None else best
+    return DirectionChoice(best, baseline, scores, kl, max_kl if base_h is not None else None, ok)
 
 
 # --------------------------------------------------------------------------- matched tables

@@ -40,7 +40,10 @@ if len(profiles) > 1:
 for run in sorted(RESULTS.glob("reproduce-*/results.json")):
     import json
 
-    plot.save_figure(plot.dose_response(json.loads(run.read_text())), FIG / f"{run.parent.name}_dose_response")
+    results = json.loads(run.read_text())
+    plot.save_figure(plot.dose_response(results), FIG / f"{run.parent.name}_dose_response")
+    if results.get("curves"):
+        plot.save_figure(plot.method_curves(results), FIG / f"{run.parent.name}_methods")
 for lm_dir in sorted(RESULTS.glob("*/layer_map")):
     plot.save_figure(
         plot.circuit_map(cna_lens.circuits.LayerMap.load(lm_dir)), FIG / f"{lm_dir.parent.name}_circuit_map"

@@ -18,7 +18,7 @@ from cna_lens.controls import (
     top_mean_activation,
 )
 from cna_lens.edit import edit_direction
-from cna_lens.evaluate import final_logprobs, refusal_score, refusal_token_ids
+from cna_lens.evaluate import kl_divergence, final_logprobs, refusal_score, refusal_token_ids
 from cna_lens.intervene import steering_hooks
 
 from .test_edit import EPS, batch, logit_tol, logits
@@ -168,10 +168,18 @@ def test_choose_direction_layer(tiny_model, resid_attr):
     # a KL cap below every layer's KL: no layer passes, the best of all is kept and flagged
     tight = choose_direction_layer(tiny_model, resid_attr, HARMFUL, layers=[1, 2], harmless=HARMLESS, max_kl=0.0)
     assert not tight.kl_filter_met and tight.layer == min(tight.scores, key=tight.scores.get)
-    # a cap between the layers' KLs keeps only those below it
-    cap = sorted(choice.kl.values())[0]
-    capped = choose_direction_layer(tiny_model, resid_attr, HARMFUL, layers=[1, 2, 3], harmless=HARMLESS, max_kl=cap)
-    assert capped.layer == min(choice.kl, key=choice.kl.get) and capped.kl_filter_met
+    # a cap between the layers' KLs: the rule is "lowest score among the layers with KL ≤ cap", checked
+    # against every layer's KL computed here (the function computes KL only until a layer passes)
+    base_h = final_logprobs(tiny_model, HARMLESS)
+    kl_all = {}
+    for layer in (1, 2, 3):
+        with tiny_model.hooks(fwd_hooks=direction_ablation_hooks(tiny_model, refusal_direction(resid_attr, layer))):
+            kl_all[layer] = float(kl_divergence(base_h, final_logprobs(tiny_model, HARMLESS)).mean())
+    for cap in sorted(kl_all.values()):
+        capped = choose_direction_layer(tiny_model, resid_attr, HARMFUL, layers=[1, 2, 3], harmless=HARMLESS, max_kl=cap)
+        allowed = [layer for layer in kl_all if kl_all[layer] <= cap]
+        assert capped.layer == min(allowed, key=lambda layer: (capped.scores[layer], layer)) and capped.kl_filter_met
+        assert all(capped.kl[layer] == pytest.approx(kl_all[layer], abs=1e-6) for layer in capped.kl)  # same passes
     assert capped.to_dict()["layer"] == capped.layer
     with pytest.raises(ValueError, match="residual stream"):
         choose_direction_layer(tiny_model, synthetic_attribution(n_layers=4, d=10), HARMFUL)

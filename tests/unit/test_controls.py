@@ -176,7 +176,9 @@ def test_choose_direction_layer(tiny_model, resid_attr):
         with tiny_model.hooks(fwd_hooks=direction_ablation_hooks(tiny_model, refusal_direction(resid_attr, layer))):
             kl_all[layer] = float(kl_divergence(base_h, final_logprobs(tiny_model, HARMLESS)).mean())
     for cap in sorted(kl_all.values()):
-        capped = choose_direction_layer(tiny_model, resid_attr, HARMFUL, layers=[1, 2, 3], harmless=HARMLESS, max_kl=cap)
+        capped = choose_direction_layer(
+            tiny_model, resid_attr, HARMFUL, layers=[1, 2, 3], harmless=HARMLESS, max_kl=cap
+        )
         allowed = [layer for layer in kl_all if kl_all[layer] <= cap]
         assert capped.layer == min(allowed, key=lambda layer: (capped.scores[layer], layer)) and capped.kl_filter_met
         assert all(capped.kl[layer] == pytest.approx(kl_all[layer], abs=1e-6) for layer in capped.kl)  # same passes

@@ -188,8 +188,9 @@ def direction_ablation_hooks(model: HookedModel, direction: Float[Tensor, "*laye
 @dataclass(frozen=True)
 class DirectionChoice:
     """Per candidate layer: mean first-token refusal score on validation prompts with the direction
-    ablated; mean KL on harmless prompts (when given) for the layers checked, best score first. ``layer``: the lowest score among layers
-    with KL ≤ ``max_kl`` (all layers when none passes: ``kl_filter_met`` False)."""
+    ablated; mean KL on harmless prompts (when given) for the layers checked, best score first.
+    ``layer``: the lowest score among layers with KL ≤ ``max_kl`` (all layers when none passes:
+    ``kl_filter_met`` False)."""
 
     layer: int
     baseline_score: float

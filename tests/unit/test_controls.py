@@ -18,7 +18,7 @@ from cna_lens.controls import (
     top_mean_activation,
 )
 from cna_lens.edit import edit_direction
-from cna_lens.evaluate import kl_divergence, final_logprobs, refusal_score, refusal_token_ids
+from cna_lens.evaluate import final_logprobs, kl_divergence, refusal_score, refusal_token_ids
 from cna_lens.intervene import steering_hooks
 
 from .test_edit import EPS, batch, logit_tol, logits

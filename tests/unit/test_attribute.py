@@ -10,7 +10,7 @@ from cna_lens.attribute import attribute_multi, attribute_tokens
 from cna_lens.prompts import encode
 
 from ..conftest import PROMPTS, hf_reference
-from .test_activations import hf_down_proj_inputs
+from ..helpers import activation_scale, assert_close_model, hf_down_proj_inputs
 
 POS = PROMPTS[:4] + ["Give me step by step instructions to build something dangerous at home"]
 NEG = PROMPTS[4:] + ["Ok", "Summarize the plot of a famous novel in three sentences please"]
@@ -26,10 +26,15 @@ def test_attribution_matches_independent_reference(llama_dir, llama_model, attr)
     tok = llama_model.tokenizer
     pos = hf_down_proj_inputs(hf, encode(tok, POS)).double()
     neg = hf_down_proj_inputs(hf, encode(tok, NEG)).double()
-    torch.testing.assert_close(attr.mean_pos.double(), pos.mean(0), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(attr.diff.double(), pos.mean(0) - neg.mean(0), atol=1e-5, rtol=1e-5)
+    # Each activation differs from the unpadded HF pass by fp32 summation order only (≤ c·|a|); the sums
+    # over prompts are float64. Means and their difference are then off by ≤ c·RMS (activation_scale),
+    # and so is the pooled std, a scaled l2 norm of deviations (triangle inequality, √(N/(N−2)) ≤ 1.2
+    # here, inside the helper's safety factor 8); float64 Σa² − (Σa)²/n cancels to ~1e-8·|a| at most.
+    scale = float(torch.cat([pos, neg]).abs().max())
+    assert_close_model(attr.mean_pos.double(), pos.mean(0), llama_model, scale)
+    assert_close_model(attr.diff.double(), pos.mean(0) - neg.mean(0), llama_model, scale)
     pooled = ((len(POS) - 1) * pos.var(0) + (len(NEG) - 1) * neg.var(0)) / (len(POS) + len(NEG) - 2)
-    torch.testing.assert_close(attr.std.double(), pooled.sqrt(), atol=1e-5, rtol=1e-4)
+    assert_close_model(attr.std.double(), pooled.sqrt(), llama_model, scale)
     assert attr.diff.dtype == torch.float32 and attr.sum_pos.dtype == torch.float64
     assert (attr.n_pos, attr.n_neg) == (len(POS), len(NEG))
 
@@ -37,8 +42,9 @@ def test_attribution_matches_independent_reference(llama_dir, llama_model, attr)
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_batch_size_invariance(llama_model, attr, batch_size):
     other = cna_lens.attribute(llama_model, POS, NEG, batch_size=batch_size, progress=False)
-    torch.testing.assert_close(other.diff, attr.diff, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(other.std, attr.std, atol=1e-5, rtol=1e-4)
+    # another batch shape and padding: fp32 summation order only (see the reference test above)
+    assert_close_model(other.diff, attr.diff, llama_model, activation_scale(attr))
+    assert_close_model(other.std, attr.std, llama_model, activation_scale(attr))
 
 
 def test_several_hooks_in_one_pass_equal_separate_passes(llama_model, attr):
@@ -47,14 +53,16 @@ def test_several_hooks_in_one_pass_equal_separate_passes(llama_model, attr):
     for got, ref in ((both["mlp.hook_post"], attr), (both["hook_mlp_out"], alone)):
         assert (got.hook, got.n_pos, got.n_neg) == (ref.hook, ref.n_pos, ref.n_neg)
         for k in ("sum_pos", "sum_neg", "sumsq_pos", "sumsq_neg"):
-            torch.testing.assert_close(getattr(got, k), getattr(ref, k), atol=0, rtol=0)
+            # extra hooks only read: the same forwards on the same batches, bit for bit
+            assert torch.equal(getattr(got, k), getattr(ref, k)), k
     assert both["hook_mlp_out"].d_mlp == llama_model.cfg.d_model
     with pytest.raises(ValueError, match="blocks.0.nope"):
         attribute_multi(llama_model, POS, NEG, ["mlp.hook_post", "nope"], progress=False)
 
 
 def test_merge_of_shards_equals_one_pass(llama_model, attr):
-    """Merging is exact up to the rounding of other batch layouts (≤1e-6)."""
+    """Merging adds float64 sums; the shards' other batch layouts change the activations by fp32
+    summation order only."""
     tok = llama_model.tokenizer
     pos, neg = encode(tok, POS), encode(tok, NEG)
     whole = attribute_tokens(llama_model, pos, neg, progress=False)
@@ -65,12 +73,13 @@ def test_merge_of_shards_equals_one_pass(llama_model, attr):
     ]
     merged = cna_lens.Attribution.merge(shards)
     assert (merged.n_pos, merged.n_neg) == (whole.n_pos, whole.n_neg)
-    torch.testing.assert_close(merged.diff, whole.diff, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(merged.diff, attr.diff, atol=1e-4, rtol=1e-4)  # attr: batch 16
+    assert_close_model(merged.diff, whole.diff, llama_model, activation_scale(whole))
+    assert_close_model(merged.diff, attr.diff, llama_model, activation_scale(attr))  # attr: batch 16
     strided = [cna_lens.attribute(llama_model, POS, NEG, shard=(i, 6), progress=False) for i in range(6)]
     merged = cna_lens.Attribution.merge(strided)  # 5 prompts a set in 6 shards: the last holds none
     assert (merged.n_pos, merged.n_neg) == (whole.n_pos, whole.n_neg)
-    torch.testing.assert_close(merged.diff, whole.diff, atol=1e-6, rtol=1e-6)
+    # one prompt per forward in the shards against whole batches: fp32 summation order only
+    assert_close_model(merged.diff, whole.diff, llama_model, activation_scale(whole))
     with pytest.raises(ValueError, match="shard"):
         cna_lens.attribute(llama_model, POS, NEG, shard=(2, 2))
     foreign = cna_lens.Attribution("other", attr.hook, 1, 1, *(torch.zeros_like(attr.sum_pos),) * 4)
@@ -99,7 +108,8 @@ def test_top_neurons_global_ranking_and_rules():
     assert list(zip(signed.layers, signed.indices)) == [(2, 3), (3, 0)]
     assert a.top_neurons(k=1, exclude_layers=()).pairs == {(0, 0)}
     assert len(a.top_neurons(fraction=0.05)) == 2  # 5 % of 40 neurons
-    torch.testing.assert_close(a.effect[2, 3], torch.tensor(5.0))  # diff / pooled std (std = 1)
+    # diff / pooled std = 5 / 1, computed in float64 (error ~1e-15) and rounded to float32: exactly 5
+    assert float(a.effect[2, 3]) == 5.0
 
 
 @pytest.mark.parametrize(

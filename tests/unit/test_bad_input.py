@@ -31,31 +31,24 @@ def _neurons(path, n_layers=4, d_mlp=96):
     return path
 
 
+def bad_file(command: str, name: str, data: bytes | None, *words: str):
+    """A case whose file ``name`` (holding ``data``) is the last argument of ``command``."""
+    return {name: data}, [*command.split(), "{d}/" + name], list(words)
+
+
+NEURONS = "generate --prompts jbb_harmful --neurons"
+
 CASES = {
-    # name: (files to create {name: bytes}, argv with {d} = tmp dir and {model} = tiny model dir, expected words)
-    "empty prompt file": ({"p.txt": b""}, ["discover", "--positive", "{d}/p.txt"], ["p.txt", "no prompts"]),
-    "blank-only prompt file": (
-        {"p.txt": b"  \n\n\t\n"},
-        ["discover", "--positive", "{d}/p.txt"],
-        ["p.txt", "no prompts"],
+    # name: (files to create {name: bytes}, argv with {d} = tmp dir, words the error must contain)
+    "empty prompt file": bad_file("discover --positive", "p.txt", b"", "p.txt", "no prompts"),
+    "blank-only prompt file": bad_file("discover --positive", "p.txt", b"  \n\n\t\n", "p.txt", "no prompts"),
+    "non-UTF-8 prompt file": bad_file("discover --negative", "p.txt", "Как\n".encode("cp1251"), "p.txt", "UTF-8"),
+    "malformed JSON": bad_file("generate --prompts", "p.json", b'["a", ', "p.json", "invalid JSON"),
+    "malformed JSONL": bad_file(
+        "generate --prompts", "p.jsonl", b'{"prompt": "a"}\n{oops\n', "p.jsonl:2", "invalid JSON"
     ),
-    "non-UTF-8 prompt file": (
-        {"p.txt": "Как\n".encode("cp1251")},
-        ["discover", "--negative", "{d}/p.txt"],
-        ["p.txt", "UTF-8"],
-    ),
-    "malformed JSON": ({"p.json": b'["a", '}, ["generate", "--prompts", "{d}/p.json"], ["p.json", "invalid JSON"]),
-    "malformed JSONL": (
-        {"p.jsonl": b'{"prompt": "a"}\n{oops\n'},
-        ["generate", "--prompts", "{d}/p.jsonl"],
-        ["p.jsonl:2", "invalid JSON"],
-    ),
-    "JSON object, not list": (
-        {"p.json": b'{"prompt": "a"}'},
-        ["generate", "--prompts", "{d}/p.json"],
-        ["p.json", "list"],
-    ),
-    "wrong item type": ({"p.json": b"[1, 2]"}, ["generate", "--prompts", "{d}/p.json"], ["p.json[0]", "string"]),
+    "JSON object, not list": bad_file("generate --prompts", "p.json", b'{"prompt": "a"}', "p.json", "list"),
+    "wrong item type": bad_file("generate --prompts", "p.json", b"[1, 2]", "p.json[0]", "string"),
     "missing prompt file": ({}, ["generate", "--prompts", "{d}/nope.txt"], ["nope.txt", "neither a prompt file"]),
     "unknown dataset": ({}, ["generate", "--prompts", "jbb_harmfull"], ["jbb_harmfull", "bundled dataset"]),
     "unknown alias": ({}, ["demo", "--model", "qwen-9000"], ["qwen-9000", "packaged alias"]),
@@ -70,26 +63,12 @@ CASES = {
     "layer not a number": ({}, ["discover", "--exclude-layers", "0,x"], ["--exclude-layers", "'x'"]),
     "non-finite scale": ({}, ["generate", "--prompts", "jbb_harmful", "--scale", "inf"], ["--scale", "finite"]),
     "batch size zero": ({}, ["generate", "--prompts", "jbb_harmful", "--batch-size", "0"], ["--batch-size"]),
-    "missing neuron file": (
-        {},
-        ["generate", "--prompts", "jbb_harmful", "--neurons", "{d}/run"],
-        ["run", "does not exist"],
+    "missing neuron file": ({}, [*NEURONS.split(), "{d}/run"], ["run", "does not exist"]),
+    "corrupt neuron file": bad_file(NEURONS, "n.json", b"{not json", "n.json", "JSON"),
+    "neuron file of another kind": bad_file(
+        NEURONS, "n.json", b'{"kind": "cna_lens.RunConfig"}', "n.json", "NeuronSet"
     ),
-    "corrupt neuron file": (
-        {"n.json": b"{not json"},
-        ["generate", "--prompts", "jbb_harmful", "--neurons", "{d}/n.json"],
-        ["n.json", "JSON"],
-    ),
-    "neuron file of another kind": (
-        {"n.json": b'{"kind": "cna_lens.RunConfig"}'},
-        ["generate", "--prompts", "jbb_harmful", "--neurons", "{d}/n.json"],
-        ["n.json", "NeuronSet"],
-    ),
-    "neurons of another model": (
-        {"n.json": None},
-        ["generate", "--prompts", "jbb_harmful", "--neurons", "{d}/n.json"],
-        ["n.json", "28 layers"],
-    ),
+    "neurons of another model": bad_file(NEURONS, "n.json", None, "n.json", "28 layers"),
     "unwritable output path": (
         {"f": b"x"},
         ["generate", "--prompts", "jbb_harmful", "--out", "{d}/f/out.jsonl"],

@@ -7,36 +7,12 @@ import cna_lens
 from cna_lens import plot
 from cna_lens.circuits import LayerMap, NeuronEffects, layer_map, neuron_effects
 from cna_lens.compare import Comparison, compare, cross_apply, layer_profile, spearman
-from cna_lens.evaluate import refusal_token_ids
 
-from ..conftest import PROMPTS, hf_reference, make_tiny
-from .test_activations import hf_down_proj_inputs
-
-PLANT_LAYER = 2
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    """A tiny model whose neuron (PLANT_LAYER, n) writes the refusal tokens' unembedding direction."""
-    path = make_tiny(tmp_path_factory.mktemp("planted"), "llama", seed=1)
-    hf = hf_reference(path)
-    tok = cna_lens.load_model(path, dtype=torch.float32).tokenizer
-    acts = hf_down_proj_inputs(hf, cna_lens.encode(tok, PROMPTS))[:, PLANT_LAYER]  # [prompt, d_mlp]
-    mean = acts.mean(0)
-    n = int((mean.abs() / (acts.std(0) + 1e-6)).argmax())  # a neuron with a consistent sign
-    W_U = hf.lm_head.weight.detach()
-    refusal = refusal_token_ids(tok)
-    direction = W_U[refusal].mean(0) - W_U.mean(0)
-    with torch.no_grad():
-        hf.model.layers[PLANT_LAYER].mlp.down_proj.weight[:, n] = (
-            200 * torch.sign(mean[n]) * direction / direction.norm() / mean[n].abs()
-        )
-    hf.save_pretrained(path)
-    return cna_lens.load_model(path, dtype=torch.float32), n
+from ..conftest import PLANT_LAYER, PROMPTS
 
 
 def test_layer_map_finds_the_planted_layer(planted):
-    model, n = planted
+    model, n, _ = planted
     d = model.cfg.d_mlp
     others = [(layer, (n + 7 * layer + 3) % d) for layer in range(model.cfg.n_layers) if layer != PLANT_LAYER]
     pairs = [(PLANT_LAYER, n)] + others
@@ -58,7 +34,7 @@ def test_layer_map_finds_the_planted_layer(planted):
 
 
 def test_maps_save_load(tmp_path, planted):
-    model, n = planted
+    model, n, _ = planted
     ns = cna_lens.NeuronSet((PLANT_LAYER, 3), (n, 0), (2.0, 1.0), model.cfg.n_layers, model.cfg.d_mlp)
     lm = layer_map(model, ns, PROMPTS[:2], cumulative=False, progress=False)
     lm.save(tmp_path / "lm")
@@ -79,6 +55,7 @@ def _attr(seed, n_layers=4, d=30, name="m"):
 def test_compare_identical_and_mismatched(tmp_path):
     a = _attr(0)
     c = compare(a, a, ks=(5, 20))
+    # Spearman ρ of identical rankings is 1 up to float64 rounding of the ρ formula (~1e-16)
     assert all(r == pytest.approx(1.0) for r in c.rank_corr) and c.jaccard == {5: 1.0, 20: 1.0}
     assert all(row["rank_a"] == row["rank_b"] for row in c.table)
     c.save(tmp_path / "c.json")
@@ -91,7 +68,7 @@ def test_compare_identical_and_mismatched(tmp_path):
 
 
 def test_cross_apply_and_profiles(planted, llama_model):
-    model, n = planted
+    model, n, _ = planted
     ns = cna_lens.NeuronSet((PLANT_LAYER,), (n,), (1.0,), model.cfg.n_layers, model.cfg.d_mlp)
     res = cross_apply(model, ns, PROMPTS[:3], max_new_tokens=2)
     assert res["delta"] < -1.0 and len(res["completions"]) == 3

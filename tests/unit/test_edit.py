@@ -1,8 +1,5 @@
 """Weight edits equal the hook interventions, and restore every parameter bit for bit."""
 
-import hashlib
-import math
-
 import pytest
 import torch
 
@@ -13,62 +10,12 @@ from cna_lens.neurons import NeuronSet
 from cna_lens.prompts import encode
 
 from ..conftest import byte_tokenizer, hf_reference, tiny_config
+from ..helpers import batch, digest, greedy, logit_tol, logits, random_neurons
 
-EPS = torch.finfo(torch.float32).eps  # 2^-23: one fp32 ulp at 1.0
-
-
-def logit_tol(model, logits) -> float:
-    """fp32 bound on |Δlogit| between two orderings of the same linear algebra.
-
-    A rounding difference inside one K-term dot product moves it by ~ sqrt(K)·eps relative (random-walk
-    accumulation), K ≤ max(d_mlp, d_model). Each of the 2·n_layers residual writers can add such an
-    independent error, which add in quadrature: sqrt(2·n_layers); both compared paths carry their own
-    (×2), and a factor 2 covers kernels that block the sums differently (AVX2 vs AVX-512). So
-    4 · sqrt(2·n_layers) · sqrt(K) · eps · max|logit| (tiny models ≈ 1e-4 at |logit| ≈ 10, measured
-    ≤ 3e-5; SmolLM2 ≈ 5e-3 at |logit| ≈ 35, measured ≤ 2e-4).
-    """
-    k = max(model.cfg.d_mlp, model.cfg.d_model)
-    return 4 * math.sqrt(2 * model.cfg.n_layers) * math.sqrt(k) * EPS * float(logits.abs().max())
-
-
-def digest(model) -> str:
-    """sha256 over the raw bytes of every parameter and buffer (names included)."""
-    h = hashlib.sha256()
-    for name, t in sorted(hf_model(model).state_dict(keep_vars=False).items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def random_neurons(model, per_layer: int = 10, seed: int = 0) -> NeuronSet:
-    g = torch.Generator().manual_seed(seed)
-    layers, idx = [], []
-    for layer in range(model.cfg.n_layers):
-        for i in torch.randperm(model.cfg.d_mlp, generator=g)[:per_layer].tolist():
-            layers.append(layer)
-            idx.append(i)
-    return NeuronSet(tuple(layers), tuple(idx), (0.0,) * len(idx), model.cfg.n_layers, model.cfg.d_mlp)
-
-
-def batch(model, prompts):
-    """Prompts as one left-padded batch (every row's final real token at -1)."""
-    from cna_lens.prompts import left_pad
-
-    return left_pad(encode(model.tokenizer, prompts), model.tokenizer.pad_token_id)
-
-
-def logits(model, ids, mask):
-    with torch.no_grad():
-        return model(ids, attention_mask=mask)
-
-
-def greedy(model, prompt: str, n: int = 8) -> list[int]:
-    """Greedy continuation by full forwards (no cache: independent of any generation engine)."""
-    ids = torch.tensor([encode(model.tokenizer, [prompt])[0]])
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids[0, -n:].tolist()
+# Tolerances: a weight edit and the hook it replaces compute the same products in another order
+# (W·(s·a) against (W·diag(s))·a, or one fused matmul against a hook between two), so the logits differ
+# by fp32 summation order only: logit_tol (tests/helpers.py), about 3e-4 at |logit| 10 on the tiny
+# models. A wrong column, layer or sign moves logits by O(0.1-1).
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.5, -0.3])

@@ -48,6 +48,7 @@ def test_refusal_rate():
 
 def test_quality_and_distinct():
     assert quality("a b c d e f g") == 1.0
+    # ratios of counts: one float division each, so pytest.approx's default rel=1e-6 is ample
     assert quality("a b c d a b c d a b c d") == pytest.approx(4 / 9)  # 9 4-grams, 4 unique
     assert quality("the the the the the the") == pytest.approx(1 / 3)
     assert quality("too short") == 1.0

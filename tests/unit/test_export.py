@@ -1,123 +1,16 @@
-"""Exported checkpoints reproduce the hooked model with plain transformers (HF) or its GGUF loader."""
+"""Export: atomic writes, GGUF files read back by transformers' GGUF loader, plain HF models. Reloading in a
+fresh interpreter (transformers only) is in tests/integration/test_export.py."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from cna_lens.export import EDIT_FILE, export_model
-from cna_lens.intervene import ablate, ablate_direction, steer
 from cna_lens.neurons import NeuronSet
 
-from .test_edit import batch, digest, logit_tol, logits, random_neurons
-
-#: Runs in a fresh interpreter: transformers only, never cna_lens.
-RELOAD = """
-import json, sys, torch
-from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
-out, ids, mask, n = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), torch.tensor(json.loads(sys.argv[3])), 6
-model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
-tok = AutoTokenizer.from_pretrained(out)
-with torch.no_grad():
-    logits = model(ids, attention_mask=mask).logits
-    gen = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
-assert "cna_lens" not in sys.modules
-save_file({"logits": logits, "tokens": gen[:, -n:].contiguous()}, out + ".check.safetensors")
-chat = [{"role": "user", "content": "Hi"}]
-print(json.dumps({"template": tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)}))
-"""
-
-
-def reload_in_subprocess(out, ids, mask):
-    proc = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(out), json.dumps(ids.tolist()), json.dumps(mask.tolist())],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from safetensors.torch import load_file
-
-    got = load_file(str(out) + ".check.safetensors")
-    return got["logits"], got["tokens"], json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def real(x, mask):
-    """Logits at real (unpadded) positions: padded ones are undefined and engines fill them differently."""
-    return x[mask.bool()]
-
-
-def hooked_greedy(model, ids, mask, n: int = 6):
-    """Greedy continuation of a left-padded batch by full forwards (no cache)."""
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = model(ids, attention_mask=mask)[:, -1].argmax(-1, keepdim=True)
-            ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-    return ids[:, -n:]
-
-
-def test_hf_export_reloads_without_cna_lens(tiny_model, prompts, tmp_path):
-    neurons = random_neurons(tiny_model, seed=7)
-    ids, mask = batch(tiny_model, prompts[:4])
-    with ablate(tiny_model, neurons, 0.0):
-        hooked, tokens = logits(tiny_model, ids, mask), hooked_greedy(tiny_model, ids, mask)
-    before = digest(tiny_model)
-    out = export_model(tiny_model, tmp_path / "edited", neurons=neurons, scale=0.0, provenance={"run": "x"})
-    assert digest(tiny_model) == before  # the export's edit was undone
-    mask_bits = os.umask(0)
-    os.umask(mask_bits)
-    assert out.stat().st_mode & 0o777 == 0o777 & ~mask_bits  # a normal directory, not mkdtemp's 0700
-    assert all(p.stat().st_mode & 0o777 == 0o666 & ~mask_bits for p in out.iterdir() if p.is_file())
-    got, got_tokens, info = reload_in_subprocess(out, ids, mask)
-    # same weights, same eager ops: measured bit-identical; the bound allows other kernels' rounding
-    torch.testing.assert_close(real(got, mask), real(hooked, mask), atol=logit_tol(tiny_model, hooked), rtol=0)
-    assert torch.equal(got_tokens, tokens)
-    assert info["template"].endswith("<|im_start|>assistant\n")  # the chat template travelled
-    record = json.loads((out / EDIT_FILE).read_text())
-    assert record["kind"] == "cna_lens.Edit" and record["format_version"] == 1
-    (edit,) = record["edits"]
-    assert (edit["kind"], edit["scale"], edit["layers"], edit["indices"]) == (
-        "neurons",
-        0.0,
-        list(neurons.layers),
-        list(neurons.indices),
-    )
-    assert record["provenance"] == {"run": "x"} and record["cna_lens_version"]
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= set(record["files"])
-    assert not json.loads((out / "config.json").read_text()).get("output_attentions")
-    assert [p.name for p in tmp_path.iterdir()] == ["edited", "edited.check.safetensors"]  # no temp dirs left
-
-
-def test_direction_export(tiny_model, prompts, tmp_path):
-    r = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(8))
-    ids, mask = batch(tiny_model, prompts[:3])
-    with ablate_direction(tiny_model, r):
-        hooked = logits(tiny_model, ids, mask)
-    out = export_model(tiny_model, tmp_path / "dir", direction=r)
-    got, _, _ = reload_in_subprocess(out, ids, mask)
-    torch.testing.assert_close(real(got, mask), real(hooked, mask), atol=logit_tol(tiny_model, hooked), rtol=0)
-
-
-def test_steering_export_uses_mlp_bias_where_the_architecture_has_it(tiny_model, prompts, tmp_path):
-    vectors = torch.randn(tiny_model.cfg.n_layers, tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(9))
-    if tiny_model.original_model.config.model_type == "qwen2":  # Qwen2 has no mlp_bias option
-        with pytest.raises(NotImplementedError, match="cna_lens.steer"):
-            export_model(tiny_model, tmp_path / "steer", vectors=vectors, alpha=0.5)
-        assert not (tmp_path / "steer").exists()
-        return
-    ids, mask = batch(tiny_model, prompts[:3])
-    with steer(tiny_model, vectors, 0.5, layers=[1, 2]):
-        hooked = logits(tiny_model, ids, mask)
-    out = export_model(tiny_model, tmp_path / "steer", vectors=vectors, alpha=0.5, layers=[1, 2])
-    assert json.loads((out / "config.json").read_text())["mlp_bias"] is True
-    got, _, _ = reload_in_subprocess(out, ids, mask)
-    torch.testing.assert_close(real(got, mask), real(hooked, mask), atol=logit_tol(tiny_model, hooked), rtol=0)
+from ..helpers import batch, logit_tol, random_neurons, real
 
 
 def test_atomic_and_force(llama_model, tmp_path):
@@ -159,6 +52,7 @@ def quantized_reference(hf_dir, qtype):
     return ref
 
 
+# bf16 is a GGUF storage type here, rounded by numpy (gguf.quants) and run in fp32: no bf16 kernel, any CPU
 @pytest.mark.parametrize("qtype", ["f16", "q8_0", "bf16"])
 def test_gguf_export(tiny_model, prompts, tmp_path, qtype):
     import gguf
@@ -186,7 +80,8 @@ def test_gguf_export(tiny_model, prompts, tmp_path, qtype):
     assert reader.fields[f"{arch}.block_count"].contents() == cfg.n_layers
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == tiny_model.original_model.config.vocab_size
 
-    # transformers' GGUF loader (undoes Llama's RoPE row order) against the same rounding in torch
+    # transformers' GGUF loader (undoes Llama's RoPE row order) against the same rounding in torch: the same
+    # weights through two loaders, so at most fp32 summation order differs (logit_tol, tests/helpers.py)
     hf_dir = export_model(tiny_model, tmp_path / "h", neurons=neurons)
     ref = quantized_reference(hf_dir, qtype)
     back = AutoModelForCausalLM.from_pretrained(

@@ -138,6 +138,7 @@ def test_model_judge_needs_distinct_label_tokens(llama_model):
 
 
 def test_kappa_on_hand_computed_tables():
+    # κ from small integer counts in float64: a few roundings of O(1) values (~1e-16): abs=1e-12
     # p_o = 0.7; marginals rows (.5, .5), columns (.6, .4): p_e = .3 + .2 = .5, so κ = (.7 - .5) / .5 = 0.4.
     assert cohen_kappa([[20, 5], [10, 15]]) == pytest.approx(0.4, abs=1e-12)
     # 3 classes: p_o = 0.6; rows (.4, .4, .2), columns (.5, .3, .2): p_e = .2 + .12 + .04 = .36; κ = .24/.64.
@@ -152,6 +153,7 @@ def test_agreement_report_on_tiny_labelled_set():
     ref = ["refuse", "refuse", "comply", "comply", "evade", "evade", "comply", "refuse", "evade", "comply"]
     pred = ["refuse", "comply", "comply", "comply", "comply", "evade", "comply", "refuse", "refuse", "evade"]
     a = agreement(ref, pred, LABELS)
+    # ratios of small counts in float64 (~1e-16): pytest.approx's default rel=1e-6 is ample
     assert a["n"] == 10 and a["accuracy"] == pytest.approx(0.6)
     assert a["confusion"]["counts"] == [[2, 1, 0], [0, 3, 1], [1, 1, 1]]
     # p_o = 0.6; rows (.3, .4, .3), columns (.3, .5, .2): p_e = .09 + .2 + .06 = .35; κ = .25 / .65 = 5/13.
@@ -203,7 +205,7 @@ def test_head_sidecar_is_checked(tmp_path):
 
 def test_class_weights_balance_counts():
     w = class_weights(torch.tensor([0, 0, 0, 1]))
-    # n / (K n_k): 4 / (3·3), 4 / (3·1), absent class 0
+    # n / (K n_k): 4 / (3·3), 4 / (3·1), absent class 0 (float64 quotients: approx's rel=1e-6 is ample)
     assert w.tolist() == pytest.approx([4 / 9, 4 / 3, 0.0])
 
 

@@ -122,7 +122,8 @@ def test_dtypes_the_hardware_cannot_run_are_refused(monkeypatch):
 
 
 def test_low_precision_load_folds_in_fp32_then_casts(llama_dir, monkeypatch):
-    """Processed bf16 loads boot and fold in fp32, then cast: weights equal the fp32-folded ones rounded once."""
+    """Processed bf16 loads boot and fold in fp32, then cast: weights equal the fp32-folded ones rounded once.
+    Loading and casting run no bf16 kernel, so this holds on CPUs without native bf16 as well."""
     import torch
 
     monkeypatch.setattr(models, "native_bf16", lambda device="cpu": True)
@@ -149,6 +150,7 @@ def test_auto_dtype_is_bf16_only_where_native(monkeypatch):
 def test_default_load_is_bf16_where_native_and_fp32_elsewhere(llama_dir, monkeypatch):
     import torch
 
+    # both branches on any CPU: a load runs no bf16 kernel
     for native, want in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(models, "native_bf16", lambda device="cpu", native=native: native)
         model = models.load_model(llama_dir)

@@ -22,7 +22,7 @@ from cna_lens.scoring import (
 )
 
 from ..conftest import hf_reference
-from .test_edit import logit_tol
+from ..helpers import logit_tol
 
 COMPLETIONS = [
     "Sure, here is how you do it.",
@@ -57,7 +57,8 @@ def test_mmlu_predictions_match_a_direct_argmax(tiny_dir, tiny_model):
         with torch.no_grad():
             last = hf(ids).logits[0, -1]
         top2 = last[letters].topk(2).values
-        # a letter can flip only where two letters lie within rounding (see logit_tol) of each other
+        # a letter can flip only where two letters' logits lie within twice the rounding bound (logit_tol,
+        # tests/helpers.py: fp32 summation order between the padded batch and this unpadded pass)
         if top2[0] - top2[1] > 2 * logit_tol(tiny_model, last):
             assert p == "ABCD"[int(last[letters].argmax())]
             checked += 1
@@ -95,7 +96,8 @@ def test_mcnemar_equals_the_minlike_binomial_p(b01, b10):
     pmf = [math.comb(n, i) / 2**n for i in range(n + 1)]
     want = min(1.0, sum(q for q in pmf if q <= pmf[b01] * (1 + 1e-12)))
     got = mcnemar([False] * b01 + [True] * b10, [True] * b01 + [False] * b10)[2]
-    assert got == pytest.approx(want, rel=1e-12)  # both exact sums; only the float divisions differ
+    # both exact sums of binomial terms in float64; only the rounding of the divisions differs (~1e-16)
+    assert got == pytest.approx(want, rel=1e-12)
 
 
 def test_mcnemar_rejects_bad_input():
@@ -109,10 +111,12 @@ def test_mcnemar_rejects_bad_input():
 def test_wilson_interval():
     # 0/100: [0, z²/(n + z²)] with z = 1.959964
     z2 = 1.959963984540054**2
+    # closed forms in float64: a few roundings of O(1) values, ~1e-16 each (hence abs=1e-12 below)
     assert proportion_ci(0, 100) == pytest.approx([0.0, z2 / (100 + z2)], abs=1e-12)
     lo, hi = proportion_ci(14, 100)  # by hand: centre 0.159207 / 1.038415, half 0.0706687 / 1.038415
     assert (round(lo, 4), round(hi, 4)) == (0.0853, 0.2214)
-    # the Wilson bounds are the roots of the score test's boundary (p̂ − p)² = z² p (1 − p) / n
+    # the Wilson bounds are the roots of the score test's boundary (p̂ − p)² = z² p (1 − p) / n; a float64
+    # root (a square root of a difference) is good to ~1e-15 relative, its square to twice that: rel=1e-9
     for bound in (lo, hi):
         assert (0.14 - bound) ** 2 == pytest.approx(z2 * bound * (1 - bound) / 100, rel=1e-9)
     lo2, hi2 = proportion_ci(86, 100)  # mirror image

@@ -5,16 +5,13 @@ import json
 import pytest
 import torch
 
-import cna_lens
 from cna_lens.attribute import Attribution
 from cna_lens.circuits import NeuronEffects, neuron_effects
-from cna_lens.evaluate import refusal_token_ids
 from cna_lens.neurons import NeuronSet
 from cna_lens.selection import RANKINGS, Selection, estimate_effects, ranking_scores
 
-from ..conftest import PROMPTS, hf_reference, make_tiny
-
-PLANT_LAYER = 2
+from ..conftest import PLANT_LAYER, PROMPTS
+from ..tolerance import U_FP32, assert_close_fp32
 
 
 def attribution_from_samples(pos: torch.Tensor, neg: torch.Tensor) -> Attribution:
@@ -32,9 +29,10 @@ def test_welch_t_known_value():
     neg = torch.tensor([0.0, 0, 1, 1, 2]).reshape(5, 1, 1)
     a = attribution_from_samples(pos, neg)
     expected = 1.7 / (5 / 12 + 0.14) ** 0.5
-    assert abs(float(a.welch_t[0, 0]) - expected) < 1e-6  # float32 output: rel. error ~6e-8 · |t|
-    assert float(ranking_scores(a, "t")[0, 0]) == pytest.approx(expected, rel=1e-6)
-    assert float(a.rms_neg[0, 0]) == pytest.approx((6 / 5) ** 0.5, rel=1e-6)  # sqrt((0+0+1+1+4)/5)
+    # computed in float64 (error ~1e-15) and stored as float32: off by at most half an ulp, u·|t|; ×2
+    assert abs(float(a.welch_t[0, 0]) - expected) <= 2 * U_FP32 * expected
+    assert float(ranking_scores(a, "t")[0, 0]) == pytest.approx(expected, rel=2 * U_FP32)
+    assert float(a.rms_neg[0, 0]) == pytest.approx((6 / 5) ** 0.5, rel=2 * U_FP32)  # sqrt((0+0+1+1+4)/5)
 
 
 def test_welch_t_matches_sample_formula():
@@ -43,8 +41,9 @@ def test_welch_t_matches_sample_formula():
     a = attribution_from_samples(pos, neg)
     se = (pos.double().var(0) / 7 + neg.double().var(0) / 9).sqrt()
     t = (pos.double().mean(0) - neg.double().mean(0)) / se
-    # sums of squares in float64, result in float32: |Δt| ≲ 1e-6 · |t| (float32 rounding dominates)
-    assert torch.allclose(a.welch_t.double(), t, rtol=1e-6, atol=1e-6)
+    # sums of squares in float64, result in float32: |Δt| ≤ u·|t| from the final rounding (×2), plus the
+    # float64 cancellation in Σa² − (Σa)²/n, ~1e-16·Σa²/var relative: far below 1e-12 for these O(1) samples
+    assert torch.allclose(a.welch_t.double(), t, rtol=2 * U_FP32, atol=1e-12)
     with pytest.raises(ValueError, match="at least 2"):
         _ = attribution_from_samples(pos[:1], neg).welch_t
 
@@ -90,7 +89,8 @@ def test_window_and_k():
     assert set(ns.layers) <= {2, 3}
     # the best 15 of the 20 neurons in layers 2-3, best first
     window = a.diff.abs()[2:4].flatten()
-    assert torch.allclose(torch.tensor(ns.scores), window.sort(descending=True).values[:15].double().float())
+    # the scores are those float32 values, stored as Python floats: equal
+    assert ns.scores == tuple(window.sort(descending=True).values[:15].tolist())
     assert ns.meta["selection"] == s.to_dict() and ns.meta["pruned"] == 0
     assert set(Selection("abs", 0.1).neurons(a).layers) <= set(range(2, 6))  # default: layers 0-1 excluded
     with pytest.raises(ValueError, match="hold only 20"):
@@ -159,26 +159,6 @@ def test_round_trip(tmp_path):
     assert "pruned" in s.describe() and "λ=0.75" in s.describe()
 
 
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    """A tiny model whose neuron (PLANT_LAYER, n) writes the refusal tokens' unembedding direction,
-    so every prompt starts with a refusal token until that neuron is ablated."""
-    path = make_tiny(tmp_path_factory.mktemp("planted-selection"), "llama", seed=1)
-    model = cna_lens.load_model(path, dtype=torch.float32)
-    stats = cna_lens.attribute(model, PROMPTS, PROMPTS, progress=False)
-    mean, std = stats.mean_pos[PLANT_LAYER], stats.std[PLANT_LAYER]
-    n = int((mean.abs() / (std + 1e-6)).argmax())  # a neuron with a consistent sign
-    hf = hf_reference(path)
-    W_U = hf.lm_head.weight.detach()
-    direction = W_U[refusal_token_ids(model.tokenizer)].mean(0) - W_U.mean(0)
-    with torch.no_grad():
-        hf.model.layers[PLANT_LAYER].mlp.down_proj.weight[:, n] = (
-            200 * torch.sign(mean[n]) * direction / direction.norm() / mean[n].abs()
-        )
-    hf.save_pretrained(path)
-    return cna_lens.load_model(path, dtype=torch.float32), n, path
-
-
 def test_estimate_effects_finds_the_planted_neuron(planted):
     model, n, _ = planted
     est = estimate_effects(model, PROMPTS, batch_size=3, progress=False)
@@ -193,5 +173,8 @@ def test_estimate_effects_finds_the_planted_neuron(planted):
     assert exact[0] < -1.0 and approx[0] < -1.0  # the planted neuron, both ways
     # first order: the big effect agrees in sign; smaller ones may differ where the model is nonlinear
     assert torch.sign(exact[0]) == torch.sign(approx[0])
-    # batching does not change the estimate beyond float32 rounding of sums over ~100 positions
-    assert torch.allclose(estimate_effects(model, PROMPTS, batch_size=7, progress=False), est, atol=1e-4, rtol=1e-4)
+    # batching changes the estimate by fp32 summation order only: a forward and a backward pass, so twice
+    # the depth of tests/helpers.py's bound; the scale is the largest estimate (the planted neuron's)
+    other = estimate_effects(model, PROMPTS, batch_size=7, progress=False)
+    cfg = model.cfg
+    assert_close_fp32(other, est, k=max(cfg.d_mlp, cfg.d_model), depth=4 * cfg.n_layers)

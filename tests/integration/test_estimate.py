@@ -3,8 +3,11 @@
 import pytest
 import torch
 
-from cna_lens import estimate
+from cna_lens import estimate, models
 from cna_lens.estimate import Limits
+
+pytestmark = pytest.mark.integration
+needs_native_bf16 = pytest.mark.skipif(not models.native_bf16(), reason="this CPU has no native bfloat16")
 
 
 def test_extrapolate_and_timed():
@@ -25,6 +28,21 @@ def test_report_says_why_fp32_or_bf16(native):
 def test_measure_reports_positive_limits():
     lim = estimate.measure(torch.float32, seconds=0.02)
     assert lim.matmul_gflops > 0 and lim.memory_gbps > 0 and lim.dtype == "float32"
+    assert lim.native_bf16 == models.native_bf16()
+
+
+@needs_native_bf16
+def test_measure_bf16_where_native():
+    lim = estimate.measure(torch.bfloat16, seconds=0.02)
+    assert lim.matmul_gflops > 0 and lim.dtype == "bfloat16" and lim.native_bf16
+    assert "bf16: this CPU runs it natively" in estimate.report([], lim)
+
+
+def test_measure_on_a_cpu_without_native_bf16_says_why_fp32(monkeypatch):
+    monkeypatch.setattr(models, "native_bf16", lambda device="cpu": False)
+    lim = estimate.measure(torch.float32, seconds=0.02)
+    assert not lim.native_bf16
+    assert "fp32: this CPU has no native bf16" in estimate.report([], lim)
 
 
 def test_demo_prints_its_plan(llama_dir, capsys):

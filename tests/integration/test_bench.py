@@ -2,10 +2,14 @@
 
 import json
 
-from cna_lens import bench
+import pytest
+
+from cna_lens import bench, models
 from cna_lens.cli import main
 
 from ..conftest import hf_reference
+
+pytestmark = pytest.mark.integration
 
 KEYS = {
     "kind",
@@ -82,6 +86,19 @@ def test_bench_cli_writes_json_and_table(llama_dir, tmp_path, capsys):
     (js,) = tmp_path.glob("*.json")
     assert json.loads(js.read_text())["kind"] == "cna_lens.Bench"
     assert "| model |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_machine_times_bf16_only_where_native(monkeypatch, native):
+    if native and not models.native_bf16():
+        pytest.skip("this CPU has no native bfloat16")
+    monkeypatch.setattr(bench, "native_bf16", lambda device="cpu": native)
+    m = bench.machine(quick=True)
+    assert m["native_bf16"] is native and m["matmul_gflops_float32"] > 0
+    if native:
+        assert m["matmul_gflops_bfloat16"] > 0
+    else:  # emulated bf16 is not timed
+        assert m["matmul_gflops_bfloat16"] is None
 
 
 def test_bench_refuses_dtype_the_cpu_cannot_run(llama_dir, tmp_path, monkeypatch, capsys):

@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from cna_lens.cli import main
+
+pytestmark = pytest.mark.integration
 
 
 def test_discover_then_generate(llama_dir, tmp_path, capsys):
@@ -56,5 +60,3 @@ def test_discover_then_generate(llama_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == pos.read_text().split("\n")[:3]
     assert all(r["scale"] == 0.0 for r in rows)
-
-

@@ -1,0 +1,125 @@
+"""Whole search runs on the planted tiny model: resume = uninterrupted, the judge objective, the CLI end to
+end, the Pareto figure."""
+
+import importlib.util
+import json
+import sys
+import types
+
+import optuna
+import pytest
+import torch
+
+from cna_lens import plot
+from cna_lens.cli import main
+from cna_lens.neurons import NeuronSet
+from cna_lens.pareto import load_result, pareto_mask
+from cna_lens.search import Search
+from cna_lens.selection import Selection
+
+pytestmark = pytest.mark.integration
+
+
+def run(model, out, trials, search_data, **kw):
+    kw.setdefault("startup_trials", 3)
+    kw.setdefault("caa_alphas", (0.5,))
+    kw.setdefault("reference_fractions", (0.01,))
+    return Search(out, model="planted", data=search_data, **kw).run(model, trials, progress=False)
+
+
+def test_search_runs_and_resumes(planted, search_data, tmp_path):
+    model, _, _ = planted
+    full = run(model, tmp_path / "full", 6, search_data, seed=3)  # 3 random startup trials, then 3 TPE
+    assert full["n_trials"] == 6 and len(full["trials"]) == 6
+    assert full["baseline"]["values"]["compliance"] <= 0.5
+    pts = [[t["values"][k] for k in ("compliance", "kl", "over_refusal")] for t in full["trials"]]
+    assert [t["pareto"] for t in full["trials"]] == pareto_mask(pts, [True, False, False])
+    assert set(full["references"]) == {"CNA |diff| (share)", "CAA (α)"}
+    assert load_result(tmp_path / "full") == json.loads(json.dumps(full))
+    # stopped after the startup trials, a trial left RUNNING by a killed process, then resumed to 6
+    run(model, tmp_path / "part", 3, search_data, seed=3)
+    storage = f"sqlite:///{(tmp_path / 'part' / 'study.db').resolve()}"
+    optuna.load_study(study_name="cna_lens.search", storage=storage).ask()
+    resumed = run(model, tmp_path / "part", 6, search_data, seed=3)
+    assert resumed["n_trials"] == 6
+    key = lambda r: (r["params"], r["values"], r["n_neurons"])  # noqa: E731
+    assert [key(r) for r in resumed["trials"]] == [key(r) for r in full["trials"]]
+    states = [t.state for t in optuna.load_study(study_name="cna_lens.search", storage=storage).trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1
+    other = run(model, tmp_path / "other", 3, search_data, seed=4)
+    assert [r["params"] for r in other["trials"]] != [r["params"] for r in full["trials"][:3]]
+    # the chosen point obeys the rule and its selection file reproduces its neurons
+    assert full["chosen"] is not None and full["chosen"]["values"]["kl"] <= 0.3
+    assert Selection.load(tmp_path / "full" / "selection.json").to_dict() == full["chosen"]["selection"]
+    chosen = next(t for t in full["trials"] if t["number"] == full["chosen"]["number"])
+    assert len(NeuronSet.load(tmp_path / "full" / "neurons.json")) == chosen["n_neurons"]
+    fig = plot.pareto_front(full, references={"directional ablation": [(0.2, 0.5), (0.4, 0.9)]})
+    names = [t.name for t in fig.data]
+    assert {"trials", "front", "CNA |diff| (share)", "CAA (α)", "directional ablation", "baseline"} <= set(names)
+
+
+def test_judge_objective(planted, search_data, tmp_path, monkeypatch):
+    model, _, _ = planted
+    calls = []
+
+    def judge_completions(prompts, completions, judge="default"):
+        calls.append((len(prompts), judge))
+        return [types.SimpleNamespace(label=("comply", "evade", "refuse")[i % 3]) for i in range(len(prompts))]
+
+    if importlib.util.find_spec("cna_lens.judge") is not None:  # the real module checks names up front
+        monkeypatch.delitem(sys.modules, "cna_lens.judge", raising=False)
+        with pytest.raises(ValueError, match="judge"):
+            Search(tmp_path / "c", model="planted", data=search_data, objective="judge", judge="oracle")
+        assert not (tmp_path / "c").exists()
+    monkeypatch.setitem(sys.modules, "cna_lens.judge", types.SimpleNamespace(judge_completions=judge_completions))
+    res = run(model, tmp_path / "b", 2, search_data, objective="judge", judge="regex", max_new_tokens=2)
+    assert calls and calls[0] == (len(search_data.harmful), "regex")
+    t = res["trials"][0]
+    # ratios of counts (one float division): approx's default rel=1e-6 is ample
+    assert t["values"]["compliance"] == pytest.approx(2 / 6)  # prompts 0 and 3 of 6 "comply"
+    assert t["judged"] == pytest.approx({"refuse": 2 / 6, "comply": 2 / 6, "evade": 2 / 6})
+    assert 0 <= res["agreement"]["per_prompt"] <= 1
+
+
+def test_cli_search_end_to_end(planted, tmp_path, capsys):
+    _, _, path = planted
+    out = tmp_path / "out"
+    argv = [
+        "search",
+        "--model",
+        str(path),
+        "--out",
+        str(out),
+        "--trials",
+        "3",
+        "--dtype",
+        "float32",
+        "--n-harmful",
+        "4",
+        "--n-harmless",
+        "4",
+        "--n-effects",
+        "4",
+        "--samples",
+        "1",
+        "--sample-tokens",
+        "2",
+        "--no-png",
+    ]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "3 trials" in text and "chosen:" in text
+    res = load_result(out)
+    assert res["n_trials"] == 3 and (out / "pareto.html").exists()
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert {r["condition"] for r in rows} >= {"baseline"}
+    assert torch.isfinite(torch.tensor([t["values"]["kl"] for t in res["trials"]])).all()
+
+
+def test_judge_objective_with_the_real_regex_judge(planted, search_data, tmp_path):
+    pytest.importorskip("cna_lens.judge")
+    model, _, _ = planted
+    res = run(model, tmp_path, 2, search_data, objective="judge", judge="regex", max_new_tokens=3)
+    for t in res["trials"] + [res["baseline"]]:
+        assert sum(t["judged"].values()) == pytest.approx(1.0)  # one label per prompt (3 rounded ratios)
+        assert t["values"]["compliance"] == t["judged"]["comply"]

@@ -323,6 +323,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         layer_alpha=args.layer_alpha,
         mmlu_limit=args.mmlu_limit,
         mmlu_on=args.mmlu_on.split(","),
+        perplexity_on=args.perplexity_on.split(","),
         kl_limit=args.kl_limit,
         xstest_limit=args.xstest_limit,
         fractions=[float(f) for f in args.fractions.split(",")],

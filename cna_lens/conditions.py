@@ -50,9 +50,9 @@ RANKINGS = ("abs", "diff", "effect")
 NAMES = {
     "baseline": "baseline",
     "cna": "CNA",
-    "random": "random (count-matched)",
-    "magnitude": "random (magnitude-matched)",
-    "top": "top mean activation",
+    "random": "random, count-matched,",
+    "magnitude": "random, RMS-matched,",
+    "top": "top RMS activation, size",
     "caa": "CAA (all layers)",
     "caa_layer": "CAA (one layer)",
     "direction": "directional ablation",
@@ -145,7 +145,8 @@ class Condition:
         if self.kind in NEURON_KINDS:
             by = {"abs": "|diff|", "diff": "diff", "effect": "effect"}[self.ranking]  # type: ignore[index]
             s = f" ×{_num(self.scale)}" if self.scale is not None else ""
-            return f"{name} {by} {100 * self.fraction:.3g} %{s}"  # type: ignore[operator]
+            of = "" if self.kind == "cna" else "of "  # a control is built from the CNA set it names
+            return f"{name} {of}{by} {100 * self.fraction:.3g} %{s}"  # type: ignore[operator]
         if self.kind == "caa":
             return f"{name} α {_num(self.alpha)}"  # type: ignore[arg-type]
         if self.kind == "caa_layer":

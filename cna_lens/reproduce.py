@@ -64,6 +64,7 @@ def reproduce(
     layer_alpha: float = 1.0,
     mmlu_limit: int | None = None,
     mmlu_on: Sequence[str] = ("all",),
+    perplexity_on: Sequence[str] = ("all",),
     kl_limit: int = 64,
     xstest_limit: int | None = 100,
     val_limit: int | None = None,
@@ -78,8 +79,10 @@ def reproduce(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) the whole experiment in ``out``; returns ``results.json``'s content.
-    ``mmlu_limit``: MMLU items (None: all 570, 0: skip); ``mmlu_on``: the conditions MMLU scores, as
-    kinds (``caa``), keys (``caa:0.5``), ``chosen`` or ``all``. ``selection``: a ``selection.json``
+    ``mmlu_limit``: MMLU items (None: all 570, 0: skip). ``mmlu_on`` / ``perplexity_on``: the JBB
+    harmful conditions that get MMLU / completion perplexity, as kinds (``caa``), keys (``caa:0.5``),
+    ``chosen``, ``all`` or ``none``; they only add work, so a later call may extend them on a
+    finished run. ``selection``: a ``selection.json``
     written by ``cna-lens search`` (with the ``neurons.json`` beside it when present), added as the
     condition ``selection``; it is kept in the run directory, so it can be added to a finished run."""
     if limit is not None and not 1 <= limit <= 100:
@@ -112,7 +115,6 @@ def reproduce(
         "layer_sweep": list(LAYER_SWEEP),
         "layer_alpha": layer_alpha,
         "mmlu_limit": mmlu_limit,
-        "mmlu_on": list(mmlu_on),
         "kl_limit": kl_limit,
         "val_limit": val_limit,
         "fractions": list(fractions),
@@ -161,6 +163,7 @@ def reproduce(
         "chosen": chosen.key,
         "paper_point": PAPER.key,
         "conditions": {c.key: {"kind": c.kind, **rep.iv.describe(c)} for c in harmful},
+        "stages": {"mmlu_on": list(mmlu_on), "perplexity_on": list(perplexity_on)},
         "direction": direction_choice,
         "sweep": sweep,
     }
@@ -178,7 +181,7 @@ def reproduce(
         with rep.run.timed("generate_xstest"):
             rep.generations({"xstest_safe": benign}, xstest_limit, spread=True)
     with rep.run.timed("capability"):
-        cap = rep.capability(harmful, mmlu=[c for c in harmful if _scores_mmlu(c, mmlu_on, chosen)])
+        cap = rep.capability(harmful, mmlu=[c for c in harmful if _selected(c, mmlu_on, chosen)])
     answers = [r["answer"] for r in load_dataset("mmlu", mmlu_limit)] if mmlu_limit != 0 else []
     results["capability"] = capability_table(cap, answers)
     publish("partial: generated, capability measured")
@@ -188,7 +191,8 @@ def reproduce(
     labels = {(c, p): v["label"] for (d, c, p), v in verdicts.items() if d == "jbb_harmful"}
     results["compliance"] = table
     with rep.run.timed("perplexity"):
-        results["perplexity"] = perplexity_table(rep.perplexity("jbb_harmful"), labels)
+        ppl_on = {c.key for c in harmful if _selected(c, perplexity_on, chosen)}
+        results["perplexity"] = perplexity_table(rep.perplexity("jbb_harmful", ppl_on), labels)
     with rep.run.timed("first_token"):
         scores = rep.prompt_scores("first_token", "jbb_harmful", harmful)
         held = rep.prompt_scores("heldout", "harmful_test", [BASELINE, chosen, *extra]) if heldout else {}
@@ -210,8 +214,9 @@ def reproduce(
     return results
 
 
-def _scores_mmlu(c: Condition, mmlu_on: Sequence[str], chosen: Condition) -> bool:
-    return "all" in mmlu_on or c.kind in mmlu_on or c.key in mmlu_on or ("chosen" in mmlu_on and c == chosen)
+def _selected(c: Condition, names: Sequence[str], chosen: Condition) -> bool:
+    """Whether ``names`` (kinds, keys, ``chosen``, ``all``, ``none``) select ``c``."""
+    return "all" in names or c.kind in names or c.key in names or ("chosen" in names and c == chosen)
 
 
 def _selection(out: str | Path, given: str | os.PathLike | None) -> tuple[Selection | None, Path | None]:

@@ -247,15 +247,19 @@ class Reproduction:
         return done
 
     # ----------------------------------------------------------------- perplexity
-    def perplexity(self, dataset: str, chunk: int = 32) -> dict[tuple[str, str], float]:
-        """``exp(mean NLL)`` of every completion of ``dataset`` under the unmodified model, appended to
-        ``perplexity.jsonl`` chunk by chunk; ``{(condition, prompt_id): perplexity}``."""
+    def perplexity(self, dataset: str, conditions: set[str], chunk: int = 32) -> dict[tuple[str, str], float]:
+        """``exp(mean NLL)`` of the completions of ``dataset`` under ``conditions`` (keys), under the
+        unmodified model, appended to ``perplexity.jsonl`` chunk by chunk; ``{(condition, prompt_id): ppl}``."""
         path = self.out / "perplexity.jsonl"
         done: dict[tuple[str, str], float] = {}
         if path.exists():
             for row in RunDir.read_rows(path):
                 done[row["condition"], row["prompt_id"]] = row["perplexity"]
-        todo = [r for r in self.run.rows if r["dataset"] == dataset and (r["condition"], r["prompt_id"]) not in done]
+        todo = [
+            r
+            for r in self.run.rows
+            if r["dataset"] == dataset and r["condition"] in conditions and (r["condition"], r["prompt_id"]) not in done
+        ]
         with tqdm(total=len(todo), desc=f"perplexity ({dataset})", disable=not self.progress) as bar:
             for start in range(0, len(todo), chunk):
                 part = todo[start : start + chunk]

@@ -97,12 +97,13 @@ def _same_tensors(model: HookedModel, plain: Any) -> bool:
     )
 
 
+#: one steering vector per layer
+Vectors = Float[Tensor, "layer d_model"]
+
+
 @contextmanager
 def steer_mlp_out(
-    model: HookedModel,
-    vectors: Float[Tensor, "layer d_model"],
-    alpha: float,
-    layers: Sequence[int] | None = None,
+    model: HookedModel, vectors: Vectors, alpha: float, layers: Sequence[int] | None = None
 ) -> Iterator[Any]:
     """CAA on the stock engine: ``mlp_out_l ← mlp_out_l − alpha · v_l`` in every layer (or in
     ``layers``), at every position, as plain torch forward hooks on the plain HF model's MLP modules

@@ -37,13 +37,7 @@ for name in (
 if len(profiles) > 1:
     plot.save_figure(plot.layer_profiles(profiles), FIG / "qwen_cross_size_profiles")
 
-for run in sorted(RESULTS.glob("reproduce-*/results.json")):
-    import json
-
-    results = json.loads(run.read_text())
-    plot.save_figure(plot.dose_response(results), FIG / f"{run.parent.name}_dose_response")
-    if results.get("curves"):
-        plot.save_figure(plot.method_curves(results), FIG / f"{run.parent.name}_methods")
+# each reproduce run draws its own dose-response and method figures into RUN/figures/
 for lm_dir in sorted(RESULTS.glob("*/layer_map")):
     plot.save_figure(
         plot.circuit_map(cna_lens.circuits.LayerMap.load(lm_dir)), FIG / f"{lm_dir.parent.name}_circuit_map"

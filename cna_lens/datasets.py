@@ -6,8 +6,10 @@ and safety research.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -102,3 +104,49 @@ def _prompt_of(item: Any, where: str) -> str:
     if not isinstance(item, str) or not item.strip():
         raise ValueError(f"{where}: expected a non-empty string or an object with a 'prompt' string")
     return item
+
+
+@dataclass(frozen=True)
+class SearchData:
+    """Prompt sets: discovery (attribution), effects (pruning), and the three validation sets.
+    ``benign=None`` reuses the ``harmless`` passes for over-refusal (no extra forward pass)."""
+
+    discovery_pos: tuple[str, ...]
+    discovery_neg: tuple[str, ...]
+    effects: tuple[str, ...]
+    harmful: tuple[str, ...]
+    harmless: tuple[str, ...]
+    benign: tuple[str, ...] | None = None
+    names: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for f in ("discovery_pos", "discovery_neg", "effects", "harmful", "harmless", "benign"):
+            v = getattr(self, f)
+            if v is None and f == "benign":
+                continue
+            if isinstance(v, str) or not v or not all(isinstance(p, str) and p.strip() for p in v):
+                raise ValueError(f"SearchData.{f} must be a non-empty list of non-empty prompt strings")
+            object.__setattr__(self, f, tuple(v))
+
+    @classmethod
+    def bundled(cls, n_harmful: int = 32, n_harmless: int = 32, n_effects: int = 32, benign: str | None = None):
+        """Discovery on the paper's sets, pruning effects on ``harmful_train``, objectives on
+        ``harmful_val`` / ``alpaca_val`` (first ``n`` of each; over-refusal on ``benign`` if given)."""
+        names = {"discovery": "discovery_harmful/discovery_harmless", "effects": f"harmful_train[:{n_effects}]"}
+        names |= {"harmful": f"harmful_val[:{n_harmful}]", "harmless": f"alpaca_val[:{n_harmless}]"}
+        names["benign"] = benign or names["harmless"]
+        return cls(
+            tuple(load_prompts("discovery_harmful")),
+            tuple(load_prompts("discovery_harmless")),
+            tuple(load_prompts("harmful_train", n_effects)),
+            tuple(load_prompts("harmful_val", n_harmful)),
+            tuple(load_prompts("alpaca_val", n_harmless)),
+            tuple(load_prompts(benign)) if benign else None,
+            names,
+        )
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for f in ("discovery_pos", "discovery_neg", "effects", "harmful", "harmless", "benign"):
+            h.update(f"{f}\0{list(getattr(self, f) or [])!r}\0".encode())
+        return h.hexdigest()[:16]

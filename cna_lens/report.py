@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from .conditions import Condition
+
 #: instruct → CNA-ablated JBB refusal (%), paper Table (arXiv 2605.12290), for the report.
 PAPER_JBB = {
     "Qwen2.5-1.5B-Instruct": (93, 12),
@@ -62,15 +64,40 @@ def _num(x: Any, fmt: str) -> str:
     return "—" if x is None else format(x, fmt)
 
 
+def _label(cond: str, results: dict[str, Any]) -> str:
+    """The condition's label, its pipes escaped for a markdown table cell."""
+    label = results.get("conditions", {}).get(cond, {}).get("label") or Condition.parse(cond).label
+    return label.replace("|", "\\|")
+
+
+def sweep_table(results: dict[str, Any]) -> list[str]:
+    """The validation sweep: share of ``val_harmful`` prompts with first-token refusal log-odds > 0, the
+    CNA grid (fractions × rankings, next to its per-layer-count random control) then every other point."""
+    entries = {Condition.parse(k): e for k, e in results.get("sweep", {}).items()}
+    grid = [c for c in entries if c.kind == "cna" and c.scale is None]
+    fractions, rankings = sorted({c.fraction for c in grid}), sorted({c.ranking for c in grid})
+    share = lambda c: _num(entries[c]["refusal_share"], ".2f") if c in entries else "—"  # noqa: E731
+    lines = ["| top fraction | " + " | ".join(f"CNA by {b} | random ({b})" for b in rankings) + " |"]
+    lines.append("|---|" + "---|" * (2 * len(rankings)))
+    for f in fractions:
+        cells = [share(Condition(k, b, f)) for b in rankings for k in ("cna", "random")]
+        lines.append(f"| {100 * f:g} % | " + " | ".join(cells) + " |")
+    rest = [c for c in entries if c not in grid and c.kind != "random"]
+    lines += ["", "| other point | refusal share |", "|---|---|"]
+    lines += [f"| {_label(c.key, results)} `{c.key}` | {share(c)} |" for c in rest]
+    return lines
+
+
 def report(results: dict[str, Any]) -> str:
     """``report.md``: judged compliance (three-way judge, Wilson 95 % CIs) next to the regex refusal
-    rate, capability (KL, MMLU with McNemar p), perplexity, matched-set quality, the matched table."""
+    rate, capability (KL, MMLU with McNemar p), perplexity, matched-set quality, the matched tables and
+    the validation sweep. The README and docs tables are copied from it."""
     cfg = results["config"]
     gens = results.get("generations", {})
     comp = results.get("compliance", {})
     cap = results.get("capability", {})
     ppl = results.get("perplexity", {})
-    labels = {c: v.get("label", c) for c, v in results.get("conditions", {}).items()}
+    n_mmlu = next((c["mmlu_n"] for c in cap.values() if "mmlu_n" in c), 0)
     lines = [
         f"# CNA reproduction: {cfg['model']}",
         "",
@@ -82,8 +109,8 @@ def report(results: dict[str, Any]) -> str:
         "",
         "## JBB harmful",
         "",
-        "| condition | comply % [CI] | evade % | refuse % [CI] | regex refusal % | KL (alpaca) | MMLU | McNemar p "
-        "| perplexity | matched ppl (baseline) | matched quality Δ (n) |",
+        "| condition | comply % [CI] | evade % | refuse % [CI] | regex refusal % | KL (alpaca) "
+        f"| MMLU ({n_mmlu}) | McNemar p | perplexity | matched ppl (baseline) | matched quality Δ (n) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     harmful = comp.get("jbb_harmful", {})
@@ -92,7 +119,7 @@ def report(results: dict[str, Any]) -> str:
         mq = (e or {}).get("matched_quality")
         mp, mb = p.get("matched"), p.get("matched_baseline")
         lines.append(
-            f"| {labels.get(cond, cond)} `{cond}` | {_rate(e, 'comply', True)} | {_rate(e, 'evade')} | "
+            f"| {_label(cond, results)} `{cond}` | {_rate(e, 'comply', True)} | {_rate(e, 'evade')} | "
             f"{_rate(e, 'refuse', True)} | {_pct(g['refusal_rate'])} | {_num(c.get('kl_mean'), '.3f')} | "
             f"{_num(c.get('mmlu_acc'), '.3f')} | {_num(c.get('mcnemar', {}).get('p'), '.2g')} | "
             f"{_num(p.get('all', {}).get('ppl'), '.2f')} | "
@@ -111,7 +138,7 @@ def report(results: dict[str, Any]) -> str:
     for cond, g in gens.get("jbb_benign", {}).items():
         x = comp.get("xstest_safe", {}).get(cond)
         lines.append(
-            f"| `{cond}` | {_rate(comp.get('jbb_benign', {}).get(cond), 'refuse', True)} | "
+            f"| {_label(cond, results)} `{cond}` | {_rate(comp.get('jbb_benign', {}).get(cond), 'refuse', True)} | "
             f"{_rate(x, 'refuse', True)} | {_pct(g['refusal_rate'])} |"
         )
     m = results.get("matched") or {}
@@ -139,6 +166,10 @@ def report(results: dict[str, Any]) -> str:
         + (", ".join(f"`{c}` {_pct(v['first_token_refusal'])} % (n={v['n']})" for c, v in held.items()) or "—"),
         f"Refusal direction layer: {results.get('direction', {}).get('layer')}. "
         f"Split-half Jaccard of the chosen top set: {_num(results.get('split_half_jaccard'), '.3f')}.",
+        "",
+        "## Validation sweep (share of validation prompts refused by first-token score)",
+        "",
+        *sweep_table(results),
         "",
         "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results.get("timings_s", {}).items()),
         "",

@@ -18,15 +18,13 @@ log-probabilities are computed once (and saved); a trial costs only its own forw
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib
 import json
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attribute import Attribution, attribute_multi
-from .datasets import load_prompts
+from .controls import direction_ablation_hooks, refusal_direction
+from .datasets import SearchData
 from .evaluate import final_logprobs, kl_divergence, refusal_score, refusal_token_ids
 from .hooks import HookedModel
 from .intervene import ablate, steer
@@ -53,52 +52,8 @@ STUDY = "cna_lens.search"
 OBJECTIVE_KINDS = ("first_token", "judge")
 REFERENCE_FRACTIONS = (0.0005, 0.001, 0.003, 0.01)
 CAA_ALPHAS = (0.1, 0.25, 0.5, 1.0)
-
-
-@dataclass(frozen=True)
-class SearchData:
-    """Prompt sets: discovery (attribution), effects (pruning), and the three validation sets.
-    ``benign=None`` reuses the ``harmless`` passes for over-refusal (no extra forward pass)."""
-
-    discovery_pos: tuple[str, ...]
-    discovery_neg: tuple[str, ...]
-    effects: tuple[str, ...]
-    harmful: tuple[str, ...]
-    harmless: tuple[str, ...]
-    benign: tuple[str, ...] | None = None
-    names: dict[str, str] = field(default_factory=dict, compare=False)
-
-    def __post_init__(self) -> None:
-        for f in ("discovery_pos", "discovery_neg", "effects", "harmful", "harmless", "benign"):
-            v = getattr(self, f)
-            if v is None and f == "benign":
-                continue
-            if isinstance(v, str) or not v or not all(isinstance(p, str) and p.strip() for p in v):
-                raise ValueError(f"SearchData.{f} must be a non-empty list of non-empty prompt strings")
-            object.__setattr__(self, f, tuple(v))
-
-    @classmethod
-    def bundled(cls, n_harmful: int = 32, n_harmless: int = 32, n_effects: int = 32, benign: str | None = None):
-        """Discovery on the paper's sets, pruning effects on ``harmful_train``, objectives on
-        ``harmful_val`` / ``alpaca_val`` (first ``n`` of each; over-refusal on ``benign`` if given)."""
-        names = {"discovery": "discovery_harmful/discovery_harmless", "effects": f"harmful_train[:{n_effects}]"}
-        names |= {"harmful": f"harmful_val[:{n_harmful}]", "harmless": f"alpaca_val[:{n_harmless}]"}
-        names["benign"] = benign or names["harmless"]
-        return cls(
-            tuple(load_prompts("discovery_harmful")),
-            tuple(load_prompts("discovery_harmless")),
-            tuple(load_prompts("harmful_train", n_effects)),
-            tuple(load_prompts("harmful_val", n_harmful)),
-            tuple(load_prompts("alpaca_val", n_harmless)),
-            tuple(load_prompts(benign)) if benign else None,
-            names,
-        )
-
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        for f in ("discovery_pos", "discovery_neg", "effects", "harmful", "harmless", "benign"):
-            h.update(f"{f}\0{list(getattr(self, f) or [])!r}\0".encode())
-        return h.hexdigest()[:16]
+DIRECTION_DEPTHS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+CURVES = ("CNA |diff| (share)", "CAA (α)", "direction ablation (layer)")
 
 
 def share(mask: torch.Tensor) -> float:
@@ -107,19 +62,11 @@ def share(mask: torch.Tensor) -> float:
 
 
 def judge_function(judge: str = "default") -> Callable[..., Any]:
-    """``cna_lens.judge.judge_completions`` after checking the judge's name (no model loads), or a
-    ValueError saying what is missing."""
-    try:
-        module = importlib.import_module(f"{__package__}.judge")
-        fn = module.judge_completions
-    except (ImportError, AttributeError) as e:
-        raise ValueError(
-            "objective='judge' needs cna_lens.judge.judge_completions, which this installation lacks "
-            f"({e}); use objective='first_token'"
-        ) from e
-    if hasattr(module, "resolve_judge"):
-        module.resolve_judge(judge)  # an unknown judge name fails here, before any model work
-    return fn
+    """:func:`cna_lens.judge.judge_completions`, after checking the judge's name (no model loads)."""
+    from .judge import judge_completions, resolve_judge
+
+    resolve_judge(judge)  # an unknown judge name fails here, before any model work
+    return judge_completions
 
 
 class Search:
@@ -258,22 +205,47 @@ class Search:
 
         return generate(model, list(self.data.harmful), max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
 
+    def resid(self, model: HookedModel, progress: bool) -> Attribution:
+        """Residual-stream statistics (``hook_resid_pre``) on the discovery prompts, for the refusal
+        directions of the reference curve; saved."""
+        d = self.out / "resid"
+        if (d / "attribution.json").exists():
+            return Attribution.load(d)
+        with self.run_dir.timed("resid"):
+            pos, neg, bs = self.data.discovery_pos, self.data.discovery_neg, self.batch_size
+            found = attribute_multi(model, pos, neg, ["hook_resid_pre"], batch_size=bs, progress=progress)
+        found["hook_resid_pre"].save(d)
+        return found["hook_resid_pre"]
+
     def references(self, model, attr, caa, base, progress) -> dict[str, list[dict[str, Any]]]:
-        """CNA-by-|diff| at ``reference_fractions`` (layers 2+, scale 0) and CAA at ``caa_alphas``, saved."""
+        """Reference curves on the trials' objectives, saved in ``references.json``: CNA-by-|diff| at
+        ``reference_fractions`` (layers 2+, scale 0), CAA at ``caa_alphas``, and directional ablation
+        of the refusal direction of layer ``round(d · n_layers)`` for d in ``DIRECTION_DEPTHS``. A curve
+        missing from the file is measured on the next run; the others are read back."""
         path = self.out / "references.json"
-        if path.exists():
-            return read_json(path, "cna_lens.SearchReferences")["curves"]
-        jobs = [
-            (f"{100 * f:g}%", partial(ablate, model, Selection("abs", f).neurons(attr))) for f in self.ref_fractions
-        ]
-        caa_jobs = [(f"α={a:g}", partial(steer, model, caa.diff, a)) for a in self.caa_alphas]
-        curves: dict[str, list[dict[str, Any]]] = {}
-        with self.run_dir.timed("references"):
-            for name, todo in (("CNA |diff| (share)", jobs), ("CAA (α)", caa_jobs)):
-                if todo:
-                    it = tqdm(todo, desc=name, disable=not progress)
-                    curves[name] = [{"label": lab, **self.measure(model, ctx, base)[0]} for lab, ctx in it]
-        atomic_write_json(path, {"kind": "cna_lens.SearchReferences", "curves": curves})
+        curves = read_json(path, "cna_lens.SearchReferences")["curves"] if path.exists() else {}
+        n = model.cfg.n_layers
+        layers = sorted({min(n - 1, max(1, round(d * n))) for d in DIRECTION_DEPTHS})
+
+        def directions() -> list[tuple[str, Callable[[], Any]]]:
+            resid = self.resid(model, progress)
+            hooks = {layer: direction_ablation_hooks(model, refusal_direction(resid, layer)) for layer in layers}
+            return [(f"L{layer}", partial(model.hooks, fwd_hooks=hooks[layer])) for layer in layers]
+
+        jobs = {
+            CURVES[0]: lambda: [
+                (f"{100 * f:g}%", partial(ablate, model, Selection("abs", f).neurons(attr))) for f in self.ref_fractions
+            ],
+            CURVES[1]: lambda: [(f"α={a:g}", partial(steer, model, caa.diff, a)) for a in self.caa_alphas],
+            CURVES[2]: directions,
+        }
+        for name, todo in jobs.items():
+            if name in curves or not (todo := todo()):
+                continue
+            with self.run_dir.timed("references"):
+                it = tqdm(todo, desc=name, disable=not progress)
+                curves[name] = [{"label": lab, **self.measure(model, ctx, base)[0]} for lab, ctx in it]
+            atomic_write_json(path, {"kind": "cna_lens.SearchReferences", "curves": curves})
         return curves
 
     # ------------------------------------------------------------------ the study

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import re
 
 import pytest
 import torch
@@ -86,6 +87,12 @@ def test_run_directory_contents(full_run):
     assert all(pts[0]["condition"] == "baseline" for pts in results["curves"].values())
     report = (out / "report.md").read_text()
     assert "| baseline `baseline` |" in report and "## Over-refusal" in report
+    assert "## Validation sweep" in report and f"`{results['chosen']}`" in report
+    # every table row has as many cells as its header (labels such as "CNA |diff|" are escaped)
+    cells = lambda line: len(re.split(r"(?<!\\)\|", line))  # noqa: E731
+    for block in re.findall(r"(?:^\|.*\n)+", report, flags=re.M):
+        rows = block.splitlines()
+        assert all(cells(r) == cells(rows[0]) for r in rows), block
     assert results["status"] == "complete" and 0 <= results["split_half_jaccard"] <= 1
 
 

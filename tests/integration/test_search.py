@@ -1,21 +1,27 @@
 """Whole search runs on the planted tiny model: resume = uninterrupted, the judge objective, the CLI end to
 end, the Pareto figure."""
 
-import importlib.util
 import json
-import sys
 import types
+from functools import partial
 
 import optuna
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import cna_lens.judge
 from cna_lens import plot
+from cna_lens.attribute import Attribution
 from cna_lens.cli import main
+from cna_lens.controls import refusal_direction
+from cna_lens.edit import edit_direction
 from cna_lens.neurons import NeuronSet
 from cna_lens.pareto import load_result, pareto_mask
-from cna_lens.search import Search
+from cna_lens.search import CURVES, DIRECTION_DEPTHS, Search
 from cna_lens.selection import Selection
+
+from ..tolerance import fp32_atol
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +40,7 @@ def test_search_runs_and_resumes(planted, search_data, tmp_path):
     assert full["baseline"]["values"]["compliance"] <= 0.5
     pts = [[t["values"][k] for k in ("compliance", "kl", "over_refusal")] for t in full["trials"]]
     assert [t["pareto"] for t in full["trials"]] == pareto_mask(pts, [True, False, False])
-    assert set(full["references"]) == {"CNA |diff| (share)", "CAA (α)"}
+    assert set(full["references"]) == set(CURVES)
     assert load_result(tmp_path / "full") == json.loads(json.dumps(full))
     # stopped after the startup trials, a trial left RUNNING by a killed process, then resumed to 6
     run(model, tmp_path / "part", 3, search_data, seed=3)
@@ -58,6 +64,43 @@ def test_search_runs_and_resumes(planted, search_data, tmp_path):
     assert {"trials", "front", "CNA |diff| (share)", "CAA (α)", "directional ablation", "baseline"} <= set(names)
 
 
+def test_direction_curve_added_to_an_older_search(planted, search_data, tmp_path):
+    """A references.json without the direction curve gains it on rerun, the other curves kept as stored;
+    each point equals the measurement with the weight-edit form of the same ablation."""
+    model, _, _ = planted
+    run(model, tmp_path / "s", 3, search_data)
+    path = tmp_path / "s" / "references.json"
+    refs = json.loads(path.read_text())
+    del refs["curves"][CURVES[2]]
+    refs["curves"][CURVES[1]][0]["values"]["kl"] = 123.0  # a marker: read back, not re-measured
+    path.write_text(json.dumps(refs))
+    again = run(model, tmp_path / "s", 3, search_data)
+    assert again["references"][CURVES[1]][0]["values"]["kl"] == 123.0
+    n = model.cfg.n_layers
+    layers = sorted({min(n - 1, max(1, round(d * n))) for d in DIRECTION_DEPTHS})
+    points = again["references"][CURVES[2]]
+    assert [p["label"] for p in points] == [f"L{layer}" for layer in layers]
+    s = Search(
+        tmp_path / "s",
+        model="planted",
+        data=search_data,
+        startup_trials=3,
+        caa_alphas=(0.5,),
+        reference_fractions=(0.01,),
+    )
+    resid = Attribution.load(tmp_path / "s" / "resid")
+    base = load_file(str(tmp_path / "s" / "baseline.safetensors"))
+    for layer, p in zip(layers, points):
+        res, lp = s.measure(model, partial(edit_direction, model, refusal_direction(resid, layer)), base)
+        assert res["values"]["compliance"] == p["values"]["compliance"]
+        # two fp32 paths (projected weights vs projected activations): each log-probability is off by at
+        # most ε = fp32_atol(max |log p|, d_mlp, n_layers); KL = Σ p (log p − log q) moves by at most
+        # ε · (2 + max |log p − log q|) to first order
+        eps = fp32_atol(float(lp["harmless"].abs().max()), model.cfg.d_mlp, n)
+        gap = float((base["harmless"] - lp["harmless"]).abs().max())
+        assert res["values"]["kl"] == pytest.approx(p["values"]["kl"], abs=eps * (2 + gap))
+
+
 def test_judge_objective(planted, search_data, tmp_path, monkeypatch):
     model, _, _ = planted
     calls = []
@@ -66,12 +109,10 @@ def test_judge_objective(planted, search_data, tmp_path, monkeypatch):
         calls.append((len(prompts), judge))
         return [types.SimpleNamespace(label=("comply", "evade", "refuse")[i % 3]) for i in range(len(prompts))]
 
-    if importlib.util.find_spec("cna_lens.judge") is not None:  # the real module checks names up front
-        monkeypatch.delitem(sys.modules, "cna_lens.judge", raising=False)
-        with pytest.raises(ValueError, match="judge"):
-            Search(tmp_path / "c", model="planted", data=search_data, objective="judge", judge="oracle")
-        assert not (tmp_path / "c").exists()
-    monkeypatch.setitem(sys.modules, "cna_lens.judge", types.SimpleNamespace(judge_completions=judge_completions))
+    with pytest.raises(ValueError, match="judge"):  # names are checked up front, before any directory
+        Search(tmp_path / "c", model="planted", data=search_data, objective="judge", judge="oracle")
+    assert not (tmp_path / "c").exists()
+    monkeypatch.setattr(cna_lens.judge, "judge_completions", judge_completions)
     res = run(model, tmp_path / "b", 2, search_data, objective="judge", judge="regex", max_new_tokens=2)
     assert calls and calls[0] == (len(search_data.harmful), "regex")
     t = res["trials"][0]

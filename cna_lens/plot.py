@@ -251,7 +251,8 @@ def _kl_compliance(point: Any) -> tuple[float, float, str]:
 def pareto_front(result: dict[str, Any], references: dict[str, list[Any]] | None = None) -> go.Figure:
     """Compliance vs KL of a search (``pareto.json``): every trial, the compliance × KL front as a
     line, the chosen point, the KL cap, and reference curves (the search's own CNA-by-|diff| shares
-    and CAA α, plus ``references``: name → points, e.g. directional ablation)."""
+    and CAA α, plus ``references``: name → points, e.g. directional ablation). A curve named
+    "… (layer)" is drawn as markers only: its points are layers, not strengths in order."""
     trials = result["trials"]
     fig = go.Figure()
     hover = "%{text}<br>KL=%{x:.3g} nats<br>compliance=%{y:.2f}<extra></extra>"
@@ -291,7 +292,7 @@ def pareto_front(result: dict[str, Any], references: dict[str, list[Any]] | None
                 x=[p[0] for p in xyl],
                 y=[p[1] for p in xyl],
                 text=[p[2] for p in xyl],
-                mode="lines+markers+text",
+                mode="markers+text" if name.endswith("(layer)") else "lines+markers+text",
                 textposition="top center",
                 name=name,
                 line=dict(dash="dot"),

@@ -18,7 +18,7 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[1]
 REAL = {
     "01_quickstart.ipynb": 'MODEL = "qwen2.5-coder-1.5b-instruct"\nDTYPE = "float32"\n'
-    "FRACTION = 0.003\nN_EVAL = 6\nMAX_NEW_TOKENS = 48\nJUDGE = \"default\"",
+    'FRACTION = 0.003\nN_EVAL = 6\nMAX_NEW_TOKENS = 48\nJUDGE = "default"',
     "02_circuit_maps.ipynb": 'MODEL = "qwen2.5-coder-1.5b-instruct"\nDTYPE = "float32"\n'
     "FRACTION = 0.001\nN_EVAL = 8\nTOP_N = 50",
     "03_base_vs_instruct.ipynb": 'MODEL_A = "qwen2.5-coder-0.5b-instruct"\nDTYPE = "float32"\n'

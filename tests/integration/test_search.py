@@ -62,6 +62,8 @@ def test_search_runs_and_resumes(planted, search_data, tmp_path):
     fig = plot.pareto_front(full, references={"directional ablation": [(0.2, 0.5), (0.4, 0.9)]})
     names = [t.name for t in fig.data]
     assert {"trials", "front", "CNA |diff| (share)", "CAA (α)", "directional ablation", "baseline"} <= set(names)
+    modes = {t.name: t.mode for t in fig.data}
+    assert modes[CURVES[2]] == "markers+text" and modes[CURVES[1]] == "lines+markers+text"  # layers: no line
 
 
 def test_direction_curve_added_to_an_older_search(planted, search_data, tmp_path):

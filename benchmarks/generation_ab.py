@@ -12,7 +12,7 @@ time, tokens emitted, row-steps decoded (``hf``: static batches keep finished ro
 completions are token-for-token identical to the first engine's. ``--scoring`` also times the
 first-token scores (the sweep's computation) of the former code against this checkout's.
 
-python benchmarks/generation_ab.py --old /work/wt-old --engines cb,hf,old --scoring --out DIR
+python benchmarks/generation_ab.py --old OLD_CHECKOUT --engines cb,old --out DIR  [--scoring]
 """
 
 from __future__ import annotations

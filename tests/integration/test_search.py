@@ -26,11 +26,16 @@ from ..tolerance import fp32_atol
 pytestmark = pytest.mark.integration
 
 
-def run(model, out, trials, search_data, **kw):
+def make(out, search_data, **kw):
+    """A small search on ``planted`` (the settings every test here shares, unless overridden)."""
     kw.setdefault("startup_trials", 3)
     kw.setdefault("caa_alphas", (0.5,))
     kw.setdefault("reference_fractions", (0.01,))
-    return Search(out, model="planted", data=search_data, **kw).run(model, trials, progress=False)
+    return Search(out, model="planted", data=search_data, **kw)
+
+
+def run(model, out, trials, search_data, **kw):
+    return make(out, search_data, **kw).run(model, trials, progress=False)
 
 
 def test_search_runs_and_resumes(planted, search_data, tmp_path):
@@ -82,14 +87,7 @@ def test_direction_curve_added_to_an_older_search(planted, search_data, tmp_path
     layers = sorted({min(n - 1, max(1, round(d * n))) for d in DIRECTION_DEPTHS})
     points = again["references"][CURVES[2]]
     assert [p["label"] for p in points] == [f"L{layer}" for layer in layers]
-    s = Search(
-        tmp_path / "s",
-        model="planted",
-        data=search_data,
-        startup_trials=3,
-        caa_alphas=(0.5,),
-        reference_fractions=(0.01,),
-    )
+    s = make(tmp_path / "s", search_data)  # the same settings, reopened: measure with another path
     resid = Attribution.load(tmp_path / "s" / "resid")
     base = load_file(str(tmp_path / "s" / "baseline.safetensors"))
     for layer, p in zip(layers, points):

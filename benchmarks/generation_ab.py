@@ -2,9 +2,10 @@
 
 * ``old``: a checkout of the former engine (continuous-batching pool over TransformerLens with
   patched attention and KV cache; conditions as TL hooks), imported from ``--old`` as its own package;
-* ``cb``: this checkout's default, HF continuous batching on the plain HF model that shares the
-  bridge's tensors (conditions as exact weight edits);
-* ``hf``: this checkout's HF ``generate`` on static batches sorted by length (same model and edits).
+* ``shrink``: this checkout's default, static batches sorted by length from which each row leaves as
+  it finishes, on the plain HF model that shares the bridge's tensors (conditions as exact weight edits);
+* ``cb``: HF continuous batching on the same model and edits;
+* ``hf``: HF ``generate`` on static batches sorted by length (same model and edits).
 
 Every engine decodes the same prompts (JBB harmful, chat-formatted), greedy, with the same batch size,
 under each condition; the model is loaded once (bf16 where native). Reports wall and process CPU
@@ -12,7 +13,7 @@ time, tokens emitted, row-steps decoded (``hf``: static batches keep finished ro
 completions are token-for-token identical to the first engine's. ``--scoring`` also times the
 first-token scores (the sweep's computation) of the former code against this checkout's.
 
-python benchmarks/generation_ab.py --old OLD_CHECKOUT --engines cb,old --out DIR  [--scoring]
+python benchmarks/generation_ab.py --old OLD_CHECKOUT --engines shrink,old,cb --out DIR  [--scoring]
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def run_old(old, model, seqs, conds, attr_dir, args):
 
 
 def run_new(model, seqs, conds, attr, args, engine):
-    """This checkout's stock engine ``engine`` ("cb" or "hf") under each condition's weight edit."""
+    """This checkout's engine ``engine`` ("cb", "shrink" or "hf") under each condition's weight edit."""
     out, steps = {}, 0
 
     def count(batch, toks):
@@ -139,7 +140,7 @@ def main() -> int:
     p.add_argument("--n", type=int, default=48, help="JBB harmful prompts")
     p.add_argument("--max-new-tokens", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=48)
-    p.add_argument("--engines", default="old,hf", help="comma list of old, hf, cb, in the order run")
+    p.add_argument("--engines", default="old,hf", help="comma list of old, hf, cb, shrink, in the order run")
     p.add_argument("--scoring", action="store_true", help="also time first-token scoring, former code vs new")
     p.add_argument("--score-n", type=int, default=None, help="harmful_val prompts for --scoring (default: all)")
     p.add_argument("--score-fractions", default="0.001,0.003,0.01")
@@ -147,11 +148,11 @@ def main() -> int:
     args = p.parse_args()
     engines = args.engines.split(",")
     if (
-        set(engines) - {"old", "hf", "hfs", "cb", ""}
+        set(engines) - {"old", "hf", "cb", "shrink", ""}
         or ("old" in engines and not args.old)
         or (args.scoring and not args.old)
     ):
-        raise SystemExit("--engines: choose among old (needs --old), hf, cb; --scoring needs --old")
+        raise SystemExit("--engines: choose among old (needs --old), hf, cb, shrink; --scoring needs --old")
     engines = [e for e in engines if e]
     conds = args.conditions.split(",")
     for c in conds:

@@ -76,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--judge", help="also judge each completion: regex | classifier | default | model:<id>")
     g.add_argument(
         "--engine",
-        choices=["auto", "cb", "hf", "tl", "vllm"],
+        choices=["auto", "cb", "shrink", "hf", "tl", "vllm"],
         default="auto",
-        help="auto/cb: HF continuous batching; hf: static batches; tl: TransformerLens; vllm: an exported model "
-        "directory on CUDA GPUs (the vllm extra)",
+        help="auto/shrink: static batches that finished rows leave; cb: HF continuous batching; hf: HF generate; "
+        "tl: TransformerLens; vllm: an exported model directory on CUDA GPUs (the vllm extra)",
     )
     g.add_argument("--tensor-parallel", type=int, default=1, help="GPUs for --engine vllm")
     g.set_defaults(func=cmd_generate)

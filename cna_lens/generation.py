@@ -1,19 +1,22 @@
-"""Greedy generation on a stock engine: Hugging Face generation on the model's own weights.
+"""Greedy generation on the model's own weights, on Hugging Face modules.
 
 Every intervention that evaluation generates under is a weight edit (:func:`cna_lens.edit.edit_weights`)
 or a plain torch hook on HF modules (:func:`cna_lens.engine.steer_mlp_out`), so the engine needs
 no hooks of its own. Prompts are chat-formatted (:func:`cna_lens.prompts.encode`) and decoded
 greedily on :func:`cna_lens.engine.stock_model`, the plain HF model (SDPA attention) that shares the
-bridge's tensors, by one of two stock engines:
+bridge's tensors, by one of three engines:
 
-* ``"cb"`` (the default): HF continuous batching (``continuous_batching_context_manager``): a paged
-  KV cache, up to ``batch_size`` requests decoded together, a finished request leaves at once and the
-  next one joins; each completion is reported as it finishes. On the 1.5B (bf16, 2 CPU cores, 48 JBB
-  prompts × 150 tokens × 2 conditions) it took 0.46× the time of static batches with a
-  preallocated cache and 0.17-0.26× that of the former TransformerLens pool (``benchmarks/generation_ab.py``).
-* ``"hf"``: ``generate`` on static batches (prompts sorted by length, left-padded with an attention
-  mask, HF's preallocated ``StaticCache``): rows that emit end-of-sequence stay in the batch until
-  every row has finished or reached ``max_new_tokens``.
+* ``"shrink"`` (the default): static batches (sorted by length, left-padded) decoded by a greedy
+  loop from which each row leaves as it finishes (:mod:`cna_lens.speed`, public transformers APIs
+  only); each completion is reported as it finishes.
+* ``"cb"``: HF continuous batching (``continuous_batching_context_manager``): a paged KV cache, up to
+  ``batch_size`` requests decoded together, a finished request leaves at once and the next one joins.
+* ``"hf"``: ``generate`` on static batches (HF's preallocated ``StaticCache``): rows that emit
+  end-of-sequence stay in the batch until every row has finished or reached ``max_new_tokens``.
+
+On the 1.5B (bf16, 2 CPU cores, 48 JBB prompts × 150 tokens × 2 conditions, one process) ``"cb"``
+took 1.64× the wall time of ``"shrink"``; the former patched TransformerLens engine 0.92×
+(``benchmarks/generation_ab.py``, docs/performance.md).
 
 Arbitrary TransformerLens hooks still work: with ``fwd_hooks=...``, or whenever a hook point holds
 a forward hook (e.g. inside :func:`cna_lens.ablate`), or for hooked models that are not a bridge,
@@ -39,6 +42,7 @@ from .engine import stock_model, tl_hooks_active
 from .hooks import FwdHook
 from .models import HookedModel, is_bridge, weights_processed
 from .prompts import encode, left_pad, pad_id
+from .speed import shrink_generate
 
 log = logging.getLogger(__name__)
 
@@ -183,17 +187,17 @@ def _tl_batch(model: HookedModel, seqs: Sequence[Sequence[int]], max_new_tokens:
     return [_cut(row, eos) for row in out[:, ids.shape[1] :].tolist()]
 
 
-ENGINES = ("auto", "cb", "hf", "tl")
+ENGINES = ("auto", "cb", "shrink", "hf", "tl")
 
 
 def engine_for(model: HookedModel, engine: str = "auto") -> str:
     """The engine that runs now: ``"tl"`` (TransformerLens' generate) where TL hooks are active, the
     hooked model is not a bridge, or its weights were processed into TL's coordinates; otherwise
-    ``engine`` (``"auto"``: ``"cb"``, HF continuous batching)."""
+    ``engine`` (``"auto"``: ``"shrink"``)."""
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r}: choose among {', '.join(ENGINES)}")
     stock = is_bridge(model) and not weights_processed(model) and not tl_hooks_active(model)
-    return "tl" if engine == "tl" or not stock else ("cb" if engine == "auto" else engine)
+    return "tl" if engine == "tl" or not stock else ("shrink" if engine == "auto" else engine)
 
 
 def greedy_tokens(
@@ -208,7 +212,7 @@ def greedy_tokens(
 ) -> list[list[int]]:
     """Greedy continuations (without the end-of-sequence token) of token id lists, in their order,
     under whatever weights and hooks are active; ``on_batch(indices, tokens)`` as rows finish
-    (each row as it finishes with ``"cb"``, each batch with ``"hf"`` / ``"tl"``)."""
+    (each row as it finishes with ``"cb"`` / ``"shrink"``, each batch with ``"hf"`` / ``"tl"``)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = eos_token_ids(model) if eos is None else sorted(eos)
@@ -224,6 +228,12 @@ def greedy_tokens(
 
     if used == "cb" and seqs:
         _cb_rows(model, seqs, max_new_tokens, eos, batch_size, lambda i, t: done([i], [t]))
+        return out
+    if used == "shrink":
+        plain = stock_model(model)
+        for batch in batches_by_length([len(s) for s in seqs], batch_size):
+            ids, mask = left_pad([seqs[i] for i in batch], pad_id(model.tokenizer), plain.device)
+            shrink_generate(plain, ids, mask, max_new_tokens, eos, lambda r, t, b=batch: done([b[r]], [list(t)]))
         return out
     run = _hf_batch if used == "hf" else _tl_batch
     for batch in batches_by_length([len(s) for s in seqs], batch_size):
@@ -249,7 +259,7 @@ def generate_many(
     ``jobs[job][1][i]``; each job's prompts run inside its intervention's context.
     ``on_done(job, i, text)`` is called as soon as a completion is known (e.g. to save it).
     ``fwd_hooks``: TransformerLens hooks active for every job (then TL's generate runs).
-    ``engine``: ``"auto"`` / ``"cb"`` / ``"hf"`` / ``"tl"`` (see the module docstring)."""
+    ``engine``: ``"auto"`` / ``"cb"`` / ``"shrink"`` / ``"hf"`` / ``"tl"`` (see the module docstring)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     engine_for(model, engine)  # a bad name fails before any work

@@ -31,7 +31,7 @@ def _hf_generate_alone(hf, tok, seqs, n):
     return out
 
 
-@pytest.mark.parametrize("engine", ["cb", "hf"])
+@pytest.mark.parametrize("engine", ["cb", "shrink", "hf"])
 def test_batched_equals_one_at_a_time(tiny_model, prompts, engine):
     kw = dict(max_new_tokens=12, progress=False, engine=engine)
     batched = cna_lens.generate(tiny_model, prompts, batch_size=4, **kw)
@@ -40,7 +40,7 @@ def test_batched_equals_one_at_a_time(tiny_model, prompts, engine):
     assert all(isinstance(t, str) for t in batched)
 
 
-@pytest.mark.parametrize("engine", ["cb", "hf"])
+@pytest.mark.parametrize("engine", ["cb", "shrink", "hf"])
 def test_tokens_equal_an_independent_hf_generate(tiny_dir, tiny_model, prompts, engine):
     from transformers import AutoModelForCausalLM
 
@@ -77,7 +77,7 @@ def test_a_sampling_generation_config_does_not_change_greedy_tokens(tmp_path, pr
                 eos_token_id=257,
             )[0, len(s) :].tolist()
         want.append(ids[: ids.index(257)] if 257 in ids else ids)
-    for engine in ("cb", "hf"):
+    for engine in ("cb", "shrink", "hf"):
         assert greedy_tokens(model, seqs, 10, batch_size=4, engine=engine) == want, engine
 
 
@@ -91,7 +91,8 @@ def test_left_padding_invariance(tiny_dir, tiny_model, prompts):
     short, long = min(seqs, key=len), max(seqs, key=len)
     assert len(long) - len(short) > 50  # real padding
     alone = greedy_tokens(tiny_model, [short], 10, engine="hf")[0]
-    assert greedy_tokens(tiny_model, [long, short], 10, engine="hf")[1] == alone
+    for engine in ("hf", "shrink"):
+        assert greedy_tokens(tiny_model, [long, short], 10, engine=engine)[1] == alone, engine
     ids, mask = left_pad(seqs, tiny_model.tokenizer.pad_token_id)
     padded = stock_model(tiny_model)(input_ids=ids, attention_mask=mask).logits.double()
     f64 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval()
@@ -144,9 +145,10 @@ def test_edit_and_stock_engine_equal_hooks_and_tl_generate(tiny_model, prompts, 
     seqs = encode(tiny_model.tokenizer, prompts)
     base = greedy_tokens(tiny_model, seqs, 10, batch_size=4)
     with cna_lens.edit_weights(tiny_model, ns, scale):
-        assert engine_for(tiny_model) == "cb"
+        assert engine_for(tiny_model) == "shrink"
         edited = greedy_tokens(tiny_model, seqs, 10, batch_size=4)
         assert greedy_tokens(tiny_model, seqs, 10, batch_size=4, engine="hf") == edited
+        assert greedy_tokens(tiny_model, seqs, 10, batch_size=4, engine="cb") == edited
     with cna_lens.ablate(tiny_model, ns, scale):
         assert engine_for(tiny_model) == engine_for(tiny_model, "cb") == "tl" and tl_hooks_active(tiny_model)
         hooked = greedy_tokens(tiny_model, seqs, 10, batch_size=4)
@@ -179,7 +181,7 @@ def test_end_of_sequence_cuts_each_row(tiny_model, prompts):
     seqs = encode(tiny_model.tokenizer, prompts)
     free = greedy_tokens(tiny_model, seqs, 8, eos=[])
     eos = [free[0][2], free[2][0]]
-    for engine in ("cb", "hf", "tl"):
+    for engine in ("cb", "shrink", "hf", "tl"):
         stopped = greedy_tokens(tiny_model, seqs, 8, eos=eos, batch_size=3, engine=engine)
         for f, s in zip(free, stopped):
             cut = next((i for i, t in enumerate(f) if t in eos), len(f))
@@ -235,3 +237,33 @@ def test_bad_input(tiny_model):
     with pytest.raises(TypeError, match="NeuronSet"):
         with cna_lens.edit_weights(tiny_model, [(0, 1)]):
             pass
+
+
+def test_shrink_engine_fails_loudly_without_the_apis_it_uses():
+    from cna_lens.speed import check_supported
+
+    class Old:
+        config = None
+
+        def forward(self, input_ids, attention_mask=None, past_key_values=None):
+            raise AssertionError("not called")
+
+    with pytest.raises(RuntimeError, match="position_ids, use_cache, logits_to_keep"):
+        check_supported(Old())
+
+
+def test_shrink_engine_reports_each_row_as_it_finishes(tiny_model, prompts):
+    """Rows leave the batch when they end: each is reported once, ended rows before the rest."""
+    from cna_lens.speed import shrink_generate
+
+    seqs = encode(tiny_model.tokenizer, prompts[:4])
+    free = greedy_tokens(tiny_model, seqs, 8, eos=[], engine="hf")
+    eos = [free[1][0]]  # row 1 ends at its first step
+    plain = stock_model(tiny_model)
+    ids, mask = left_pad(seqs, tiny_model.tokenizer.pad_token_id)
+    order = []
+    out = shrink_generate(plain, ids, mask, 8, eos, on_row=lambda r, t: order.append((r, list(t))))
+    assert sorted(r for r, _ in order) == [0, 1, 2, 3] and order[0] == (1, [])
+    assert [t for _, t in sorted(order)] == out
+    for f, o in zip(free, out):
+        assert o == f[: next((i for i, t in enumerate(f) if t in eos), len(f))]

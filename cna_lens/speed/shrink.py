@@ -12,8 +12,9 @@ time). After each step the rows that emitted an end-of-sequence token leave: the
 go (``DynamicCache.batch_select_indices``), and the attention mask, positions and next tokens are
 sliced the same way. Compute per step is proportional to the rows still running.
 
-Public APIs only: the model's ``forward(input_ids, attention_mask, position_ids, past_key_values,
-use_cache, logits_to_keep)``, ``DynamicCache(config=...)`` and ``DynamicCache.batch_select_indices``.
+Public APIs only: the model's ``forward(input_ids, attention_mask, position_ids, cache,
+use_cache, logits_to_keep)`` (the cache argument is ``past_key_values`` before transformers 5.24),
+``DynamicCache(config=...)`` and ``DynamicCache.batch_select_indices``.
 """
 
 from __future__ import annotations
@@ -26,16 +27,23 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-#: the forward keyword arguments the loop passes
-_FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "use_cache", "logits_to_keep")
+#: the forward keyword arguments the loop passes, besides the cache
+_FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids", "use_cache", "logits_to_keep")
+#: the cache argument's names: transformers >= 5.24, then older
+_CACHE_ARGS = ("cache", "past_key_values")
 
 
-def check_supported(model: Any) -> None:
-    """Raise ``RuntimeError`` unless the installed transformers and ``model`` offer what the loop uses."""
+def check_supported(model: Any) -> str:
+    """The name of ``model.forward``'s cache argument; ``RuntimeError`` unless the installed
+    transformers and ``model`` offer everything the loop uses."""
     import transformers
     from transformers import DynamicCache
 
-    missing = [a for a in _FORWARD_ARGS if a not in inspect.signature(model.forward).parameters]
+    params = inspect.signature(model.forward).parameters
+    missing = [a for a in _FORWARD_ARGS if a not in params]
+    cache_arg = next((a for a in _CACHE_ARGS if a in params), None)
+    if cache_arg is None:
+        missing.append(" or ".join(_CACHE_ARGS))
     if not callable(getattr(DynamicCache, "batch_select_indices", None)):
         missing.append("DynamicCache.batch_select_indices")
     if missing:
@@ -43,6 +51,7 @@ def check_supported(model: Any) -> None:
             f"the shrinking-batch engine needs {', '.join(missing)}, which transformers "
             f"{transformers.__version__} / {type(model).__name__} lacks; use engine='cb' or 'hf'"
         )
+    return cache_arg
 
 
 @torch.no_grad()
@@ -58,7 +67,7 @@ def shrink_generate(
     ``on_row(row, tokens)`` as each row finishes. ``model``: a plain HF causal LM; ``eos`` empty: never stop."""
     from transformers import DynamicCache
 
-    check_supported(model)
+    cache_arg = check_supported(model)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     out: list[list[int]] = [[] for _ in range(ids.shape[0])]
@@ -71,9 +80,9 @@ def shrink_generate(
             input_ids=step_in,
             attention_mask=mask,
             position_ids=step_pos,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{cache_arg: cache},
         ).logits[:, -1]
         tok = logits.argmax(-1)
         ended = torch.isin(tok, stop)

@@ -239,17 +239,30 @@ def test_bad_input(tiny_model):
             pass
 
 
-def test_shrink_engine_fails_loudly_without_the_apis_it_uses():
+def test_shrink_engine_fails_loudly_without_the_apis_it_uses(tiny_model):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``: either works, neither fails."""
+    import inspect
+
     from cna_lens.speed import check_supported
 
-    class Old:
+    class NoCache:
+        config = None
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0):
+            raise AssertionError("not called")
+
+    class NoPositions:
         config = None
 
         def forward(self, input_ids, attention_mask=None, past_key_values=None):
             raise AssertionError("not called")
 
-    with pytest.raises(RuntimeError, match="position_ids, use_cache, logits_to_keep"):
-        check_supported(Old())
+    with pytest.raises(RuntimeError, match="needs cache or past_key_values, which"):
+        check_supported(NoCache())
+    with pytest.raises(RuntimeError, match="needs position_ids, use_cache, logits_to_keep, which"):
+        check_supported(NoPositions())
+    plain = stock_model(tiny_model)
+    assert check_supported(plain) in {"cache", "past_key_values"} & set(inspect.signature(plain.forward).parameters)
 
 
 def test_shrink_engine_reports_each_row_as_it_finishes(tiny_model, prompts):

@@ -5,7 +5,8 @@
 * ``shrink``: this checkout's default, static batches sorted by length from which each row leaves as
   it finishes, on the plain HF model that shares the bridge's tensors (conditions as exact weight edits);
 * ``cb``: HF continuous batching on the same model and edits;
-* ``hf``: HF ``generate`` on static batches sorted by length (same model and edits).
+* ``hf``: HF ``generate`` on static batches sorted by length (same model and edits);
+* ``shrink_noprefix``: ``shrink`` with every row prefilling its whole prompt (no shared-prefix prefill).
 
 Every engine decodes the same prompts (JBB harmful, chat-formatted), greedy, with the same batch size,
 under each condition; the model is loaded once (bf16 where native). Reports wall and process CPU
@@ -31,9 +32,11 @@ import torch
 import cna_lens
 from cna_lens.datasets import load_prompts
 from cna_lens.edit import edit_weights
-from cna_lens.generation import batches_by_length, greedy_tokens
-from cna_lens.prompts import encode
+from cna_lens.engine import stock_model
+from cna_lens.generation import batches_by_length, eos_token_ids, greedy_tokens
+from cna_lens.prompts import encode, left_pad, pad_id
 from cna_lens.runs import atomic_write_json, atomic_write_text
+from cna_lens.speed import shrink_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,8 +71,23 @@ def run_old(old, model, seqs, conds, attr_dir, args):
     return dict(zip(conds, toks)), None
 
 
+def shrink_no_prefix(model, seqs, max_new_tokens, batch_size, on_batch):
+    """``greedy_tokens(engine="shrink")`` with ``share_prefix=False``: each row prefills its whole prompt."""
+    plain, eos, out = stock_model(model), eos_token_ids(model), [[] for _ in seqs]
+    for batch in batches_by_length([len(s) for s in seqs], batch_size):
+        ids, mask = left_pad([seqs[i] for i in batch], pad_id(model.tokenizer), plain.device)
+
+        def row(r, toks, b=batch):
+            out[b[r]] = list(toks)
+            on_batch([b[r]], [list(toks)])
+
+        shrink_generate(plain, ids, mask, max_new_tokens, eos, row, share_prefix=False)
+    return out
+
+
 def run_new(model, seqs, conds, attr, args, engine):
-    """This checkout's engine ``engine`` ("cb", "shrink" or "hf") under each condition's weight edit."""
+    """This checkout's engine ``engine`` ("cb", "shrink", "hf" or "shrink_noprefix") under each
+    condition's weight edit."""
     out, steps = {}, 0
 
     def count(batch, toks):
@@ -80,8 +98,11 @@ def run_new(model, seqs, conds, attr, args, engine):
         by, frac, scale = condition_args(c)
         edit = edit_weights(model, attr.top_neurons(fraction=frac, by=by), scale) if c != "baseline" else None
         with edit if edit is not None else contextlib.nullcontext():
-            kw = dict(batch_size=args.batch_size, on_batch=count, engine=engine)
-            out[c] = greedy_tokens(model, seqs, args.max_new_tokens, **kw)
+            if engine == "shrink_noprefix":
+                out[c] = shrink_no_prefix(model, seqs, args.max_new_tokens, args.batch_size, count)
+            else:
+                kw = dict(batch_size=args.batch_size, on_batch=count, engine=engine)
+                out[c] = greedy_tokens(model, seqs, args.max_new_tokens, **kw)
     return out, steps
 
 
@@ -140,7 +161,9 @@ def main() -> int:
     p.add_argument("--n", type=int, default=48, help="JBB harmful prompts")
     p.add_argument("--max-new-tokens", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=48)
-    p.add_argument("--engines", default="old,hf", help="comma list of old, hf, cb, shrink, in the order run")
+    p.add_argument(
+        "--engines", default="old,hf", help="comma list of old, hf, cb, shrink, shrink_noprefix, in the order run"
+    )
     p.add_argument("--scoring", action="store_true", help="also time first-token scoring, former code vs new")
     p.add_argument("--score-n", type=int, default=None, help="harmful_val prompts for --scoring (default: all)")
     p.add_argument("--score-fractions", default="0.001,0.003,0.01")
@@ -148,11 +171,13 @@ def main() -> int:
     args = p.parse_args()
     engines = args.engines.split(",")
     if (
-        set(engines) - {"old", "hf", "cb", "shrink", ""}
+        set(engines) - {"old", "hf", "cb", "shrink", "shrink_noprefix", ""}
         or ("old" in engines and not args.old)
         or (args.scoring and not args.old)
     ):
-        raise SystemExit("--engines: choose among old (needs --old), hf, cb, shrink; --scoring needs --old")
+        raise SystemExit(
+            "--engines: choose among old (needs --old), hf, cb, shrink, shrink_noprefix; --scoring needs --old"
+        )
     engines = [e for e in engines if e]
     conds = args.conditions.split(",")
     for c in conds:

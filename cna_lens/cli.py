@@ -117,7 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="sweep: shares of all MLP neurons")
     r.add_argument("--rankings", default=",".join(RANKINGS), help="sweep: rankings among abs,diff,effect")
     r.add_argument("--judge", default="default", help="regex | classifier | model:<id> (default: classifier)")
+    r.add_argument(
+        "--choose-by",
+        choices=["first_token", "judge"],
+        default="first_token",
+        help="operating-point rule on validation: first-token score, or judged short generations (both reported)",
+    )
+    r.add_argument("--choose-tokens", type=int, default=48, help="generation length of the judged validation sweep")
     r.add_argument("--selection", default=None, help="selection.json from `cna-lens search`, added as a condition")
+    r.add_argument(
+        "--replace-selection", action="store_true", help="a finished run's stored selection makes way for --selection"
+    )
     r.add_argument("--heldout", action=argparse.BooleanOptionalAction, default=True, help="harmful_test transfer")
     r.set_defaults(func=cmd_reproduce)
 

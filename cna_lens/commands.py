@@ -329,8 +329,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         fractions=[float(f) for f in args.fractions.split(",")],
         rankings=args.rankings.split(","),
         judge=args.judge,
+        choose_by=args.choose_by,
+        choose_tokens=args.choose_tokens,
         heldout=args.heldout,
         selection=args.selection,
+        replace_selection=args.replace_selection,
         dtype=args.dtype,
         process_weights=args.process_weights,
     )

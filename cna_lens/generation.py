@@ -6,16 +6,16 @@ no hooks of its own. Prompts are chat-formatted (:func:`cna_lens.prompts.encode`
 greedily on :func:`cna_lens.engine.stock_model`, the plain HF model (SDPA attention) that shares the
 bridge's tensors, by one of three engines:
 
-* ``"shrink"`` (the default): static batches (sorted by length, left-padded) decoded by a greedy
-  loop from which each row leaves as it finishes (:mod:`cna_lens.speed`, public transformers APIs
-  only); each completion is reported as it finishes.
+* ``"shrink"`` (the default): static batches (sorted by length, left-padded) whose common prompt
+  prefix is prefilled once, decoded by a greedy loop from which each row leaves as it finishes
+  (:mod:`cna_lens.speed`, public transformers APIs only); each completion is reported as it finishes.
 * ``"cb"``: HF continuous batching (``continuous_batching_context_manager``): a paged KV cache, up to
   ``batch_size`` requests decoded together, a finished request leaves at once and the next one joins.
 * ``"hf"``: ``generate`` on static batches (HF's preallocated ``StaticCache``): rows that emit
   end-of-sequence stay in the batch until every row has finished or reached ``max_new_tokens``.
 
 On the 1.5B (bf16, 2 CPU cores, 48 JBB prompts × 150 tokens × 2 conditions, one process) ``"cb"``
-took 1.64× the wall time of ``"shrink"``; the former patched TransformerLens engine 0.92×
+took 1.75× the wall time of ``"shrink"`` and the former patched TransformerLens engine 1.24×
 (``benchmarks/generation_ab.py``, docs/performance.md).
 
 Arbitrary TransformerLens hooks still work: with ``fwd_hooks=...``, or whenever a hook point holds

@@ -88,6 +88,29 @@ def sweep_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def operating_point_table(results: dict[str, Any]) -> list[str]:
+    """The judged validation sweep next to the first-token one, and both rules' choices."""
+    op = results.get("operating_point")
+    if not op:
+        return []
+    lines = [
+        f"## Operating point (validation, judged generations of {op['max_new_tokens']} tokens)",
+        "",
+        f"First-token rule: `{op['first_token']}`; judged rule: `{op['judge']}`; used: **{op['rule']}**. "
+        f"Pearson r of first-token non-refusal vs judged comply share across these points: "
+        f"{_num(op.get('pearson_r'), '.3f')}; mean |gap| {_num(op.get('mean_abs_gap'), '.3f')}.",
+        "",
+        "| condition | first-token refusal % | comply % [CI] | evade % | refuse % [CI] |",
+        "|---|---|---|---|---|",
+    ]
+    for cond, e in op["judged"].items():
+        lines.append(
+            f"| {_label(cond, results)} `{cond}` | {_pct(e.get('first_token_refusal'))} | {_rate(e, 'comply', True)} | "
+            f"{_rate(e, 'evade')} | {_rate(e, 'refuse', True)} |"
+        )
+    return [*lines, ""]
+
+
 def report(results: dict[str, Any]) -> str:
     """``report.md``: judged compliance (three-way judge, Wilson 95 % CIs) next to the regex refusal
     rate, capability (KL, MMLU with McNemar p), perplexity, matched-set quality, the matched tables and
@@ -105,7 +128,9 @@ def report(results: dict[str, Any]) -> str:
         "",
         f"Greedy, {cfg['max_new_tokens']} new tokens, dtype {cfg['dtype']}. Judge: `{cfg.get('judge')}` "
         "(refuse / comply / evade, Wilson 95 % CIs); regex: refusal phrasing in the first 500 characters. "
-        f"Operating point chosen on `{cfg['val_harmful']}` (first-token score): `{results['chosen']}`.",
+        f"Operating point chosen on `{cfg['val_harmful']}` "
+        f"({'judged short generations' if cfg.get('choose_by') == 'judge' else 'first-token score'}): "
+        f"`{results['chosen']}`.",
         "",
         "## JBB harmful",
         "",
@@ -167,6 +192,7 @@ def report(results: dict[str, Any]) -> str:
         f"Refusal direction layer: {results.get('direction', {}).get('layer')}. "
         f"Split-half Jaccard of the chosen top set: {_num(results.get('split_half_jaccard'), '.3f')}.",
         "",
+        *operating_point_table(results),
         "## Validation sweep (share of validation prompts refused by first-token score)",
         "",
         *sweep_table(results),

@@ -2,7 +2,8 @@
 
 discovery (CNA statistics, CAA vectors, residual means) → the refusal direction's layer on
 validation → first-token sweep on validation (fraction × ranking with controls, CNA scale,
-CAA α, single-layer CAA α, directional ablation) → the operating point, from validation only →
+CAA α, single-layer CAA α, directional ablation) → short greedy generations of the CNA grid on
+validation, three-way judged → the operating point (first-token or judged rule), from validation only →
 greedy generations on JBB harmful (baseline, CNA curve, three controls, CAA curve, single-layer
 CAA, directional ablation, an optional searched selection) and on JBB benign / XSTest safe →
 KL and MMLU (per item, McNemar against the baseline) → the three-way judge → perplexity under the
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -29,7 +31,7 @@ from .models import HookedModel, load_model, model_name, resolve_dtype, weights_
 from .report import report, summarize
 from .runs import atomic_write_json, atomic_write_text, check_config, read_json
 from .selection import Selection
-from .stages import BASELINE, Reproduction
+from .stages import BASELINE, Reproduction, drop_condition
 from .summary import capability_table, curves, first_token_vs_judge, matched, perplexity_table
 
 FRACTIONS = (0.0001, 0.0005, 0.001, 0.003, 0.005, 0.01, 0.02)
@@ -41,16 +43,51 @@ PAPER = Condition("cna", "abs", 0.001)
 FORMAT_VERSION = 2
 
 
-def choose(sweep: dict[str, Any], rankings: Sequence[str]) -> Condition:
-    """Operating point from validation only: the smallest fraction (≤ 1 %) whose share of prompts with
-    positive refusal log-odds is within 0.05 of the best CNA entry (ties: the earlier ranking)."""
-    grid = [
-        (c, e) for c, e in ((Condition.parse(k), e) for k, e in sweep.items()) if c.kind == "cna" and c.scale is None
-    ]
-    cands = [(c, e) for c, e in grid if c.fraction <= 0.01] or grid
-    best = min(e["refusal_share"] for _, e in cands)
-    ok = [c for c, e in cands if e["refusal_share"] <= best + 0.05]
+CHOOSE_BY = ("first_token", "judge")
+
+
+def _smallest_near_best(entries: list[tuple[Condition, float]], rankings: Sequence[str]) -> Condition:
+    """Among CNA entries (fraction ≤ 1 % when any), the smallest fraction whose value is within 0.05 of
+    the best (highest) one; ties: the earlier ranking."""
+    grid = [(c, v) for c, v in entries if c.kind == "cna" and c.scale is None]
+    if not grid:
+        raise ValueError("no CNA entry to choose from")
+    cands = [(c, v) for c, v in grid if c.fraction <= 0.01] or grid
+    best = max(v for _, v in cands)
+    ok = [c for c, v in cands if v >= best - 0.05]
     return min(ok, key=lambda c: (c.fraction, list(rankings).index(c.ranking)))
+
+
+def choose(sweep: dict[str, Any], rankings: Sequence[str]) -> Condition:
+    """Operating point from validation only, by first-token score: the smallest fraction (≤ 1 %) whose
+    share of prompts with refusal log-odds ≤ 0 is within 0.05 of the best CNA entry's."""
+    return _smallest_near_best([(Condition.parse(k), 1 - e["refusal_share"]) for k, e in sweep.items()], rankings)
+
+
+def choose_judged(judged: dict[str, Any], rankings: Sequence[str]) -> Condition:
+    """Operating point from validation only, by the judge: the smallest fraction (≤ 1 %) whose share of
+    completions judged ``comply`` is within 0.05 of the best CNA entry's."""
+    return _smallest_near_best([(Condition.parse(k), e["comply"]["rate"]) for k, e in judged.items()], rankings)
+
+
+def operating_point(
+    sweep: dict[str, Any], judged: dict[str, Any], rule: str, tokens: int, rankings: Sequence[str]
+) -> dict[str, Any]:
+    """Both rules' choices, the judged validation table, and how well the first-token non-refusal share
+    predicts the judged comply share across the judged conditions (Pearson r; None under 3 points)."""
+    keys = [k for k in judged if k in sweep]
+    x = np.array([1 - sweep[k]["refusal_share"] for k in keys])
+    y = np.array([judged[k]["comply"]["rate"] for k in keys])
+    r = float(np.corrcoef(x, y)[0, 1]) if len(keys) >= 3 and x.std() > 0 and y.std() > 0 else None
+    return {
+        "rule": rule,
+        "max_new_tokens": tokens,
+        "first_token": choose(sweep, rankings).key,
+        "judge": choose_judged(judged, rankings).key,
+        "judged": {k: {**judged[k], "first_token_refusal": sweep.get(k, {}).get("refusal_share")} for k in judged},
+        "pearson_r": r,
+        "mean_abs_gap": float(np.abs(x - y).mean()) if keys else None,
+    }
 
 
 def reproduce(
@@ -71,8 +108,11 @@ def reproduce(
     fractions: Sequence[float] = FRACTIONS,
     rankings: Sequence[str] = ("abs", "diff", "effect"),
     judge: str = "default",
+    choose_by: str = "first_token",
+    choose_tokens: int = 48,
     heldout: bool = True,
     selection: str | os.PathLike | None = None,
+    replace_selection: bool = False,
     seed: int = 0,
     dtype: torch.dtype | str = "auto",
     process_weights: bool = False,
@@ -84,11 +124,18 @@ def reproduce(
     ``chosen``, ``all`` or ``none``; they only add work, so a later call may extend them on a
     finished run. ``selection``: a ``selection.json``
     written by ``cna-lens search`` (with the ``neurons.json`` beside it when present), added as the
-    condition ``selection``; it is kept in the run directory, so it can be added to a finished run."""
+    condition ``selection``; it is kept in the run directory, so it can be added to a finished run
+    (``replace_selection``: a finished run's stored selection and its results make way for it)."""
     if limit is not None and not 1 <= limit <= 100:
         raise ValueError(f"--limit {limit}: JBB has 100 prompts per split")
     if not rankings or set(rankings) - set(RANKINGS):
         raise ValueError(f"rankings {list(rankings)}: choose among {', '.join(RANKINGS)}")
+    if replace_selection and selection is None:
+        raise ValueError("--replace-selection needs --selection (the selection that takes the stored one's place)")
+    if choose_by not in CHOOSE_BY:
+        raise ValueError(f"choose_by {choose_by!r}: choose one of {', '.join(CHOOSE_BY)}")
+    if isinstance(choose_tokens, bool) or not isinstance(choose_tokens, int) or choose_tokens < 1:
+        raise ValueError(f"choose_tokens must be an int >= 1, got {choose_tokens!r}")
     if not fractions or not all(0 < f < 1 for f in fractions):
         raise ValueError(f"fractions {list(fractions)}: each must be a share in (0, 1)")
     n_xstest, n_mmlu = len(load_dataset("xstest_safe")), len(load_dataset("mmlu"))
@@ -97,7 +144,7 @@ def reproduce(
     if mmlu_limit is not None and not 0 <= mmlu_limit <= n_mmlu:
         raise ValueError(f"--mmlu-limit {mmlu_limit}: the bundled MMLU has {n_mmlu} items (0 = skip)")
     judge_name = resolve_judge(judge)
-    sel, neurons_file = _selection(out, selection)
+    sel, neurons_file, replace = _selection(out, selection, replace_selection)
     name = model if isinstance(model, str) else model_name(model)
     if isinstance(model, str):
         dtype = resolve_dtype(dtype)
@@ -128,10 +175,14 @@ def reproduce(
         "over_refusal": "xstest_safe",
         "xstest_limit": xstest_limit,
         "judge": judge_name,
+        "choose_by": choose_by,
+        "choose_tokens": choose_tokens,
         "heldout": "harmful_test" if heldout else None,
         "package_version": __version__,
     }
     check_config(out, config)  # before the model loads: a wrong --out fails at once
+    if replace:
+        drop_condition(out, "selection")
     m = load_model(model, dtype=dtype, process_weights=process_weights) if isinstance(model, str) else model
     rep = Reproduction(m, out, config, progress, sel, neurons_file)
     with rep.run.timed("direction"):
@@ -140,7 +191,13 @@ def reproduce(
     direction = Condition("direction", layer=layer)
     grid = [BASELINE] + [Condition(k, by, f) for by in rankings for f in fractions for k in ("cna", "random")]
     with rep.run.timed("sweep"):
-        chosen = choose(rep.sweep(grid), rankings)
+        first = rep.sweep(grid)
+    cna_grid = [c for c in grid if c.kind == "cna"]
+    with rep.run.timed("judged_sweep"):
+        judged = rep.judged_sweep([BASELINE, *([c for c in cna_grid if c.fraction <= 0.01] or cna_grid)])
+    op = operating_point(first, judged, choose_by, choose_tokens, rankings)
+    chosen = Condition.parse(op[choose_by])
+    with rep.run.timed("sweep"):
         controls = [Condition(k, chosen.ranking, chosen.fraction) for k in ("random", "magnitude", "top")]
         caa = [Condition("caa", alpha=a) for a in caa_alphas]
         one_layer = Condition("caa_layer", layer=max(layer, 1), alpha=layer_alpha)
@@ -166,6 +223,7 @@ def reproduce(
         "stages": {"mmlu_on": list(mmlu_on), "perplexity_on": list(perplexity_on)},
         "direction": direction_choice,
         "sweep": sweep,
+        "operating_point": op,
     }
 
     def publish(status: str) -> None:  # after every stage, so a stopped run still reports what it has
@@ -219,22 +277,28 @@ def _selected(c: Condition, names: Sequence[str], chosen: Condition) -> bool:
     return "all" in names or c.kind in names or c.key in names or ("chosen" in names and c == chosen)
 
 
-def _selection(out: str | Path, given: str | os.PathLike | None) -> tuple[Selection | None, Path | None]:
+def _selection(
+    out: str | Path, given: str | os.PathLike | None, replace: bool = False
+) -> tuple[Selection | None, Path | None, bool]:
     """The run's selection: the one stored in ``out/selection/`` or ``given`` (then stored when the run
-    starts); a different one than the stored is refused. Also the search's ``neurons.json`` beside it."""
+    starts); a different one than the stored is refused unless ``replace`` (then the third value is
+    True: the stored one's results are to be dropped). Also the search's ``neurons.json`` beside it."""
     stored = Path(out) / "selection" / "selection.json"
     sel = Selection.load(given) if given is not None else None
     if stored.exists():
         kept = Selection.load(stored)
         if sel is not None and sel != kept:
-            raise ValueError(
-                f"{out} already holds the selection {kept.describe()}; use another --out for {sel.describe()}"
-            )
-        return kept, None
+            if not replace:
+                raise ValueError(
+                    f"{out} already holds the selection {kept.describe()}; use another --out for "
+                    f"{sel.describe()}, or --replace-selection"
+                )
+        else:
+            return kept, None, False
     if sel is None:
-        return None, None
+        return None, None, False
     beside = Path(given).parent / "neurons.json"  # type: ignore[arg-type]
-    return sel, beside if beside.exists() else None
+    return sel, beside if beside.exists() else None, stored.exists()
 
 
 def _judge_validation() -> dict[str, Any]:

@@ -6,6 +6,7 @@
 * the refusal direction's layer, chosen on validation prompts (:func:`cna_lens.controls.choose_direction_layer`);
 * first-token scores (TransformerLens hooks): the validation sweep, per-prompt scores on the
   evaluation prompts, the held-out transfer split;
+* the judged validation sweep: short greedy generations on the validation prompts, three-way judged;
 * greedy generations on the stock engine under each condition's weight edit;
 * capability: KL on harmless prompts, MMLU predictions per item (for McNemar against the baseline);
 * perplexity of each completion under the unmodified model.
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -30,10 +32,12 @@ from .datasets import load_dataset
 from .evaluate import distinct_n, final_logprobs, judge, kl_divergence, quality, refusal_score, refusal_token_ids
 from .generation import generate_many
 from .hooks import HookedModel
+from .judge import judge_completions
+from .judge_head import LABELS
 from .neurons import NeuronSet
 from .report import bootstrap_ci
-from .runs import RunDir, add_seconds, append_jsonl, atomic_write_json, read_json
-from .scoring import mmlu_leading_space, mmlu_predictions, perplexity
+from .runs import RunDir, add_seconds, append_jsonl, atomic_write_json, atomic_write_text, read_json
+from .scoring import label_rates, mmlu_leading_space, mmlu_predictions, perplexity
 from .selection import Selection
 
 HOOKS = {"mlp.hook_post": "attribution", "hook_mlp_out": "caa", "hook_resid_pre": "resid"}
@@ -163,6 +167,52 @@ class Reproduction:
                 }
             atomic_write_json(path, {"kind": "cna_lens.Sweep", "dataset": self.cfg["val_harmful"], "entries": done})
         return done
+
+    def judged_sweep(self, conditions: Sequence[Condition]) -> dict[str, Any]:
+        """Per condition, the judged refuse / comply / evade shares (Wilson 95 % CIs) of greedy
+        completions (``choose_tokens`` new tokens) of the validation harmful prompts. Completions are
+        appended to ``val_completions.jsonl`` as they finish, then labelled (file rewritten in place)."""
+        path = self.out / "val_completions.jsonl"
+        rows = RunDir.read_rows(path) if path.exists() else []
+        have = {(r["condition"], r["prompt_id"]) for r in rows}
+        val = load_dataset(self.cfg["val_harmful"], self.cfg["val_limit"])
+        jobs, meta = [], []
+        for c in dict.fromkeys(conditions):
+            todo = [r for r in val if (c.key, r["id"]) not in have]
+            if todo:
+                jobs.append((self.iv.edit(c), [r["prompt"] for r in todo]))
+                meta.append((c.key, todo))
+
+        def save(j: int, i: int, text: str) -> None:
+            key, todo = meta[j]
+            append_jsonl(
+                path, [{"condition": key, "prompt_id": todo[i]["id"], "prompt": todo[i]["prompt"], "completion": text}]
+            )
+
+        if jobs:
+            generate_many(
+                self.model,
+                jobs,
+                max_new_tokens=self.cfg["choose_tokens"],
+                batch_size=self.cfg["batch_size"],
+                progress=self.progress,
+                on_done=save,
+            )
+        rows = RunDir.read_rows(path) if path.exists() else []
+        todo = [r for r in rows if "label" not in r]
+        if todo:
+            verdicts = judge_completions(
+                [r["prompt"] for r in todo], [r["completion"] for r in todo], self.cfg["judge"], progress=self.progress
+            )
+            for r, v in zip(todo, verdicts):
+                r.update(label=v.label, confidence=round(v.confidence, 4), judge=v.judge)
+            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        keys = {c.key for c in conditions}
+        labels: dict[str, list[str]] = {}
+        for r in rows:
+            if r["condition"] in keys:
+                labels.setdefault(r["condition"], []).append(r["label"])
+        return {k: {"n": len(v), **label_rates(v, LABELS)} for k, v in labels.items()}
 
     def prompt_scores(self, name: str, dataset: str, conditions: Sequence[Condition]) -> dict[str, Any]:
         """Per condition, the first-token refusal log-odds of every prompt of ``dataset`` (saved in
@@ -297,3 +347,37 @@ class Reproduction:
 def _judged(text: str) -> dict[str, Any]:
     j = judge(text)
     return {"refused": j.refused, "pattern": j.pattern, "quality": quality(text), "distinct2": distinct_n(text, 2)}
+
+
+#: the run files with one entry per condition: JSON lines (a ``condition`` field) and JSON maps
+_ROW_FILES = ("completions.jsonl", "verdicts.jsonl", "perplexity.jsonl", "val_completions.jsonl")
+_MAP_FILES = {
+    "capability.json": "entries",
+    "sweep.json": "entries",
+    "first_token.json": "scores",
+    "heldout.json": "scores",
+}
+
+
+def drop_condition(out: str | Path, key: str) -> None:
+    """Remove every result of condition ``key`` from the run in ``out`` (for ``selection``, its stored
+    selection last, so a stopped drop is redone). Each file is rewritten atomically."""
+    import shutil
+
+    out = Path(out)
+    for name in _ROW_FILES:
+        if (out / name).exists():
+            rows = RunDir.read_rows(out / name)
+            kept = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r.get("condition") != key)
+            atomic_write_text(out / name, kept)
+    for name, field in _MAP_FILES.items():
+        if (out / name).exists():
+            data = json.loads((out / name).read_text(encoding="utf-8"))
+            data[field].pop(key, None)
+            atomic_write_json(out / name, data)
+    if (out / "generation_seconds.json").exists():
+        data = json.loads((out / "generation_seconds.json").read_text(encoding="utf-8"))
+        data["seconds"] = {job: t for job, t in data["seconds"].items() if job.split(" ", 1)[-1] != key}
+        atomic_write_json(out / "generation_seconds.json", data)
+    if key == "selection" and (out / "selection").exists():
+        shutil.rmtree(out / "selection")

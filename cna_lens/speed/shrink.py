@@ -8,13 +8,17 @@ batch is prefilled, then decoded one token per step for the rows still running:
     x_{t+1} = argmax_v logits(x_{≤t})[v],   position ids = cumsum(attention mask) − 1,
 
 so left padding moves no position and is masked out of attention (tested against one prompt at a
-time). After each step the rows that emitted an end-of-sequence token leave: their keys and values
+time). Chat prompts share a prefix (template and system prompt): its P tokens are prefilled once
+at batch 1, the cache is repeated to the batch (``batch_repeat_interleave``), and each row goes on
+as ``prefix · padding · rest``; the mask and positions make that the same computation as
+``padding · prefix · rest``. After each step the rows that emitted an end-of-sequence token leave: their keys and values
 go (``DynamicCache.batch_select_indices``), and the attention mask, positions and next tokens are
 sliced the same way. Compute per step is proportional to the rows still running.
 
 Public APIs only: the model's ``forward(input_ids, attention_mask, position_ids, cache,
 use_cache, logits_to_keep)`` (the cache argument is ``past_key_values`` before transformers 5.24),
-``DynamicCache(config=...)`` and ``DynamicCache.batch_select_indices``.
+``DynamicCache(config=...)``, ``DynamicCache.batch_repeat_interleave`` and
+``DynamicCache.batch_select_indices``.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ def check_supported(model: Any) -> str:
     cache_arg = next((a for a in _CACHE_ARGS if a in params), None)
     if cache_arg is None:
         missing.append(" or ".join(_CACHE_ARGS))
-    if not callable(getattr(DynamicCache, "batch_select_indices", None)):
-        missing.append("DynamicCache.batch_select_indices")
+    for method in ("batch_repeat_interleave", "batch_select_indices"):
+        if not callable(getattr(DynamicCache, method, None)):
+            missing.append(f"DynamicCache.{method}")
     if missing:
         raise RuntimeError(
             f"the shrinking-batch engine needs {', '.join(missing)}, which transformers "
@@ -62,9 +67,11 @@ def shrink_generate(
     max_new_tokens: int,
     eos: Sequence[int],
     on_row: Callable[[int, list[int]], None] | None = None,
+    share_prefix: bool = True,
 ) -> list[list[int]]:
     """Greedy continuations (without the end-of-sequence token) of the left-padded rows of ``ids``;
-    ``on_row(row, tokens)`` as each row finishes. ``model``: a plain HF causal LM; ``eos`` empty: never stop."""
+    ``on_row(row, tokens)`` as each row finishes. ``model``: a plain HF causal LM; ``eos`` empty: never
+    stop; ``share_prefix``: prefill the rows' common prefix once."""
     from transformers import DynamicCache
 
     cache_arg = check_supported(model)
@@ -74,7 +81,20 @@ def shrink_generate(
     rows = torch.arange(ids.shape[0], device=ids.device)
     stop = torch.tensor(sorted(eos), dtype=ids.dtype, device=ids.device)
     cache = DynamicCache(config=model.config)
-    step_in, step_pos = ids, (mask.cumsum(-1) - 1).clamp(min=0)
+    n_prefix = shared_prefix(ids, mask) if share_prefix else 0
+    if n_prefix:
+        ids, mask = prefix_first(ids, mask, n_prefix)
+        model(
+            input_ids=ids[:1, :n_prefix],
+            attention_mask=mask[:1, :n_prefix],
+            position_ids=torch.arange(n_prefix, device=ids.device)[None],
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_arg: cache},
+        )
+        cache.batch_repeat_interleave(ids.shape[0])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    step_in, step_pos = ids[:, n_prefix:], pos[:, n_prefix:]
     for step in range(max_new_tokens):
         logits = model(
             input_ids=step_in,
@@ -102,3 +122,27 @@ def shrink_generate(
         step_pos = step_pos[:, -1:] + 1
         step_in = tok[:, None]
     return out
+
+
+def shared_prefix(ids: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]) -> int:
+    """Length of the token prefix that every left-padded row starts with, leaving each row at least
+    one token after it (0 for a single row)."""
+    lengths = mask.sum(-1)
+    if ids.shape[0] < 2 or int(lengths.min()) < 2:
+        return 0
+    width = int(lengths.min()) - 1
+    real = torch.stack([row[ids.shape[1] - n :][:width] for row, n in zip(ids, lengths.tolist())])
+    same = (real == real[:1]).all(0)
+    return width if bool(same.all()) else int(same.long().argmin())
+
+
+def prefix_first(
+    ids: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"], n_prefix: int
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Left-padded rows ``padding · prefix · rest`` rearranged as ``prefix · padding · rest``."""
+    width = ids.shape[1]
+    pads = (width - mask.sum(-1)).tolist()
+    order = torch.stack(
+        [torch.cat([torch.arange(p, p + n_prefix), torch.arange(p), torch.arange(p + n_prefix, width)]) for p in pads]
+    ).to(ids.device)
+    return ids.gather(1, order), mask.gather(1, order)

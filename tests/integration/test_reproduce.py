@@ -4,6 +4,7 @@ import contextlib
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,7 @@ KW = dict(
     fractions=(0.001, 0.01),
     rankings=("abs", "diff"),
     judge="regex",
+    choose_tokens=4,
     progress=False,
 )
 
@@ -47,6 +49,7 @@ def test_run_directory_contents(full_run):
         "compliance.json",
         "perplexity.jsonl",
         "sweep.json",
+        "val_completions.jsonl",
         "direction.json",
         "capability.json",
         "first_token.json",
@@ -71,7 +74,16 @@ def test_run_directory_contents(full_run):
     xstest = {r["prompt_id"] for r in rows if r["dataset"] == "xstest_safe"}
     by_id = {r["id"]: r["category"] for r in cna_lens.datasets.load_dataset("xstest_safe")}
     assert len({by_id[i] for i in xstest}) == 4  # evenly spaced over a set ordered by category
-    stages_run = {"discovery", "direction", "sweep", "generate_jbb", "capability", "generate_xstest", "judge"}
+    stages_run = {
+        "discovery",
+        "direction",
+        "sweep",
+        "judged_sweep",
+        "generate_jbb",
+        "capability",
+        "generate_xstest",
+        "judge",
+    }
     assert set(results["timings_s"]) >= stages_run | {"perplexity", "first_token", "split_half"}
     cap = results["capability"]
     assert cap["baseline"]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # KL(P‖P) = 0 up to fp32 log-softmax rounding
@@ -85,7 +97,17 @@ def test_run_directory_contents(full_run):
     assert results["first_token_vs_judge"]["n"] == 3 * len(harmful)
     assert set(results["heldout"]) == {"baseline", results["chosen"]}
     assert all(pts[0]["condition"] == "baseline" for pts in results["curves"].values())
+    op = results["operating_point"]
+    judged = ["baseline"] + [f"cna:{b}:{f}" for b in ("abs", "diff") for f in (0.001, 0.01)]
+    assert sorted(op["judged"]) == sorted(judged) and all(e["n"] == 4 for e in op["judged"].values())
+    assert op["rule"] == "first_token" and results["chosen"] == op["first_token"]
+    assert op["judge"] == rp.choose_judged(op["judged"], KW["rankings"]).key
+    val = [json.loads(line) for line in (out / "val_completions.jsonl").read_text().splitlines()]
+    assert len(val) == 4 * len(judged) and all(r["judge"] == "regex" for r in val)
+    for r in val:  # the stored label is the judge's verdict on the stored completion
+        assert r["label"] == cna_lens.judge_completions([r["prompt"]], [r["completion"]], "regex")[0].label
     report = (out / "report.md").read_text()
+    assert "## Operating point" in report
     assert "| baseline `baseline` |" in report and "## Over-refusal" in report
     assert "## Validation sweep" in report and f"`{results['chosen']}`" in report
     # every table row has as many cells as its header (labels such as "CNA |diff|" are escaped)
@@ -148,6 +170,51 @@ def test_refuses_to_mix_runs(llama_model, full_run):
         rp.reproduce(llama_model, out, **{**KW, "max_new_tokens": 4})
     with pytest.raises(ValueError, match="limit"):
         rp.reproduce(llama_model, out, **{**KW, "limit": 101})
+
+
+def test_judged_rule_chooses_the_run_point(llama_model, full_run, tmp_path):
+    """``choose_by="judge"`` generates JBB under the judged rule's point; the first-token run's
+    validation completions are reused (same prompts, tokens and model), so both runs agree on them."""
+    out, ref = full_run
+    (tmp_path / "val_completions.jsonl").write_bytes((out / "val_completions.jsonl").read_bytes())
+    res = rp.reproduce(llama_model, tmp_path, **{**KW, "choose_by": "judge", "mmlu_limit": 0, "xstest_limit": 0})
+    assert res["operating_point"] == {**ref["operating_point"], "rule": "judge"}
+    assert res["chosen"] == ref["operating_point"]["judge"]
+    assert res["config"]["choose_by"] == "judge"
+    with pytest.raises(ValueError, match="choose_by='judge', not 'first_token'"):
+        rp.reproduce(llama_model, tmp_path, **{**KW, "mmlu_limit": 0, "xstest_limit": 0})
+
+
+def test_operating_point_rules():
+    """Both rules: the smallest fraction (≤ 1 %) within 0.05 of the best CNA entry; ties go to the
+    earlier ranking; baseline, scaled and > 1 % entries never win."""
+    share = lambda r: {"refusal_share": r}  # noqa: E731
+    comply = lambda c: {"comply": {"rate": c}}  # noqa: E731
+    sweep = {
+        "baseline": share(0.9),
+        "cna:abs:0.001": share(0.5),
+        "cna:abs:0.003": share(0.12),
+        "cna:diff:0.003": share(0.10),
+        "cna:abs:0.01": share(0.08),
+        "cna:abs:0.02": share(0.0),
+        "cna:abs:0.001:0.5": share(0.0),
+    }
+    assert rp.choose(sweep, ["abs", "diff"]).key == "cna:abs:0.003"  # 0.12 ≤ 0.08 + 0.05; 0.02 is out
+    assert rp.choose(sweep, ["diff", "abs"]).key == "cna:diff:0.003"  # the tie goes to the earlier ranking
+    judged = {"baseline": comply(0.1), "cna:abs:0.001": comply(0.2), "cna:abs:0.003": comply(0.4)}
+    judged |= {"cna:abs:0.01": comply(0.6), "cna:diff:0.01": comply(0.62)}
+    assert rp.choose_judged(judged, ["abs", "diff"]).key == "cna:abs:0.01"
+    op = rp.operating_point(sweep, judged, "judge", 48, ["abs", "diff"])
+    assert (op["first_token"], op["judge"]) == ("cna:abs:0.003", "cna:abs:0.01")
+    assert op["judged"]["cna:abs:0.003"]["first_token_refusal"] == 0.12
+    assert op["judged"]["cna:diff:0.01"]["first_token_refusal"] is None  # not in the sweep: not in r
+    x, y = [0.1, 0.5, 0.88, 0.92], [0.1, 0.2, 0.4, 0.6]
+    assert op["pearson_r"] == pytest.approx(float(np.corrcoef(x, y)[0, 1]))
+    assert op["mean_abs_gap"] == pytest.approx(np.mean(np.abs(np.subtract(x, y))))
+    with pytest.raises(ValueError, match="no CNA entry"):
+        rp.choose_judged({"baseline": comply(0.1)}, ["abs"])
+    with pytest.raises(ValueError, match="choose_by 'votes'"):
+        rp.reproduce("smollm2-135m-instruct", "unused", choose_by="votes")
 
 
 def test_random_control_keeps_per_layer_counts(llama_model):
@@ -249,3 +316,13 @@ def test_a_selection_joins_a_finished_run(llama_model, full_run, tmp_path):
     Selection("abs", 0.02).save(tmp_path / "other.json")
     with pytest.raises(ValueError, match="already holds the selection"):
         rp.reproduce(llama_model, run, selection=tmp_path / "other.json", **KW)
+    # --replace-selection: the same as adding the other selection to the run without one
+    swapped = rp.reproduce(llama_model, run, selection=tmp_path / "other.json", replace_selection=True, **KW)
+    fresh_dir = tmp_path / "fresh"
+    shutil.copytree(out, fresh_dir)
+    fresh = rp.reproduce(llama_model, fresh_dir, selection=tmp_path / "other.json", **KW)
+    for key in ("conditions", "generations", "capability", "compliance", "perplexity", "heldout", "sweep"):
+        assert swapped[key] == fresh[key], key
+    assert Selection.load(run / "selection" / "selection.json") == Selection("abs", 0.02)
+    for name in ("completions.jsonl", "verdicts.jsonl", "perplexity.jsonl"):
+        assert sorted((run / name).read_text().splitlines()) == sorted((fresh_dir / name).read_text().splitlines())

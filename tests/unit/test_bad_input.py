@@ -76,6 +76,12 @@ CASES = {
     ),
     "sweep fraction of 1": ({}, ["reproduce", "--out", "{d}/r", "--fractions", "0.001,1"], ["--fractions", "(0, 1)"]),
     "limit out of range": ({}, ["reproduce", "--out", "{d}/r", "--limit", "0"], ["--limit"]),
+    "replace without a selection": ({}, ["reproduce", "--out", "{d}/r", "--replace-selection"], ["needs --selection"]),
+    "judged sweep of no tokens": (
+        {},
+        ["reproduce", "--out", "{d}/r", "--choose-tokens", "0"],
+        ["choose_tokens", ">= 1"],
+    ),
     "run dir of another configuration": (
         {"r/config.json": None},
         ["reproduce", "--out", "{d}/r", "--max-new-tokens", "8", "--limit", "2"],

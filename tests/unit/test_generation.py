@@ -280,3 +280,34 @@ def test_shrink_engine_reports_each_row_as_it_finishes(tiny_model, prompts):
     assert [t for _, t in sorted(order)] == out
     for f, o in zip(free, out):
         assert o == f[: next((i for i, t in enumerate(f) if t in eos), len(f))]
+
+
+def test_shared_prefix_and_its_rearrangement():
+    from cna_lens.speed.shrink import prefix_first, shared_prefix
+
+    seqs = [[5, 6, 7, 8, 9], [5, 6, 7, 1], [5, 6, 7, 8]]
+    ids, mask = left_pad(seqs, 0)
+    assert shared_prefix(ids, mask) == 3
+    assert shared_prefix(ids[:1], mask[:1]) == 0  # one row: nothing to share
+    assert shared_prefix(*left_pad([[5, 6], [5, 6, 7]], 0)) == 1  # each row keeps a token after it
+    assert shared_prefix(*left_pad([[1, 6, 7], [5, 6, 7]], 0)) == 0
+    new_ids, new_mask = prefix_first(ids, mask, 3)
+    assert new_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 0, 1], [5, 6, 7, 0, 8]]
+    assert new_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 1], [1, 1, 1, 0, 1]]
+
+
+def test_shrink_shares_the_prefix_and_still_equals_hf_alone(tiny_dir, tiny_model, prompts):
+    """Chat prompts share their template's head, and a long common prefix changes no token: the
+    prefix prefilled once and repeated gives what each prompt gives alone."""
+    from transformers import AutoModelForCausalLM
+
+    from cna_lens.speed.shrink import shared_prefix
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    chat = encode(tiny_model.tokenizer, prompts)
+    assert shared_prefix(*left_pad(chat, tiny_model.tokenizer.pad_token_id)) > 0  # the path is taken
+    head = torch.randint(5, 200, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    seqs = [head + s for s in chat]
+    assert shared_prefix(*left_pad(seqs, tiny_model.tokenizer.pad_token_id)) >= 40
+    want = _hf_generate_alone(hf, tiny_model.tokenizer, seqs, 10)
+    assert greedy_tokens(tiny_model, seqs, 10, batch_size=3, engine="shrink") == want

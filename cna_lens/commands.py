@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .runs import atomic_write_text, jsonl
+
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 #: Default selection for the demo: top 0.3 % of MLP neurons by |diff|. The paper's 0.1 % transfers
 #: only partly to Qwen2.5-Coder-1.5B (see README, "Measured"), 0.3 % is the measured working point.
@@ -121,10 +123,8 @@ def _write_generations(args: argparse.Namespace, prompts: list[str], texts: list
 
         verdicts = judge_completions(prompts, texts, args.judge, progress=True)
         rows = [{**r, **verdict_fields(v)} for r, v in zip(rows, verdicts)]
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    lines = jsonl(rows)
     if args.out:
-        from .runs import atomic_write_text
-
         atomic_write_text(args.out, lines)
         print(f"wrote {len(rows)} completions to {args.out}", file=sys.stderr)
     else:
@@ -211,10 +211,8 @@ def cmd_judge(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=True,
     )
-    lines = "".join(json.dumps({**r, **verdict_fields(v)}, ensure_ascii=False) + "\n" for r, v in zip(rows, verdicts))
+    lines = jsonl({**r, **verdict_fields(v)} for r, v in zip(rows, verdicts))
     if args.out:
-        from .runs import atomic_write_text
-
         atomic_write_text(args.out, lines)
     else:
         sys.stdout.write(lines)
@@ -345,7 +343,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench, markdown
     from .engine import stock_model
-    from .runs import atomic_write_json, atomic_write_text, read_json
+    from .runs import atomic_write_json, read_json
 
     model = _load(args)
     hf = None if args.no_hf else stock_model(model)  # the stock engine: plain HF modules on the same weights

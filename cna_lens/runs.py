@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,11 @@ def _umask() -> int:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def jsonl(rows: Iterable[dict[str, Any]]) -> str:
+    """Rows as JSON lines (UTF-8 text, one object per line)."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -163,7 +168,7 @@ class RunDir:
     def append(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        data = jsonl(rows).encode("utf-8")
         with open(self.jsonl, "ab") as f:
             f.write(data)
             f.flush()
@@ -188,7 +193,7 @@ def append_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
             with open(path, "r+b") as f:
                 f.truncate(good)
     with open(path, "ab") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+        f.write(jsonl(rows).encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 

@@ -36,7 +36,7 @@ from .judge import judge_completions
 from .judge_head import LABELS
 from .neurons import NeuronSet
 from .report import bootstrap_ci
-from .runs import RunDir, add_seconds, append_jsonl, atomic_write_json, atomic_write_text, read_json
+from .runs import RunDir, add_seconds, append_jsonl, atomic_write_json, atomic_write_text, jsonl, read_json
 from .scoring import label_rates, mmlu_leading_space, mmlu_predictions, perplexity
 from .selection import Selection
 
@@ -206,7 +206,7 @@ class Reproduction:
             )
             for r, v in zip(todo, verdicts):
                 r.update(label=v.label, confidence=round(v.confidence, 4), judge=v.judge)
-            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            atomic_write_text(path, jsonl(rows))
         keys = {c.key for c in conditions}
         labels: dict[str, list[str]] = {}
         for r in rows:
@@ -368,8 +368,7 @@ def drop_condition(out: str | Path, key: str) -> None:
     for name in _ROW_FILES:
         if (out / name).exists():
             rows = RunDir.read_rows(out / name)
-            kept = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r.get("condition") != key)
-            atomic_write_text(out / name, kept)
+            atomic_write_text(out / name, jsonl(r for r in rows if r.get("condition") != key))
     for name, field in _MAP_FILES.items():
         if (out / name).exists():
             data = json.loads((out / name).read_text(encoding="utf-8"))

@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--judge", default="default", help="judge for --objective judge (see cna_lens.judge)")
     s.add_argument("--max-new-tokens", type=int, default=32, help="generation length for --objective judge")
+    s.add_argument(
+        "--generation-batch-size", type=int, default=32, help="prompts decoded together for --objective judge"
+    )
     s.add_argument("--n-harmful", type=int, default=32, help="harmful_val prompts (compliance)")
     s.add_argument(
         "--n-harmless", type=int, default=32, help="alpaca_val prompts (KL; over-refusal too unless --benign)"

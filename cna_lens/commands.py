@@ -384,6 +384,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         judge=args.judge,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        generation_batch_size=args.generation_batch_size,
         dtype=str(resolve_dtype(args.dtype, args.device)).removeprefix("torch."),
     )
     model = _load(args)

@@ -25,7 +25,6 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +35,19 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attribute import Attribution, attribute_multi
-from .controls import direction_ablation_hooks, refusal_direction
 from .datasets import SearchData
 from .evaluate import final_logprobs, kl_divergence, refusal_score, refusal_token_ids
 from .hooks import HookedModel
-from .intervene import ablate, steer
 from .models import model_name
 from .pareto import OBJECTIVES, Rule, build_result
 from .runs import RunDir, atomic_write, atomic_write_json, exclusive, read_json
+from .search_refs import CAA_ALPHAS, REFERENCE_FRACTIONS, neuron_forms, reference_curves
 from .selection import SearchSpace, Selection, estimate_effects
 
 log = logging.getLogger(__name__)
 
 STUDY = "cna_lens.search"
 OBJECTIVE_KINDS = ("first_token", "judge")
-REFERENCE_FRACTIONS = (0.0005, 0.001, 0.003, 0.01)
-CAA_ALPHAS = (0.1, 0.25, 0.5, 1.0)
-DIRECTION_DEPTHS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-CURVES = ("CNA |diff| (share)", "CAA (α)", "direction ablation (layer)")
 
 
 def share(mask: torch.Tensor) -> float:
@@ -86,6 +80,7 @@ class Search:
         judge: str = "default",
         max_new_tokens: int = 32,
         batch_size: int = 16,
+        generation_batch_size: int = 32,
         startup_trials: int = 10,
         reference_fractions: Sequence[float] = REFERENCE_FRACTIONS,
         caa_alphas: Sequence[float] = CAA_ALPHAS,
@@ -98,6 +93,7 @@ class Search:
             ("seed", seed, 0),
             ("max_new_tokens", max_new_tokens, 1),
             ("batch_size", batch_size, 1),
+            ("generation_batch_size", generation_batch_size, 1),
             ("startup_trials", startup_trials, 1),
         ):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -111,6 +107,7 @@ class Search:
             raise TypeError("space, rule and data must be a SearchSpace, a Rule and a SearchData")
         self.data, self.space, self.rule, self.seed = data, space, rule, seed
         self.objective, self.max_new_tokens, self.batch_size = objective, max_new_tokens, batch_size
+        self.generation_batch_size = generation_batch_size
         self.startup = startup_trials
         self.ref_fractions, self.caa_alphas = tuple(reference_fractions), tuple(caa_alphas)
         config = {
@@ -120,7 +117,11 @@ class Search:
             "package_version": __version__,
             "seed": seed,
             "objective": objective,
-            **({"judge": judge, "max_new_tokens": max_new_tokens} if objective == "judge" else {}),
+            **(
+                {"judge": judge, "max_new_tokens": max_new_tokens, "generation_batch_size": generation_batch_size}
+                if objective == "judge"
+                else {}
+            ),
             "batch_size": batch_size,
             "startup_trials": startup_trials,
             "data": {**data.names, "digest": data.digest()},
@@ -165,10 +166,16 @@ class Search:
 
     # ------------------------------------------------------------------ one measurement
     def measure(
-        self, model: HookedModel, intervention: Callable[[], Any], base: dict | None
+        self,
+        model: HookedModel,
+        intervention: Callable[[], Any],
+        base: dict | None,
+        stock: Callable[[], Any] | None = None,
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """The three objectives (and diagnostics) with ``intervention()`` active, and the log-probabilities
-        per set; ``base`` = the baseline's log-probabilities (None: this is the baseline)."""
+        """The three objectives (and diagnostics) with ``intervention()`` (TransformerLens hooks) active,
+        and the log-probabilities per set; ``base`` = the baseline's log-probabilities (None: this is the
+        baseline). The judged generations run under ``stock()``, the same intervention in its stock-engine
+        form (a weight edit), as evaluation generates; None: under ``intervention()`` (TL's generate)."""
         d, bs = self.data, self.batch_size
         t0 = time.perf_counter()
         with intervention():
@@ -177,7 +184,10 @@ class Search:
                 for k, p in (("harmful", d.harmful), ("harmless", d.harmless))
             }
             lp["benign"] = lp["harmless"] if d.benign is None else final_logprobs(model, list(d.benign), batch_size=bs)
-            texts = self.generate(model) if self.judge_fn is not None else None
+        texts = None
+        if self.judge_fn is not None:
+            with (stock or intervention)():
+                texts = self.generate(model)
         ids = refusal_token_ids(model.tokenizer)
         s = {k: refusal_score(v, ids) for k, v in lp.items()}
         kl = torch.zeros(len(d.harmless)) if base is None else kl_divergence(base["harmless"], lp["harmless"])
@@ -203,7 +213,8 @@ class Search:
     def generate(self, model: HookedModel) -> list[str]:
         from .generation import generate
 
-        return generate(model, list(self.data.harmful), max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        prompts = list(self.data.harmful)
+        return generate(model, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.generation_batch_size)
 
     def resid(self, model: HookedModel, progress: bool) -> Attribution:
         """Residual-stream statistics (``hook_resid_pre``) on the discovery prompts, for the refusal
@@ -216,37 +227,6 @@ class Search:
             found = attribute_multi(model, pos, neg, ["hook_resid_pre"], batch_size=bs, progress=progress)
         found["hook_resid_pre"].save(d)
         return found["hook_resid_pre"]
-
-    def references(self, model, attr, caa, base, progress) -> dict[str, list[dict[str, Any]]]:
-        """Reference curves on the trials' objectives, saved in ``references.json``: CNA-by-|diff| at
-        ``reference_fractions`` (layers 2+, scale 0), CAA at ``caa_alphas``, and directional ablation
-        of the refusal direction of layer ``round(d · n_layers)`` for d in ``DIRECTION_DEPTHS``. A curve
-        missing from the file is measured on the next run; the others are read back."""
-        path = self.out / "references.json"
-        curves = read_json(path, "cna_lens.SearchReferences")["curves"] if path.exists() else {}
-        n = model.cfg.n_layers
-        layers = sorted({min(n - 1, max(1, round(d * n))) for d in DIRECTION_DEPTHS})
-
-        def directions() -> list[tuple[str, Callable[[], Any]]]:
-            resid = self.resid(model, progress)
-            hooks = {layer: direction_ablation_hooks(model, refusal_direction(resid, layer)) for layer in layers}
-            return [(f"L{layer}", partial(model.hooks, fwd_hooks=hooks[layer])) for layer in layers]
-
-        jobs = {
-            CURVES[0]: lambda: [
-                (f"{100 * f:g}%", partial(ablate, model, Selection("abs", f).neurons(attr))) for f in self.ref_fractions
-            ],
-            CURVES[1]: lambda: [(f"α={a:g}", partial(steer, model, caa.diff, a)) for a in self.caa_alphas],
-            CURVES[2]: directions,
-        }
-        for name, todo in jobs.items():
-            if name in curves or not (todo := todo()):
-                continue
-            with self.run_dir.timed("references"):
-                it = tqdm(todo, desc=name, disable=not progress)
-                curves[name] = [{"label": lab, **self.measure(model, ctx, base)[0]} for lab, ctx in it]
-            atomic_write_json(path, {"kind": "cna_lens.SearchReferences", "curves": curves})
-        return curves
 
     # ------------------------------------------------------------------ the study
     def sampler(self, n_done: int) -> Any:
@@ -298,7 +278,8 @@ class Search:
                     neurons = sel.neurons(attr, effects)
                     if len(neurons):
                         with self.run_dir.timed("trials"):
-                            res = self.measure(model, partial(ablate, model, neurons, sel.scale), base_lp)[0]
+                            hooked, stock = neuron_forms(model, neurons, sel.scale)
+                            res = self.measure(model, hooked, base_lp, stock)[0]
                     else:  # pruning left nothing: the baseline model, already measured
                         res = {**baseline, "seconds": 0.0}
                 except BaseException:
@@ -312,7 +293,7 @@ class Search:
                 bar.update()
                 bar.set_postfix_str(", ".join(f"{k}={v:.3g}" for k, v in res["values"].items()))
                 self.write(study, baseline, refs, attr, effects)  # a stopped search leaves its trials readable
-        refs = self.references(model, attr, caa, base_lp, progress)  # after the trials: they come first
+        refs = reference_curves(self, model, attr, caa, base_lp, progress)  # after the trials: they come first
         return self.write(study, baseline, refs, attr, effects)
 
     def baseline(self, model: HookedModel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -363,14 +344,17 @@ class Search:
         if result.get("chosen"):
             sel = Selection.from_dict(result["chosen"]["selection"])
             neurons = sel.neurons(attr, effects)
-            conditions[f"trial:{result['chosen']['number']}"] = partial(ablate, model, neurons, sel.scale)
+            hooked, stock = neuron_forms(model, neurons, sel.scale)
+            conditions[f"trial:{result['chosen']['number']}"] = stock or hooked
         done = self.run_dir.done()
         for dataset, prompts in (("harmful", self.data.harmful[:n]), ("harmless", self.data.harmless[:n])):
             for cond, ctx in conditions.items():
                 if all((dataset, cond, str(i)) in done for i in range(len(prompts))):
                     continue
                 with ctx():
-                    texts = generate(model, list(prompts), max_new_tokens=max_new_tokens, batch_size=self.batch_size)
+                    texts = generate(
+                        model, list(prompts), max_new_tokens=max_new_tokens, batch_size=self.generation_batch_size
+                    )
                 self.run_dir.append(
                     [
                         {"dataset": dataset, "condition": cond, "prompt_id": str(i), "prompt": p, "completion": t}

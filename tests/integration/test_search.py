@@ -1,6 +1,7 @@
 """Whole search runs on the planted tiny model: resume = uninterrupted, the judge objective, the CLI end to
 end, the Pareto figure."""
 
+import contextlib
 import json
 import types
 from functools import partial
@@ -18,7 +19,8 @@ from cna_lens.controls import refusal_direction
 from cna_lens.edit import edit_direction
 from cna_lens.neurons import NeuronSet
 from cna_lens.pareto import load_result, pareto_mask
-from cna_lens.search import CURVES, DIRECTION_DEPTHS, Search
+from cna_lens.search import Search
+from cna_lens.search_refs import CURVES, DIRECTION_DEPTHS
 from cna_lens.selection import Selection
 
 from ..tolerance import fp32_atol
@@ -164,3 +166,35 @@ def test_judge_objective_with_the_real_regex_judge(planted, search_data, tmp_pat
     for t in res["trials"] + [res["baseline"]]:
         assert sum(t["judged"].values()) == pytest.approx(1.0)  # one label per prompt (3 rounded ratios)
         assert t["values"]["compliance"] == t["judged"]["comply"]
+
+
+def test_judged_generation_runs_on_the_weight_edit(planted, search_data, tmp_path, monkeypatch):
+    """A trial scores under TL hooks but generates on the stock engine under the equal weight edit (no
+    TL hook active), as evaluation does: its texts equal TL's generate under the hooks (fp32, greedy),
+    differ from the baseline's (the planted neuron is off), and the weights are restored afterwards."""
+    from cna_lens.engine import tl_hooks_active
+    from cna_lens.search_refs import neuron_forms
+
+    from ..conftest import PLANT_LAYER
+
+    model, n, _ = planted
+    seen = []
+    monkeypatch.setattr(
+        cna_lens.judge,
+        "judge_completions",
+        lambda prompts, completions, judge="default": [types.SimpleNamespace(label="comply")] * len(prompts),
+    )
+    s = make(tmp_path, search_data, objective="judge", judge="regex", max_new_tokens=4, generation_batch_size=3)
+    generate = s.generate
+    monkeypatch.setattr(s, "generate", lambda m: seen.append((tl_hooks_active(m), texts := generate(m))) or texts)
+    one = NeuronSet((PLANT_LAYER,), (n,), (1.0,), model.cfg.n_layers, model.cfg.d_mlp)
+    hooked, stock = neuron_forms(model, one, 0.0)
+    assert stock is not None  # a TransformerBridge: its weights can be edited
+    before = [p.detach().clone() for p in model.parameters()]
+    s.measure(model, contextlib.nullcontext, None)
+    s.measure(model, hooked, None, stock)
+    s.measure(model, hooked, None)  # no stock form: TL's generate under the hooks
+    (base_hooks, base), (edit_hooks, edited), (tl_hooks, tl) = seen
+    assert not base_hooks and not edit_hooks and tl_hooks
+    assert edited == tl and edited != base
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

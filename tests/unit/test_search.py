@@ -97,6 +97,7 @@ def test_measure_objectives(planted, search_data, tmp_path):
         ({"objective": "regex"}, "choose one of"),
         ({"seed": -1}, "seed"),
         ({"batch_size": 0}, "batch_size"),
+        ({"generation_batch_size": 0}, "generation_batch_size"),
         ({"reference_fractions": (0.0,)}, "reference_fractions"),
         ({"space": SearchSpace(rankings=("abs",))}, None),  # valid
     ],

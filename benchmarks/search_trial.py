@@ -1,0 +1,101 @@
+"""One judged search trial, its generation in three forms, side by side in one process.
+
+The judged objective generates greedy answers to the search's ``harmful`` validation prompts under the
+trial's selection. This times that generation, for the selection in ``SEARCH/selection.json``:
+
+* ``hooks16``: under TransformerLens hooks (``cna_lens.ablate``), so through TL's ``generate``,
+  batch 16;
+* ``edit16`` / ``edit32``: under the equal weight edit (``cna_lens.edit_weights``) on the stock
+  engine (``shrink``), batch 16 / 32: what trials run now (``generation_batch_size`` 32);
+
+and the first-token scores every trial also computes (TL hooks, ``harmful`` + ``harmless``). Each
+form's texts are judged three-way; the report gives wall time, judged compliance and how many texts
+equal the hook form's (in bf16 the two forms round differently: ``a·s`` against ``W·s``).
+
+python benchmarks/search_trial.py --search results/search-qwen2.5-coder-1.5b-instruct-judge --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import cna_lens
+from cna_lens.attribute import Attribution
+from cna_lens.datasets import SearchData
+from cna_lens.evaluate import final_logprobs
+from cna_lens.generation import generate
+from cna_lens.judge import judge_completions
+from cna_lens.runs import atomic_write_json
+from cna_lens.selection import Selection
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--search", required=True, help="a judged search directory (config.json, selection.json)")
+    ap.add_argument("--forms", default="edit32,hooks16,edit16", help="order in which the forms run")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    src = Path(args.search)
+    cfg = json.loads((src / "config.json").read_text())
+    if cfg.get("objective") != "judge":
+        raise SystemExit(f"{src} is not a judged search (objective {cfg.get('objective')!r})")
+    n_h, n_a = (int(cfg["data"][k].split(":")[1].rstrip("]")) for k in ("harmful", "harmless"))
+    data = SearchData.bundled(n_h, n_a)
+    model = cna_lens.load_model(cfg["model"], dtype=getattr(torch, cfg["dtype"]))
+    sel = Selection.load(src / "selection.json")
+    effects = load_file(str(src / "effects.safetensors"))["delta"] if (src / "effects.safetensors").exists() else None
+    neurons = sel.neurons(Attribution.load(src / "attribution"), effects)
+    prompts, tokens = list(data.harmful), int(cfg["max_new_tokens"])
+    forms = {
+        "hooks16": (partial(cna_lens.ablate, model, neurons, sel.scale), 16),
+        "edit16": (partial(cna_lens.edit_weights, model, neurons, sel.scale), 16),
+        "edit32": (partial(cna_lens.edit_weights, model, neurons, sel.scale), 32),
+    }
+    rows: dict[str, dict] = {}
+    judge_completions(prompts[:1], ["warm-up"])  # the judge loads once, outside the timings
+    for name in args.forms.split(","):
+        ctx, bs = forms[name]
+        t = time.perf_counter()
+        with ctx():
+            texts = generate(model, prompts, max_new_tokens=tokens, batch_size=bs)
+        seconds = time.perf_counter() - t
+        labels = [v.label for v in judge_completions(prompts, texts)]
+        rows[name] = {"seconds": seconds, "comply": labels.count("comply") / len(labels), "texts": texts}
+        print(f"{name}: {seconds:.1f} s, judged comply {rows[name]['comply']:.3f}", flush=True)
+    t = time.perf_counter()
+    with forms["hooks16"][0]():
+        for p in (data.harmful, data.harmless):
+            final_logprobs(model, list(p), batch_size=int(cfg["batch_size"]))
+    scores = time.perf_counter() - t
+    ref = rows.get("hooks16")
+    for r in rows.values():
+        r["identical_to_hooks16"] = None if ref is None else sum(a == b for a, b in zip(r["texts"], ref["texts"]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        out / f"{cfg['model']}.json",
+        {
+            "kind": "cna_lens.SearchTrialBenchmark",
+            "model": cfg["model"],
+            "dtype": cfg["dtype"],
+            "selection": sel.to_dict(),
+            "n_neurons": len(neurons),
+            "prompts": len(prompts),
+            "max_new_tokens": tokens,
+            "order": args.forms.split(","),
+            "first_token_scores_seconds": scores,
+            "forms": rows,
+        },
+    )
+    print(f"first-token scores (harmful + harmless, TL hooks): {scores:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

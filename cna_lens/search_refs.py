@@ -1,0 +1,101 @@
+"""The reference curves a search draws beside its trials, and each intervention's two forms.
+
+A measurement scores an intervention under TransformerLens hooks (first-token refusal, KL) and, for
+the judged objective, generates under the same intervention as a stock-engine form (a weight edit,
+or HF module hooks for CAA), as evaluation generates: the two are equal up to float rounding
+(``tests/integration/test_edit.py``). Curves, on the trials' objectives:
+
+- CNA by |diff| at shares ``f`` (layers 2+, scale 0): the paper's selection;
+- CAA at strengths ``α`` (``x_l ← x_l − α·v_l`` at every ``hook_mlp_out``);
+- directional ablation of the refusal direction of layer ``round(d · n_layers)``, d in ``DIRECTION_DEPTHS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from .attribute import Attribution
+from .controls import direction_ablation_hooks, refusal_direction
+from .edit import edit_direction, edit_weights
+from .engine import steer_mlp_out
+from .hooks import HookedModel
+from .intervene import ablate, steer
+from .models import is_bridge
+from .neurons import NeuronSet
+from .runs import atomic_write_json, read_json
+from .selection import Selection
+
+if TYPE_CHECKING:
+    from .search import Search
+
+REFERENCE_FRACTIONS = (0.0005, 0.001, 0.003, 0.01)
+CAA_ALPHAS = (0.1, 0.25, 0.5, 1.0)
+DIRECTION_DEPTHS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+CURVES = ("CNA |diff| (share)", "CAA (α)", "direction ablation (layer)")
+
+#: a point of a curve: its label, its hook form (scores) and its stock-engine form (None: generate under hooks)
+Point = tuple[str, Callable[[], Any], Callable[[], Any] | None]
+
+
+def neuron_forms(model: HookedModel, neurons: NeuronSet, scale: float = 0.0) -> tuple[Callable, Callable | None]:
+    """Scaling ``neurons`` by ``scale`` as TransformerLens hooks (for the scores) and as the equal weight
+    edit (for generation on the stock engine; None for a model whose weights cannot be edited)."""
+    return partial(ablate, model, neurons, scale), partial(edit_weights, model, neurons, scale) if is_bridge(
+        model
+    ) else None
+
+
+def direction_layers(n_layers: int) -> list[int]:
+    """The layers whose refusal direction the directional-ablation curve ablates."""
+    return sorted({min(n_layers - 1, max(1, round(d * n_layers))) for d in DIRECTION_DEPTHS})
+
+
+def reference_points(
+    search: Search, model: HookedModel, attr: Attribution, caa: Attribution, progress: bool
+) -> dict[str, Callable[[], list[Point]]]:
+    """Per curve, a function building its points (the residual statistics for the directions are
+    computed only when that curve is measured)."""
+    editable = is_bridge(model)
+
+    def directions() -> list[Point]:
+        resid = search.resid(model, progress)
+        out: list[Point] = []
+        for layer in direction_layers(model.cfg.n_layers):
+            r = refusal_direction(resid, layer)
+            hooked = partial(model.hooks, fwd_hooks=direction_ablation_hooks(model, r))
+            out.append((f"L{layer}", hooked, partial(edit_direction, model, r) if editable else None))
+        return out
+
+    def cna() -> list[Point]:
+        return [
+            (f"{100 * f:g}%", *neuron_forms(model, Selection("abs", f).neurons(attr))) for f in search.ref_fractions
+        ]
+
+    def caa_points() -> list[Point]:
+        stock = lambda a: partial(steer_mlp_out, model, caa.diff, a) if editable else None  # noqa: E731
+        return [(f"α={a:g}", partial(steer, model, caa.diff, a), stock(a)) for a in search.caa_alphas]
+
+    return {CURVES[0]: cna, CURVES[1]: caa_points, CURVES[2]: directions}
+
+
+def reference_curves(
+    search: Search, model: HookedModel, attr: Attribution, caa: Attribution, base: dict, progress: bool
+) -> dict[str, list[dict[str, Any]]]:
+    """Measure every reference curve missing from ``references.json`` (saved after each curve); the
+    others are read back."""
+    path = search.out / "references.json"
+    curves = read_json(path, "cna_lens.SearchReferences")["curves"] if path.exists() else {}
+    for name, build in reference_points(search, model, attr, caa, progress).items():
+        if name in curves or not (points := build()):
+            continue
+        with search.run_dir.timed("references"):
+            it = tqdm(points, desc=name, disable=not progress)
+            curves[name] = [
+                {"label": lab, **search.measure(model, hooked, base, stock)[0]} for lab, hooked, stock in it
+            ]
+        atomic_write_json(path, {"kind": "cna_lens.SearchReferences", "curves": curves})
+    return curves

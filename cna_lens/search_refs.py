@@ -3,7 +3,7 @@
 A measurement scores an intervention under TransformerLens hooks (first-token refusal, KL) and, for
 the judged objective, generates under the same intervention as a stock-engine form (a weight edit,
 or HF module hooks for CAA), as evaluation generates: the two are equal up to float rounding
-(``tests/integration/test_edit.py``). Curves, on the trials' objectives:
+(``tests/unit/test_edit.py``, ``tests/integration/test_search.py``). Curves, on the trials' objectives:
 
 - CNA by |diff| at shares ``f`` (layers 2+, scale 0): the paper's selection;
 - CAA at strengths ``α`` (``x_l ← x_l − α·v_l`` at every ``hook_mlp_out``);

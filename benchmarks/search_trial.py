@@ -24,10 +24,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 import cna_lens
-from cna_lens.attribute import Attribution
 from cna_lens.datasets import SearchData
 from cna_lens.evaluate import final_logprobs
 from cna_lens.generation import generate
@@ -38,7 +36,9 @@ from cna_lens.selection import Selection
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--search", required=True, help="a judged search directory (config.json, selection.json)")
+    ap.add_argument(
+        "--search", required=True, help="a judged search directory (config.json, selection.json, neurons.json)"
+    )
     ap.add_argument("--forms", default="edit32,hooks16,edit16", help="order in which the forms run")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -50,8 +50,7 @@ def main() -> None:
     data = SearchData.bundled(n_h, n_a)
     model = cna_lens.load_model(cfg["model"], dtype=getattr(torch, cfg["dtype"]))
     sel = Selection.load(src / "selection.json")
-    effects = load_file(str(src / "effects.safetensors"))["delta"] if (src / "effects.safetensors").exists() else None
-    neurons = sel.neurons(Attribution.load(src / "attribution"), effects)
+    neurons = cna_lens.NeuronSet.load(src / "neurons.json")  # the chosen selection's, as the search saved them
     prompts, tokens = list(data.harmful), int(cfg["max_new_tokens"])
     forms = {
         "hooks16": (partial(cna_lens.ablate, model, neurons, sel.scale), 16),

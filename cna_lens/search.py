@@ -39,6 +39,7 @@ from .datasets import SearchData
 from .evaluate import final_logprobs, kl_divergence, refusal_score, refusal_token_ids
 from .hooks import HookedModel
 from .models import model_name
+from .neurons import NeuronSet
 from .pareto import OBJECTIVES, Rule, build_result
 from .runs import RunDir, atomic_write, atomic_write_json, exclusive, read_json
 from .search_refs import CAA_ALPHAS, REFERENCE_FRACTIONS, neuron_forms, reference_curves
@@ -337,14 +338,10 @@ class Search:
         and the chosen selection (for reading by eye), kept in ``completions.jsonl`` (not recomputed)."""
         from .generation import generate
 
-        attr = Attribution.load(self.out / "attribution")
-        path = self.out / "effects.safetensors"
-        effects = load_file(str(path))["delta"] if path.exists() else None
         conditions = {"baseline": contextlib.nullcontext}
-        if result.get("chosen"):
+        if result.get("chosen"):  # write() saved its neurons
             sel = Selection.from_dict(result["chosen"]["selection"])
-            neurons = sel.neurons(attr, effects)
-            hooked, stock = neuron_forms(model, neurons, sel.scale)
+            hooked, stock = neuron_forms(model, NeuronSet.load(self.out / "neurons.json"), sel.scale)
             conditions[f"trial:{result['chosen']['number']}"] = stock or hooked
         done = self.run_dir.done()
         for dataset, prompts in (("harmful", self.data.harmful[:n]), ("harmless", self.data.harmless[:n])):

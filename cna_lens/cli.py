@@ -169,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True, help="let trials prune neurons")
     s.add_argument("--kl-cap", type=float, default=0.3, help="rule: highest compliance with KL <= this (nats)")
     s.add_argument("--over-refusal-slack", type=float, default=0.0, help="rule: over-refusal <= baseline + this")
+    s.add_argument(
+        "--confirm",
+        type=int,
+        default=0,
+        help="rule: re-measure the first N points on fresh prompts and choose on those (0: choose on validation)",
+    )
+    s.add_argument("--confirm-harmful", type=int, default=64, help="fresh harmful_train prompts for --confirm")
+    s.add_argument("--confirm-harmless", type=int, default=64, help="fresh alpaca_val prompts for --confirm")
     s.add_argument("--samples", type=int, default=8, help="prompts per set to generate for the chosen point")
     s.add_argument("--sample-tokens", type=int, default=64)
     s.add_argument("--png", action=argparse.BooleanOptionalAction, default=True, help="also write pareto.png")

@@ -367,18 +367,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .models import resolve_dtype
-    from .pareto import Rule
+    from .pareto import Rule, summary
     from .plot import pareto_front, save_figure
-    from .search import Search, SearchData, SearchSpace
+    from .search import ConfirmData, Search, SearchData, SearchSpace
 
-    if args.trials < 1 or args.samples < 0:
-        raise ValueError(f"--trials must be >= 1 and --samples >= 0, got {args.trials} and {args.samples}")
+    if args.trials < 1 or args.samples < 0 or args.confirm < 0:
+        raise ValueError(
+            f"--trials must be >= 1, --samples and --confirm >= 0; got {args.trials}, {args.samples}, {args.confirm}"
+        )
+    confirm = None
+    if args.confirm:  # fresh prompts: after the pruning prompts and after the KL prompts
+        confirm = ConfirmData.bundled(args.confirm_harmful, args.confirm_harmless, args.n_effects, args.n_harmless)
     search = Search(  # validates every setting and pins them in OUT/config.json before the model loads
         args.out,
         model=args.model,
         data=SearchData.bundled(args.n_harmful, args.n_harmless, args.n_effects, args.benign),
         space=SearchSpace(rankings=tuple(args.rankings.split(",")), prune=(False, True) if args.prune else (False,)),
-        rule=Rule(args.kl_cap, args.over_refusal_slack),
+        rule=Rule(args.kl_cap, args.over_refusal_slack, args.confirm),
+        confirm_data=confirm,
         seed=args.seed,
         objective=args.objective,
         judge=args.judge,
@@ -392,24 +398,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     written = save_figure(pareto_front(result), Path(args.out) / "pareto", png=args.png)
     if args.samples:
         search.samples(model, result, n=args.samples, max_new_tokens=args.sample_tokens)
-    trials = result["trials"]
-    secs = [t["seconds"] for t in trials if t["n_neurons"]]
-    print(
-        f"{len(trials)} trials, {sum(secs) / max(len(secs), 1):.1f} s per measured trial; baseline "
-        f"{result['baseline']['values']}"
-    )
-    print(
-        f"{'trial':>5} {'compliance':>10} {'KL':>8} {'over-ref':>8} {'neurons':>7}  selection (compliance × KL front)"
-    )
-    for t in sorted((t for t in trials if t["pareto_2d"]), key=lambda t: t["values"]["kl"]):
-        v, n = t["values"], t["n_neurons"]
-        print(
-            f"{t['number']:>5} {v['compliance']:>10.3f} {v['kl']:>8.4f} {v['over_refusal']:>8.3f} {n:>7}  {t['label']}"
-        )
-    chosen = result["chosen"]
-    print(f"rule: {result['rule']['text']}")
-    print(
-        "chosen: none" if chosen is None else f"chosen: trial {chosen['number']}: {chosen['label']} {chosen['values']}"
-    )
+    print(summary(result))
     print(f"wrote {Path(args.out) / 'pareto.json'}, {', '.join(map(str, written))}")
     return 0

@@ -52,32 +52,51 @@ def front(rows: Sequence[Mapping[str, Any]], objectives: Sequence[str]) -> list[
 class Rule:
     """The operating point: the highest compliance among points with ``kl ≤ kl_cap`` (nats) and
     ``over_refusal ≤ baseline over-refusal + over_refusal_slack``; ties go to the lower KL, then to
-    fewer neurons, then to the earlier trial. Default cap 0.3 nats: the KL goal set for the 1.5B."""
+    fewer neurons, then to the earlier trial. Default cap 0.3 nats: the KL goal set for the 1.5B.
+
+    ``confirm_top = k > 0``: the rule's first k points on validation are measured again on fresh
+    prompts (:mod:`cna_lens.confirm`) and the same rule chooses among them on those numbers alone.
+    The best of n noisy validation scores is biased upward (the winner's curse); a fresh measurement
+    of k candidates is not, apart from the max over k."""
 
     kl_cap: float = 0.3
     over_refusal_slack: float = 0.0
+    confirm_top: int = 0
 
     def __post_init__(self) -> None:
         for name in ("kl_cap", "over_refusal_slack"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"Rule.{name} must be a finite number >= 0, got {v!r}")
+        v = self.confirm_top
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"Rule.confirm_top must be an int >= 0, got {v!r}")
 
     def describe(self) -> str:
-        return (
+        text = (
             f"highest compliance with KL <= {self.kl_cap:g} nats and over-refusal <= baseline + "
             f"{self.over_refusal_slack:g}; ties: lower KL, fewer neurons, earlier trial"
+        )
+        if self.confirm_top:
+            text += f"; the first {self.confirm_top} on validation re-measured on fresh prompts, chosen on those"
+        return text
+
+    def rank(self, rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float]) -> list[Mapping[str, Any]]:
+        """The rows that meet the caps, best first (the order :meth:`choose` picks from)."""
+        limit = baseline["over_refusal"] + self.over_refusal_slack + 1e-12  # shares are k/n: exact ties pass
+        ok = [r for r in rows if r["values"]["kl"] <= self.kl_cap and r["values"]["over_refusal"] <= limit]
+        return sorted(
+            ok, key=lambda r: (-r["values"]["compliance"], r["values"]["kl"], r.get("n_neurons", 0), r["number"])
         )
 
     def choose(self, rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float]) -> Mapping[str, Any] | None:
         """The chosen row (``values``, ``n_neurons``, ``number``), or None when no row meets the caps."""
-        limit = baseline["over_refusal"] + self.over_refusal_slack + 1e-12  # shares are k/n: exact ties pass
-        ok = [r for r in rows if r["values"]["kl"] <= self.kl_cap and r["values"]["over_refusal"] <= limit]
-        if not ok:
-            return None
-        return min(
-            ok, key=lambda r: (-r["values"]["compliance"], r["values"]["kl"], r.get("n_neurons", 0), r["number"])
-        )
+        ranked = self.rank(rows, baseline)
+        return ranked[0] if ranked else None
+
+    def candidates(self, rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float]) -> list[Mapping[str, Any]]:
+        """The rows to re-measure on fresh prompts: the first ``confirm_top`` of :meth:`rank`."""
+        return self.rank(rows, baseline)[: self.confirm_top]
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "text": self.describe()}
@@ -89,14 +108,36 @@ def build_result(
     baseline: Mapping[str, Any],
     references: Mapping[str, Any],
     rule: Rule,
+    confirmation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``pareto.json`` object: ``rows`` (one per complete trial, with ``number``, ``values``,
     ``selection``) gain ``pareto`` (all objectives), ``pareto_2d`` (compliance × KL) and ``label``;
-    ``chosen`` is the rule's pick (None when no trial meets it)."""
+    ``chosen`` is the rule's pick (None when no trial meets it). With ``rule.confirm_top``, the pick
+    is made on ``confirmation`` (``baseline`` and ``trials``: number → measurement on fresh prompts):
+    ``chosen["values"]`` are then the fresh numbers and ``chosen["validation"]`` the trial's own; it
+    stays None until every candidate is measured."""
     for r, p3, p2 in zip(rows, front(rows, list(OBJECTIVES)), front(rows, ["compliance", "kl"])):
         r["pareto"], r["pareto_2d"] = p3, p2
         r["label"] = Selection.from_dict(r["selection"]).describe()
     chosen = rule.choose(rows, baseline["values"])
+    confirmed = None
+    if rule.confirm_top:
+        measured = (confirmation or {}).get("trials", {})
+        cands = rule.candidates(rows, baseline["values"])
+        if cands and all(str(r["number"]) in measured for r in cands):
+            again = [{**r, **measured[str(r["number"])], "validation": r["values"]} for r in cands]
+            confirmed = {
+                "data": confirmation["data"],
+                "baseline": confirmation["baseline"],
+                "candidates": [
+                    {k: r[k] for k in ("number", "label", "n_neurons", "validation", "values") if k in r}
+                    | {k: r[k] for k in ("judged", "first_token_compliance") if k in r}
+                    for r in again
+                ],
+            }
+            chosen = rule.choose(again, confirmation["baseline"]["values"])
+        else:
+            chosen = None
     result = {
         "kind": "cna_lens.SearchResult",
         "format_version": FORMAT_VERSION,
@@ -106,9 +147,13 @@ def build_result(
         "baseline": dict(baseline),
         "references": dict(references),
         "rule": rule.to_dict(),
-        "chosen": None if chosen is None else {k: chosen[k] for k in ("number", "label", "selection", "values")},
+        "chosen": None
+        if chosen is None
+        else {k: chosen[k] for k in ("number", "label", "selection", "values", "validation") if k in chosen},
         "trials": rows,
     }
+    if rule.confirm_top:
+        result["confirmation"] = confirmed  # None: not (yet) measured
     judged = [r["agreement"] for r in rows if "agreement" in r]
     if judged:
         result["agreement"] = {
@@ -116,6 +161,37 @@ def build_result(
             "text": "share of (trial, prompt) pairs where first-token log-odds > 0 matches a judged refuse/evade",
         }
     return result
+
+
+def summary(result: Mapping[str, Any]) -> str:
+    """A text table of a search: the compliance × KL front, the confirmation's candidates (validation →
+    fresh prompts) and the chosen point."""
+    trials = result["trials"]
+    secs = [t["seconds"] for t in trials if t["n_neurons"]]
+    lines = [
+        f"{len(trials)} trials, {sum(secs) / max(len(secs), 1):.1f} s per measured trial; "
+        f"baseline {result['baseline']['values']}",
+        f"{'trial':>5} {'compliance':>10} {'KL':>8} {'over-ref':>8} {'neurons':>7}  selection (compliance × KL front)",
+    ]
+    row = "{:>5} {:>10.3f} {:>8.4f} {:>8.3f} {:>7}  {}"
+    for t in sorted((t for t in trials if t["pareto_2d"]), key=lambda t: t["values"]["kl"]):
+        v = t["values"]
+        lines.append(row.format(t["number"], v["compliance"], v["kl"], v["over_refusal"], t["n_neurons"], t["label"]))
+    conf = result.get("confirmation")
+    if conf:
+        base = conf["baseline"]["values"]
+        lines.append(f"re-measured on fresh prompts ({conf['data']}); baseline there {base}")
+        lines.append(f"{'trial':>5} {'compliance':>10} {'KL':>8} {'over-ref':>8} {'neurons':>7}  (validation)")
+        for c in conf["candidates"]:
+            v, w = c["values"], c["validation"]
+            text = f"({w['compliance']:.3f}, {w['kl']:.4f}, {w['over_refusal']:.3f})"
+            lines.append(row.format(c["number"], v["compliance"], v["kl"], v["over_refusal"], c["n_neurons"], text))
+    chosen = result["chosen"]
+    lines.append(f"rule: {result['rule']['text']}")
+    lines.append(
+        "chosen: none" if chosen is None else f"chosen: trial {chosen['number']}: {chosen['label']} {chosen['values']}"
+    )
+    return "\n".join(lines)
 
 
 def load_result(out: str | Path) -> dict[str, Any]:

@@ -250,28 +250,31 @@ def _kl_compliance(point: Any) -> tuple[float, float, str]:
 
 def pareto_front(result: dict[str, Any], references: dict[str, list[Any]] | None = None) -> go.Figure:
     """Compliance vs KL of a search (``pareto.json``): every trial, the compliance × KL front as a
-    line, the chosen point, the KL cap, and reference curves (the search's own CNA-by-|diff| shares
+    line, the chosen point (at its validation numbers), the candidates re-measured on fresh prompts
+    (``confirmation``, if any), the KL cap, and reference curves (the search's own CNA-by-|diff| shares
     and CAA α, plus ``references``: name → points, e.g. directional ablation). A curve named
     "… (layer)" is drawn as markers only: its points are layers, not strengths in order."""
     trials = result["trials"]
     fig = go.Figure()
-    hover = "%{text}<br>KL=%{x:.3g} nats<br>compliance=%{y:.2f}<extra></extra>"
-    for on_front, name, marker in (
-        (False, "trials", dict(size=6, color="lightgray")),
-        (True, "Pareto-optimal trials", dict(size=8, color="royalblue")),
-    ):
-        rows = [t for t in trials if t["pareto_2d"] == on_front]
+
+    def points(rows: list[dict], name: str, marker: dict, note: str) -> None:
         fig.add_trace(
             go.Scatter(
                 x=[t["values"]["kl"] for t in rows],
                 y=[t["values"]["compliance"] for t in rows],
-                text=[f"#{t['number']} {t['label']} ({t['n_neurons']} neurons)" for t in rows],
+                text=[f"#{t['number']} {t['label']} ({t['n_neurons']} neurons{note})" for t in rows],
                 mode="markers",
                 name=name,
                 marker=marker,
-                hovertemplate=hover,
+                hovertemplate="%{text}<br>KL=%{x:.3g} nats<br>compliance=%{y:.2f}<extra></extra>",
             )
         )
+
+    for on_front, name, marker in (
+        (False, "trials", dict(size=6, color="lightgray")),
+        (True, "Pareto-optimal trials", dict(size=8, color="royalblue")),
+    ):
+        points([t for t in trials if t["pareto_2d"] == on_front], name, marker, "")
     line = sorted((t["values"]["kl"], t["values"]["compliance"]) for t in trials if t["pareto_2d"])
     if line:
         fig.add_trace(
@@ -308,14 +311,20 @@ def pareto_front(result: dict[str, Any], references: dict[str, list[Any]] | None
             marker=dict(symbol="square", size=10, color="black"),
         )
     )
+    if result.get("confirmation"):  # the candidates' fresh-prompt measurements, not comparable point by point
+        conf = result["confirmation"]
+        fresh = conf["baseline"]["values"]["compliance"]
+        name = f"candidates on fresh prompts (baseline there {fresh:.2f})"
+        points(conf["candidates"], name, dict(symbol="diamond-open", size=10, color="darkorange"), ", fresh prompts")
     if result.get("chosen"):
         c = result["chosen"]
+        v = c.get("validation", c["values"])  # drawn among the trials: its validation numbers
         fig.add_trace(
             go.Scatter(
-                x=[c["values"]["kl"]],
-                y=[c["values"]["compliance"]],
+                x=[v["kl"]],
+                y=[v["compliance"]],
                 mode="markers",
-                name=f"chosen: {c['label']}",
+                name=f"chosen: {c['label']}" + (" (validation)" if "validation" in c else ""),
                 marker=dict(symbol="star", size=16, color="crimson"),
             )
         )

@@ -13,6 +13,8 @@ log-scaled / integer spaces, and its SQLite storage (``study.db``) makes a stopp
 The sampler of trial n is seeded from ``(seed, n)``, so a search stopped after n trials and resumed
 proposes what an uninterrupted one would. Discovery statistics, pruning effects and baseline
 log-probabilities are computed once (and saved); a trial costs only its own forward passes.
+With ``Rule(confirm_top=k)`` the rule's first k points are measured again on fresh prompts and the
+choice is made on those (:mod:`cna_lens.confirm`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attribute import Attribution, attribute_multi
+from .confirm import ConfirmData, confirm
 from .datasets import SearchData
 from .evaluate import final_logprobs, kl_divergence, refusal_score, refusal_token_ids
 from .hooks import HookedModel
@@ -86,6 +89,7 @@ class Search:
         reference_fractions: Sequence[float] = REFERENCE_FRACTIONS,
         caa_alphas: Sequence[float] = CAA_ALPHAS,
         dtype: str = "",
+        confirm_data: ConfirmData | None = None,
     ):
         if objective not in OBJECTIVE_KINDS:
             raise ValueError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVE_KINDS)}")
@@ -106,6 +110,9 @@ class Search:
         space, rule = space or SearchSpace(), rule or Rule()
         if not isinstance(space, SearchSpace) or not isinstance(rule, Rule) or not isinstance(data, SearchData):
             raise TypeError("space, rule and data must be a SearchSpace, a Rule and a SearchData")
+        if rule.confirm_top and not isinstance(confirm_data, ConfirmData):
+            raise ValueError(f"rule.confirm_top={rule.confirm_top} needs confirm_data (a ConfirmData of fresh prompts)")
+        self.confirm_data = confirm_data
         self.data, self.space, self.rule, self.seed = data, space, rule, seed
         self.objective, self.max_new_tokens, self.batch_size = objective, max_new_tokens, batch_size
         self.generation_batch_size = generation_batch_size
@@ -172,12 +179,14 @@ class Search:
         intervention: Callable[[], Any],
         base: dict | None,
         stock: Callable[[], Any] | None = None,
+        data: SearchData | None = None,
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """The three objectives (and diagnostics) with ``intervention()`` (TransformerLens hooks) active,
         and the log-probabilities per set; ``base`` = the baseline's log-probabilities (None: this is the
         baseline). The judged generations run under ``stock()``, the same intervention in its stock-engine
-        form (a weight edit), as evaluation generates; None: under ``intervention()`` (TL's generate)."""
-        d, bs = self.data, self.batch_size
+        form (a weight edit), as evaluation generates; None: under ``intervention()`` (TL's generate).
+        ``data``: other prompts than the search's (the confirmation's)."""
+        d, bs = data or self.data, self.batch_size
         t0 = time.perf_counter()
         with intervention():
             lp = {
@@ -188,7 +197,7 @@ class Search:
         texts = None
         if self.judge_fn is not None:
             with (stock or intervention)():
-                texts = self.generate(model)
+                texts = self.generate(model, list(d.harmful))
         ids = refusal_token_ids(model.tokenizer)
         s = {k: refusal_score(v, ids) for k, v in lp.items()}
         kl = torch.zeros(len(d.harmless)) if base is None else kl_divergence(base["harmless"], lp["harmless"])
@@ -211,10 +220,9 @@ class Search:
         out["seconds"] = time.perf_counter() - t0
         return out, lp
 
-    def generate(self, model: HookedModel) -> list[str]:
+    def generate(self, model: HookedModel, prompts: list[str]) -> list[str]:
         from .generation import generate
 
-        prompts = list(self.data.harmful)
         return generate(model, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.generation_batch_size)
 
     def resid(self, model: HookedModel, progress: bool) -> Attribution:
@@ -295,7 +303,10 @@ class Search:
                 bar.set_postfix_str(", ".join(f"{k}={v:.3g}" for k, v in res["values"].items()))
                 self.write(study, baseline, refs, attr, effects)  # a stopped search leaves its trials readable
         refs = reference_curves(self, model, attr, caa, base_lp, progress)  # after the trials: they come first
-        return self.write(study, baseline, refs, attr, effects)
+        conf = None
+        if self.rule.confirm_top:
+            conf = confirm(self, model, self.rows(study), baseline, attr, effects, progress)
+        return self.write(study, baseline, refs, attr, effects, conf)
 
     def baseline(self, model: HookedModel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """The unmodified model's measurement and harmless-prompt log-probabilities (for KL), saved."""
@@ -308,19 +319,27 @@ class Search:
         atomic_write(path, lambda tmp: save_file({"harmless": lp["harmless"].contiguous()}, tmp))
         return baseline, {"harmless": lp["harmless"]}
 
-    def write(self, study: Any, baseline: dict, refs: dict, attr: Attribution, effects: Any) -> dict[str, Any]:
-        """``pareto.json`` (every complete trial, 3-objective and compliance × KL front flags), the
-        chosen point's ``selection.json`` and its ``neurons.json`` (scale them by the selection's scale)."""
+    @staticmethod
+    def rows(study: Any) -> list[dict[str, Any]]:
+        """One row per complete trial: ``number``, ``values`` (objective → value), user attributes, ``params``."""
         import optuna
 
-        rows = [
+        return [
             {"number": t.number, "values": dict(zip(OBJECTIVES, t.values)), **t.user_attrs, "params": t.params}
             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         ]
+
+    def write(
+        self, study: Any, baseline: dict, refs: dict, attr: Attribution, effects: Any, conf: dict | None = None
+    ) -> dict[str, Any]:
+        """``pareto.json`` (every complete trial, 3-objective and compliance × KL front flags), the
+        chosen point's ``selection.json`` and its ``neurons.json`` (scale them by the selection's scale);
+        ``conf``: the confirmation's measurements, when the rule asks for them."""
+        rows = self.rows(study)
         timings = self.out / "timings.json"
         header = {k: self.run_dir.config[k] for k in ("model", "dtype", "seed", "objective", "data", "space")}
         header["timings"] = read_json(timings, "cna_lens.Timings")["seconds"] if timings.exists() else {}
-        result = build_result(header, rows, baseline, refs, self.rule)
+        result = build_result(header, rows, baseline, refs, self.rule, conf)
         chosen = result["chosen"]
         atomic_write_json(self.out / "pareto.json", result)
         if chosen is not None:
@@ -330,7 +349,8 @@ class Search:
         else:
             for f in ("selection.json", "neurons.json"):
                 (self.out / f).unlink(missing_ok=True)
-            log.warning("no trial meets the rule (%s); no selection.json written", self.rule.describe())
+            if conf is not None or not self.rule.confirm_top:  # else: chosen after the confirmation
+                log.warning("no trial meets the rule (%s); no selection.json written", self.rule.describe())
         return result
 
     def samples(self, model: HookedModel, result: dict[str, Any], n: int = 8, max_new_tokens: int = 64) -> list[dict]:
@@ -363,7 +383,11 @@ class Search:
 
 def search(model: HookedModel, out: str | Path, *, trials: int = 30, progress: bool = True, **kwargs: Any) -> dict:
     """Run (or resume) a search on an already loaded model; see :class:`Search` for the settings
-    (``data`` defaults to :meth:`SearchData.bundled`)."""
-    kwargs.setdefault("data", SearchData.bundled())
+    (``data`` defaults to :meth:`SearchData.bundled`, and then ``confirm_data``, when the rule asks for
+    it, to :meth:`ConfirmData.bundled`: the prompts after the bundled search's)."""
+    if "data" not in kwargs:
+        kwargs["data"] = SearchData.bundled()
+        if kwargs.get("rule") is not None and kwargs["rule"].confirm_top:
+            kwargs.setdefault("confirm_data", ConfirmData.bundled())
     kwargs.setdefault("dtype", str(next(model.parameters()).dtype).removeprefix("torch."))
     return Search(out, model=model_name(model), **kwargs).run(model, trials, progress)

@@ -21,7 +21,7 @@ from cna_lens.neurons import NeuronSet
 from cna_lens.pareto import load_result, pareto_mask
 from cna_lens.search import Search
 from cna_lens.search_refs import CURVES, DIRECTION_DEPTHS
-from cna_lens.selection import Selection
+from cna_lens.selection import SearchSpace, Selection
 
 from ..tolerance import fp32_atol
 
@@ -148,10 +148,18 @@ def test_cli_search_end_to_end(planted, tmp_path, capsys):
         "--sample-tokens",
         "2",
         "--no-png",
+        "--confirm",
+        "2",
+        "--confirm-harmful",
+        "3",
+        "--confirm-harmless",
+        "3",
     ]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "3 trials" in text and "chosen:" in text
+    assert "3 trials" in text and "chosen:" in text and "re-measured on fresh prompts" in text
+    conf = json.loads((out / "confirm.json").read_text())
+    assert conf["data"]["harmful"] == "harmful_train[4:7]" and conf["data"]["harmless"] == "alpaca_val[4:7]"
     res = load_result(out)
     assert res["n_trials"] == 3 and (out / "pareto.html").exists()
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
@@ -186,7 +194,7 @@ def test_judged_generation_runs_on_the_weight_edit(planted, search_data, tmp_pat
     )
     s = make(tmp_path, search_data, objective="judge", judge="regex", max_new_tokens=4, generation_batch_size=3)
     generate = s.generate
-    monkeypatch.setattr(s, "generate", lambda m: seen.append((tl_hooks_active(m), texts := generate(m))) or texts)
+    monkeypatch.setattr(s, "generate", lambda m, p: seen.append((tl_hooks_active(m), texts := generate(m, p))) or texts)
     one = NeuronSet((PLANT_LAYER,), (n,), (1.0,), model.cfg.n_layers, model.cfg.d_mlp)
     hooked, stock = neuron_forms(model, one, 0.0)
     assert stock is not None  # a TransformerBridge: its weights can be edited
@@ -198,3 +206,58 @@ def test_judged_generation_runs_on_the_weight_edit(planted, search_data, tmp_pat
     assert not base_hooks and not edit_hooks and tl_hooks
     assert edited == tl and edited != base
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_confirmation_chooses_on_fresh_prompts(planted, search_data, tmp_path):
+    """With ``Rule(confirm_top=2)`` the rule's first two validation points are measured again on fresh
+    prompts, and the pick is the rule's on those numbers; the fresh measurement equals a search whose
+    own validation prompts are the fresh ones; a rerun reads them back; other prompts are refused."""
+    from dataclasses import replace
+
+    from cna_lens.confirm import ConfirmData
+    from cna_lens.pareto import Rule
+
+    model, _, _ = planted
+    fresh = ConfirmData(search_data.harmless[:3], search_data.harmful[1:4], {"set": "fresh"})
+    kw = dict(seed=1, rule=Rule(confirm_top=2), space=SearchSpace(prune=(False,)))  # no trial without neurons
+    res = run(model, tmp_path / "s", 5, search_data, **kw, confirm_data=fresh)
+    conf = json.loads((tmp_path / "s" / "confirm.json").read_text())
+    plain = load_result(tmp_path / "s")["trials"]
+    cands = Rule().rank(plain, res["baseline"]["values"])[:2]
+    assert all(c["n_neurons"] > 0 for c in cands)
+    assert [c["number"] for c in res["confirmation"]["candidates"]] == [c["number"] for c in cands]
+    assert set(conf["trials"]) == {str(c["number"]) for c in cands}
+    again = [{**c, "values": conf["trials"][str(c["number"])]["values"]} for c in cands]
+    pick = Rule().choose(again, conf["baseline"]["values"])
+    assert res["chosen"]["number"] == pick["number"] and res["chosen"]["values"] == pick["values"]
+    assert res["chosen"]["validation"] == next(t for t in plain if t["number"] == pick["number"])["values"]
+    assert Selection.load(tmp_path / "s" / "selection.json").to_dict() == res["chosen"]["selection"]
+    fig = plot.pareto_front(res)
+    star = next(t for t in fig.data if t.name.startswith("chosen"))
+    assert (star.x[0], star.y[0]) == (res["chosen"]["validation"]["kl"], res["chosen"]["validation"]["compliance"])
+    diamonds = next(t for t in fig.data if t.name.startswith("candidates on fresh prompts"))
+    assert list(diamonds.y) == [c["values"]["compliance"] for c in res["confirmation"]["candidates"]]
+    # independent path: a search whose validation prompts are the fresh ones measures the same numbers
+    other = make(tmp_path / "o", replace(search_data, harmful=fresh.harmful, harmless=fresh.harmless))
+    base, _ = other.measure(model, contextlib.nullcontext, None)
+    assert base["values"] == conf["baseline"]["values"]
+    # a rerun reads the measurements back (a marker survives) instead of re-measuring
+    conf["trials"][str(pick["number"])]["mean_refusal_score"] = 123.0
+    (tmp_path / "s" / "confirm.json").write_text(json.dumps(conf))
+    run(model, tmp_path / "s", 5, search_data, **kw, confirm_data=fresh)
+    assert (
+        json.loads((tmp_path / "s" / "confirm.json").read_text())["trials"][str(pick["number"])]["mean_refusal_score"]
+        == 123.0
+    )
+    # resumed with a candidate missing: it is measured again against the recomputed baseline pass, as before
+    other_number = next(c for c in cands if c["number"] != pick["number"])["number"]
+    before = conf["trials"].pop(str(other_number))
+    (tmp_path / "s" / "confirm.json").write_text(json.dumps(conf))
+    run(model, tmp_path / "s", 5, search_data, **kw, confirm_data=fresh)
+    after = json.loads((tmp_path / "s" / "confirm.json").read_text())["trials"][str(other_number)]
+    assert after["values"] == before["values"] and before["values"]["kl"] > 0  # KL: against the baseline pass
+    moved = ConfirmData(search_data.harmless[1:4], search_data.harmful[1:4])
+    with pytest.raises(ValueError, match="other prompts"):
+        run(model, tmp_path / "s", 5, search_data, **kw, confirm_data=moved)
+    with pytest.raises(ValueError, match="confirm_data"):
+        make(tmp_path / "s", search_data, rule=Rule(confirm_top=2))

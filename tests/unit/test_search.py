@@ -8,7 +8,7 @@ import pytest
 
 from cna_lens.cli import main
 from cna_lens.evaluate import refusal_score, refusal_token_ids
-from cna_lens.pareto import Rule, build_result, pareto_mask
+from cna_lens.pareto import Rule, build_result, pareto_mask, summary
 from cna_lens.runs import exclusive
 from cna_lens.search import Search, SearchData, SearchSpace
 from cna_lens.selection import Selection
@@ -50,6 +50,7 @@ def row(number, compliance, kl, over, n=10):
         "values": {"compliance": compliance, "kl": kl, "over_refusal": over},
         "n_neurons": n,
         "selection": sel,
+        "seconds": 1.0,
     }
 
 
@@ -68,6 +69,50 @@ def test_rule_and_result():
     for bad in (-0.1, float("inf"), "0.3"):
         with pytest.raises(ValueError, match="kl_cap"):
             Rule(bad)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="confirm_top"):
+            Rule(confirm_top=bad)
+
+
+def test_rule_with_confirmation():
+    """``confirm_top = 2``: the first two rows in the rule's order are the candidates; the pick is the
+    rule's on their fresh numbers (here the validation runner-up), and none before both are measured."""
+    rows = [row(0, 0.9, 0.5, 0.0), row(1, 0.7, 0.2, 0.0), row(2, 0.8, 0.1, 0.0), row(3, 0.95, 0.25, 0.0)]
+    base = {"values": {"compliance": 0.1, "kl": 0.0, "over_refusal": 0.0}}
+    rule = Rule(0.3, confirm_top=2)
+    assert [r["number"] for r in rule.candidates(rows, base["values"])] == [3, 2]
+    fresh = {
+        "3": {"values": {"compliance": 0.5, "kl": 0.2, "over_refusal": 0.0}},
+        "2": {"values": {"compliance": 0.6, "kl": 0.1, "over_refusal": 0.0}},
+    }
+    conf = {"data": {"harmful": "h"}, "baseline": {"values": {"compliance": 0.2, "kl": 0.0, "over_refusal": 0.0}}}
+    res = build_result({"model": "m"}, [dict(r) for r in rows], base, {}, rule, {**conf, "trials": fresh})
+    assert res["chosen"]["number"] == 2 and res["chosen"]["values"]["compliance"] == 0.6
+    assert res["chosen"]["validation"]["compliance"] == 0.8
+    assert [c["number"] for c in res["confirmation"]["candidates"]] == [3, 2]
+    text = summary(res)
+    assert "re-measured on fresh prompts" in text and "chosen: trial 2" in text
+    part = {**conf, "trials": {"3": fresh["3"]}}
+    res = build_result({"model": "m"}, [dict(r) for r in rows], base, {}, rule, part)
+    assert res["chosen"] is None and res["confirmation"] is None
+    # on fresh prompts candidate 2 over-refuses: the caps apply to the fresh numbers too
+    fresh["2"]["values"]["over_refusal"] = 0.5
+    res = build_result({"model": "m"}, [dict(r) for r in rows], base, {}, rule, {**conf, "trials": fresh})
+    assert res["chosen"]["number"] == 3
+
+
+def test_confirm_data_bundled():
+    from cna_lens.confirm import ConfirmData
+    from cna_lens.datasets import load_prompts
+
+    d = ConfirmData.bundled(5, 6, skip_harmful=32, skip_harmless=10)
+    assert d.harmful == tuple(load_prompts("harmful_train")[32:37])
+    assert d.harmless == tuple(load_prompts("alpaca_val")[10:16])
+    assert d.names == {"harmful": "harmful_train[32:37]", "harmless": "alpaca_val[10:16]"}
+    with pytest.raises(ValueError, match="harmful_train"):
+        ConfirmData.bundled(300)
+    with pytest.raises(ValueError, match="harmless"):
+        ConfirmData(("a",), ())
 
 
 def test_measure_objectives(planted, search_data, tmp_path):
@@ -152,6 +197,9 @@ def test_cli_checks_before_loading(tmp_path, capsys):
         (["--rankings", "abs,size"], "rankings"),
         (["--kl-cap", "-1"], "kl_cap"),
         (["--benign", "nope"], "unknown dataset"),
+        (["--confirm", "-1"], "--confirm"),
+        (["--confirm", "2", "--confirm-harmful", "300"], "harmful_train[32:332]"),
+        (["--confirm", "2", "--n-harmless", "200", "--confirm-harmless", "64"], "alpaca_val[200:264]"),
     ):
         assert main(["search", "--model", str(model_dir), "--out", str(tmp_path / "o"), *args]) == 2
         assert match in capsys.readouterr().err

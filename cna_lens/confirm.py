@@ -1,0 +1,121 @@
+"""Re-measure a search's best candidates on fresh prompts before choosing one (``Rule.confirm_top``).
+
+A search scores n trials on the same m validation prompts and keeps the best. Each score is a share
+of m prompts with sampling error ≈ √(p(1−p)/m) (±0.09 at m = 32, p = 0.7), so the maximum of n of
+them is biased upward: the winner's curse. Here the rule's first k candidates on validation are
+measured again, with the same objectives, on prompts no trial, discovery or pruning saw
+(``harmful_train`` after the pruning prompts, ``alpaca_val`` after the KL prompts), and the rule
+chooses among them on those numbers alone.
+
+The measurements are kept in ``confirm.json`` (one per trial number, written as each finishes, so a
+stopped confirmation resumes; the fresh baseline's next-token log-probabilities, 64 × vocabulary
+floats, are recomputed on resume rather than stored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from .datasets import load_prompts
+from .evaluate import final_logprobs
+from .runs import atomic_write_json, read_json
+from .search_refs import neuron_forms
+from .selection import Selection
+
+if TYPE_CHECKING:
+    from .attribute import Attribution
+    from .hooks import HookedModel
+    from .search import Search
+
+FORMAT_VERSION = 1
+KIND = "cna_lens.SearchConfirmation"
+
+
+@dataclass(frozen=True)
+class ConfirmData:
+    """Fresh prompts for the confirmation: compliance on ``harmful``, KL and over-refusal on ``harmless``."""
+
+    harmful: tuple[str, ...]
+    harmless: tuple[str, ...]
+    names: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for f in ("harmful", "harmless"):
+            v = getattr(self, f)
+            if isinstance(v, str) or not v or not all(isinstance(p, str) and p.strip() for p in v):
+                raise ValueError(f"ConfirmData.{f} must be a non-empty list of non-empty prompt strings")
+            object.__setattr__(self, f, tuple(v))
+
+    @classmethod
+    def bundled(cls, n_harmful: int = 64, n_harmless: int = 64, skip_harmful: int = 32, skip_harmless: int = 32):
+        """``harmful_train[skip_harmful : skip_harmful + n_harmful]`` (the search's pruning prompts are
+        ``harmful_train[:skip_harmful]``) and ``alpaca_val[skip_harmless : skip_harmless + n_harmless]``."""
+        sets = {}
+        for name, key, skip, n in (
+            ("harmful_train", "harmful", skip_harmful, n_harmful),
+            ("alpaca_val", "harmless", skip_harmless, n_harmless),
+        ):
+            prompts = load_prompts(name)
+            if n < 1 or skip < 0 or skip + n > len(prompts):
+                raise ValueError(
+                    f"confirmation needs {name}[{skip}:{skip + n}], but {name} has {len(prompts)} prompts "
+                    f"(at most {len(prompts) - skip} after the {skip} the search uses)"
+                )
+            sets[key] = (tuple(prompts[skip : skip + n]), f"{name}[{skip}:{skip + n}]")
+        names = {k: v[1] for k, v in sets.items()}
+        return cls(sets["harmful"][0], sets["harmless"][0], names)
+
+    def digest(self) -> str:
+        h = hashlib.sha256(f"harmful\0{list(self.harmful)!r}\0harmless\0{list(self.harmless)!r}".encode())
+        return h.hexdigest()[:16]
+
+
+def confirm(
+    search: Search,
+    model: HookedModel,
+    rows: list[dict[str, Any]],
+    baseline: dict[str, Any],
+    attr: Attribution,
+    effects: Any,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure the baseline and ``search.rule``'s candidates among ``rows`` (complete trials, with their
+    validation ``values``) on ``search.confirm_data``; return ``confirm.json``'s object (read back
+    when already measured). A ``confirm.json`` of other prompts is refused, not mixed."""
+    data = search.confirm_data
+    path = search.out / "confirm.json"
+    header = {"kind": KIND, "format_version": FORMAT_VERSION, "data": {**data.names, "digest": data.digest()}}
+    stored = read_json(path, KIND, FORMAT_VERSION) if path.exists() else None
+    if stored is not None and stored["data"]["digest"] != header["data"]["digest"]:
+        raise ValueError(
+            f"{path} holds measurements on other prompts ({stored['data']}); "
+            f"delete it to re-measure on {header['data']}"
+        )
+    conf = stored or {**header, "baseline": None, "trials": {}}
+    fresh = replace(search.data, harmful=data.harmful, harmless=data.harmless, benign=None)
+    base = None
+    if conf["baseline"] is None:
+        with search.run_dir.timed("confirm"):
+            conf["baseline"], lp = search.measure(model, contextlib.nullcontext, None, data=fresh)
+        base = {"harmless": lp["harmless"]}
+        atomic_write_json(path, conf)
+    todo = [r for r in search.rule.candidates(rows, baseline["values"]) if str(r["number"]) not in conf["trials"]]
+    if todo and base is None:  # resumed: the baseline's log-probabilities again, the same pass (not stored: large)
+        base = {"harmless": final_logprobs(model, list(data.harmless), batch_size=search.batch_size)}
+    for r in tqdm(todo, desc="confirm", disable=not progress):
+        sel = Selection.from_dict(r["selection"])
+        neurons = sel.neurons(attr, effects)
+        if len(neurons):
+            hooked, stock = neuron_forms(model, neurons, sel.scale)
+            with search.run_dir.timed("confirm"):
+                res = search.measure(model, hooked, base, stock, data=fresh)[0]
+        else:  # pruning left nothing: the fresh baseline
+            res = dict(conf["baseline"])
+        conf["trials"][str(r["number"])] = res
+        atomic_write_json(path, conf)  # a stopped confirmation keeps what it measured
+    return conf

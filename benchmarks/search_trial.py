@@ -1,7 +1,8 @@
 """One judged search trial, its generation in three forms, side by side in one process.
 
 The judged objective generates greedy answers to the search's ``harmful`` validation prompts under the
-trial's selection. This times that generation, for the selection in ``SEARCH/selection.json``:
+trial's selection. This times that generation, for the search's chosen selection (``SEARCH/selection.json``)
+or, with ``--trial N``, for trial N's:
 
 * ``hooks16``: under TransformerLens hooks (``cna_lens.ablate``), so through TL's ``generate``,
   batch 16;
@@ -12,7 +13,7 @@ and the first-token scores every trial also computes (TL hooks, ``harmful`` + ``
 form's texts are judged three-way; the report gives wall time, judged compliance and how many texts
 equal the hook form's (in bf16 the two forms round differently: ``a·s`` against ``W·s``).
 
-python benchmarks/search_trial.py --search results/search-qwen2.5-coder-1.5b-instruct-judge --out DIR
+python benchmarks/search_trial.py --search results/search-qwen2.5-coder-1.5b-instruct-judge --trial 54 --out DIR
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 import cna_lens
+from cna_lens.attribute import Attribution
 from cna_lens.datasets import SearchData
 from cna_lens.evaluate import final_logprobs
 from cna_lens.generation import generate
 from cna_lens.judge import judge_completions
+from cna_lens.pareto import load_result
 from cna_lens.runs import atomic_write_json
 from cna_lens.selection import Selection
 
@@ -39,6 +43,7 @@ def main() -> None:
     ap.add_argument(
         "--search", required=True, help="a judged search directory (config.json, selection.json, neurons.json)"
     )
+    ap.add_argument("--trial", type=int, default=None, help="this trial's selection (default: the chosen one)")
     ap.add_argument("--forms", default="edit32,hooks16,edit16", help="order in which the forms run")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -48,9 +53,20 @@ def main() -> None:
         raise SystemExit(f"{src} is not a judged search (objective {cfg.get('objective')!r})")
     n_h, n_a = (int(cfg["data"][k].split(":")[1].rstrip("]")) for k in ("harmful", "harmless"))
     data = SearchData.bundled(n_h, n_a)
+    if args.trial is None:
+        sel = Selection.load(src / "selection.json")
+        neurons = cna_lens.NeuronSet.load(src / "neurons.json")  # the chosen selection's, as the search saved them
+    else:
+        row = next((t for t in load_result(src)["trials"] if t["number"] == args.trial), None)
+        if row is None:
+            raise SystemExit(f"{src} has no complete trial {args.trial}")
+        sel = Selection.from_dict(row["selection"])
+        effects = src / "effects.safetensors"
+        delta = load_file(str(effects))["delta"] if effects.exists() else None
+        neurons = sel.neurons(Attribution.load(src / "attribution"), delta)  # as the search computed them
+        if len(neurons) != row["n_neurons"]:
+            raise SystemExit(f"trial {args.trial}: {len(neurons)} neurons, but the search measured {row['n_neurons']}")
     model = cna_lens.load_model(cfg["model"], dtype=getattr(torch, cfg["dtype"]))
-    sel = Selection.load(src / "selection.json")
-    neurons = cna_lens.NeuronSet.load(src / "neurons.json")  # the chosen selection's, as the search saved them
     prompts, tokens = list(data.harmful), int(cfg["max_new_tokens"])
     forms = {
         "hooks16": (partial(cna_lens.ablate, model, neurons, sel.scale), 16),
@@ -84,6 +100,7 @@ def main() -> None:
             "kind": "cna_lens.SearchTrialBenchmark",
             "model": cfg["model"],
             "dtype": cfg["dtype"],
+            "trial": args.trial if args.trial is not None else load_result(src)["chosen"]["number"],
             "selection": sel.to_dict(),
             "n_neurons": len(neurons),
             "prompts": len(prompts),

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         attr = attribute_distributed(
             model, load_prompts(args.positive), load_prompts(args.negative), batch_size=args.batch_size
         )
+        dist.barrier()  # every rank's collectives are done before any rank tears its connections down
         if dist.get_rank() == 0:
             attr.save(args.out)
     finally:

@@ -46,6 +46,7 @@ def _worker(rank, world, init_file, model_dir, out):
         texts = generate_distributed(
             model, _jobs(model), max_new_tokens=8, batch_size=3, progress=False, on_done=lambda *a: seen.append(a)
         )
+        dist.barrier()  # every rank's gloo work is done before any rank tears its connections down
         with open(f"{out}/gen{rank}.json", "w") as f:
             json.dump({"texts": texts, "seen": seen}, f)
     finally:

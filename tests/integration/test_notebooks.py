@@ -27,12 +27,18 @@ PARAMS = {
     "MODEL_B = None\nPERTURB = 0.5\nFRACTION = 0.001\nN_EVAL = 3\n"
     'CROSS_SIZE = ["results/foundation-qwen2.5-coder-1.5b-instruct/attribution", '
     '"results/reproduce-qwen2.5-coder-0.5b-instruct/attribution"]',
+    "04_selection_search.ipynb": f'MODEL = "{ALIAS}"\nDTYPE = "auto"\nSEARCH = None\n'
+    'TRIALS = 3\nCONFIRM = 2\nN_EVAL = 2\nMAX_NEW_TOKENS = 8\nJUDGE = "regex"',
 }
 #: What each notebook leaves behind: files under its runs directory, and text in its outputs.
 EVIDENCE = {
     "01_quickstart.ipynb": (["edited/cna_lens_edit.json", "edited/model.safetensors"], ["refusals: baseline"]),
     "02_circuit_maps.ipynb": ([f"{ALIAS}/layer_map", f"{ALIAS}/neuron_effects.json"], ["baseline mean refusal"]),
     "03_base_vs_instruct.ipynb": ([], ["Jaccard of top-k", "A set in B: refusal log-odds"]),
+    "04_selection_search.ipynb": (
+        [f"{ALIAS}/search/pareto.json", f"{ALIAS}/search/confirm.json", f"{ALIAS}/search/selection.json"],
+        ["re-measured on fresh prompts", "judged comply: baseline"],
+    ),
 }
 #: The names under which the notebooks look for a saved discovery of the model (``cached_attribution``).
 ATTRIBUTION_NAMES = (ALIAS, "A-" + ALIAS)

@@ -1,7 +1,7 @@
 """Re-measure a search's best candidates on fresh prompts before choosing one (``Rule.confirm_top``).
 
 A search scores n trials on the same m validation prompts and keeps the best. Each score is a share
-of m prompts with sampling error ≈ √(p(1−p)/m) (±0.09 at m = 32, p = 0.7), so the maximum of n of
+of m prompts with sampling error ≈ √(p(1−p)/m) (±0.08 at m = 32, p = 0.7), so the maximum of n of
 them is biased upward: the winner's curse. Here the rule's first k candidates on validation are
 measured again, with the same objectives, on prompts no trial, discovery or pruning saw
 (``harmful_train`` after the pruning prompts, ``alpaca_val`` after the KL prompts), and the rule

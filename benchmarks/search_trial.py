@@ -53,11 +53,12 @@ def main() -> None:
         raise SystemExit(f"{src} is not a judged search (objective {cfg.get('objective')!r})")
     n_h, n_a = (int(cfg["data"][k].split(":")[1].rstrip("]")) for k in ("harmful", "harmless"))
     data = SearchData.bundled(n_h, n_a)
+    result = load_result(src)
     if args.trial is None:
         sel = Selection.load(src / "selection.json")
         neurons = cna_lens.NeuronSet.load(src / "neurons.json")  # the chosen selection's, as the search saved them
     else:
-        row = next((t for t in load_result(src)["trials"] if t["number"] == args.trial), None)
+        row = next((t for t in result["trials"] if t["number"] == args.trial), None)
         if row is None:
             raise SystemExit(f"{src} has no complete trial {args.trial}")
         sel = Selection.from_dict(row["selection"])
@@ -100,7 +101,7 @@ def main() -> None:
             "kind": "cna_lens.SearchTrialBenchmark",
             "model": cfg["model"],
             "dtype": cfg["dtype"],
-            "trial": args.trial if args.trial is not None else load_result(src)["chosen"]["number"],
+            "trial": args.trial if args.trial is not None else result["chosen"]["number"],
             "selection": sel.to_dict(),
             "n_neurons": len(neurons),
             "prompts": len(prompts),

@@ -366,10 +366,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from .confirm import ConfirmData
     from .models import resolve_dtype
     from .pareto import Rule, summary
     from .plot import pareto_front, save_figure
-    from .search import ConfirmData, Search, SearchData, SearchSpace
+    from .search import Search, SearchData, SearchSpace
 
     if args.trials < 1 or args.samples < 0 or args.confirm < 0:
         raise ValueError(

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .datasets import load_prompts
 from .evaluate import final_logprobs
 from .runs import atomic_write_json, read_json
-from .search_refs import neuron_forms
+from .search_refs import measure_neurons
 from .selection import Selection
 
 if TYPE_CHECKING:
@@ -110,12 +110,7 @@ def confirm(
     for r in tqdm(todo, desc="confirm", disable=not progress):
         sel = Selection.from_dict(r["selection"])
         neurons = sel.neurons(attr, effects)
-        if len(neurons):
-            hooked, stock = neuron_forms(model, neurons, sel.scale)
-            with search.run_dir.timed("confirm"):
-                res = search.measure(model, hooked, base, stock, data=fresh)[0]
-        else:  # pruning left nothing: the fresh baseline
-            res = dict(conf["baseline"])
+        res = measure_neurons(search, model, neurons, sel.scale, conf["baseline"], base, "confirm", fresh)
         conf["trials"][str(r["number"])] = res
         atomic_write_json(path, conf)  # a stopped confirmation keeps what it measured
     return conf

@@ -102,6 +102,10 @@ class Rule:
         return {**asdict(self), "text": self.describe()}
 
 
+#: What ``pareto.json`` keeps of each re-measured candidate (``values``: fresh prompts).
+CANDIDATE_KEYS = ("number", "label", "n_neurons", "validation", "values", "judged", "first_token_compliance")
+
+
 def build_result(
     header: Mapping[str, Any],
     rows: list[dict[str, Any]],
@@ -129,11 +133,7 @@ def build_result(
             confirmed = {
                 "data": confirmation["data"],
                 "baseline": confirmation["baseline"],
-                "candidates": [
-                    {k: r[k] for k in ("number", "label", "n_neurons", "validation", "values") if k in r}
-                    | {k: r[k] for k in ("judged", "first_token_compliance") if k in r}
-                    for r in again
-                ],
+                "candidates": [{k: r[k] for k in CANDIDATE_KEYS if k in r} for r in again],
             }
             chosen = rule.choose(again, confirmation["baseline"]["values"])
         else:

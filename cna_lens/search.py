@@ -45,7 +45,7 @@ from .models import model_name
 from .neurons import NeuronSet
 from .pareto import OBJECTIVES, Rule, build_result
 from .runs import RunDir, atomic_write, atomic_write_json, exclusive, read_json
-from .search_refs import CAA_ALPHAS, REFERENCE_FRACTIONS, neuron_forms, reference_curves
+from .search_refs import CAA_ALPHAS, REFERENCE_FRACTIONS, measure_neurons, neuron_forms, reference_curves
 from .selection import SearchSpace, Selection, estimate_effects
 
 log = logging.getLogger(__name__)
@@ -285,12 +285,7 @@ class Search:
                 try:
                     sel = self.space.suggest(trial, attr.n_layers)
                     neurons = sel.neurons(attr, effects)
-                    if len(neurons):
-                        with self.run_dir.timed("trials"):
-                            hooked, stock = neuron_forms(model, neurons, sel.scale)
-                            res = self.measure(model, hooked, base_lp, stock)[0]
-                    else:  # pruning left nothing: the baseline model, already measured
-                        res = {**baseline, "seconds": 0.0}
+                    res = measure_neurons(self, model, neurons, sel.scale, baseline, base_lp, "trials")
                 except BaseException:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     raise

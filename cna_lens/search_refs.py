@@ -30,6 +30,7 @@ from .runs import atomic_write_json, read_json
 from .selection import Selection
 
 if TYPE_CHECKING:
+    from .datasets import SearchData
     from .search import Search
 
 REFERENCE_FRACTIONS = (0.0005, 0.001, 0.003, 0.01)
@@ -47,6 +48,25 @@ def neuron_forms(model: HookedModel, neurons: NeuronSet, scale: float = 0.0) -> 
     return partial(ablate, model, neurons, scale), partial(edit_weights, model, neurons, scale) if is_bridge(
         model
     ) else None
+
+
+def measure_neurons(
+    search: Search,
+    model: HookedModel,
+    neurons: NeuronSet,
+    scale: float,
+    baseline: dict[str, Any],
+    base: dict,
+    stage: str,
+    data: SearchData | None = None,
+) -> dict[str, Any]:
+    """:meth:`Search.measure` with ``neurons`` scaled by ``scale`` (:func:`neuron_forms`), timed as
+    ``stage``; no neurons (pruning left none) is the unmodified model: the measured ``baseline``, 0 s."""
+    if not len(neurons):
+        return {**baseline, "seconds": 0.0}
+    with search.run_dir.timed(stage):
+        hooked, stock = neuron_forms(model, neurons, scale)
+        return search.measure(model, hooked, base, stock, data)[0]
 
 
 def direction_layers(n_layers: int) -> list[int]:

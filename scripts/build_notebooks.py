@@ -172,9 +172,10 @@ NOTEBOOKS = {
             "    g = torch.Generator().manual_seed(0)\n    with torch.no_grad():\n        for layer in hf.model.layers:\n"
             "            for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):\n"
             "                lin.weight += PERTURB * lin.weight.std() * torch.randn(lin.weight.shape, generator=g)\n"
-            "    MODEL_B = tempfile.mkdtemp(prefix='perturbed-')\n    hf.save_pretrained(MODEL_B)\n"
-            "    AutoTokenizer.from_pretrained(src).save_pretrained(MODEL_B)\n    del hf\n"
-            "model_b = cna_lens.load_model(MODEL_B, dtype=DTYPE)\nattr_a = cached_attribution(model_a, 'A-' + Path(MODEL_A).name)\n"
+            "    with tempfile.TemporaryDirectory(prefix='perturbed-') as tmp:  # loaded into memory, then deleted\n"
+            "        hf.save_pretrained(tmp)\n        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)\n        del hf\n"
+            "        model_b = cna_lens.load_model(tmp, dtype=DTYPE)\nelse:\n    model_b = cna_lens.load_model(MODEL_B, dtype=DTYPE)\n"
+            "attr_a = cached_attribution(model_a, 'A-' + Path(MODEL_A).name)\n"
             "attr_b = cna_lens.attribute(model_b, load_prompts('discovery_harmful'), load_prompts('discovery_harmless'))",
         ),
         (

@@ -7,8 +7,27 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+#: Free space the suite needs in the temporary directory: its largest moment is about 0.5 GB
+#: (exported SmolLM2 copies under tmp_path); twice that, so that a nearly full disk fails here, once,
+#: instead of as I/O errors inside unrelated tests.
+MIN_FREE_BYTES = 1 << 30
+
+
+def pytest_sessionstart(session):
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    if free < MIN_FREE_BYTES:
+        pytest.exit(
+            f"{free / 2**30:.2f} GiB free in {tempfile.gettempdir()}; the tests need {MIN_FREE_BYTES / 2**30:.0f} GiB "
+            "(set TMPDIR to a roomier directory, or free space)",
+            returncode=1,
+        )
+
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

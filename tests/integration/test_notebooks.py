@@ -66,7 +66,11 @@ def test_notebook_executes(name, seeded_runs, tmp_path, monkeypatch):
     first_code.source = PARAMS[name]
     monkeypatch.setenv("CNA_LENS_RUNS", str(runs))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    scratch = tmp_path / "tmpdir"  # the kernel's temporary directory: a notebook must clean up after itself
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    assert not list(scratch.iterdir()), "the notebook left files in the temporary directory"
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     files, texts = EVIDENCE[name]

@@ -25,7 +25,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 import cna_lens
 from cna_lens.attribute import Attribution
@@ -35,6 +34,7 @@ from cna_lens.generation import generate
 from cna_lens.judge import judge_completions
 from cna_lens.pareto import load_result
 from cna_lens.runs import atomic_write_json
+from cna_lens.search import saved_effects
 from cna_lens.selection import Selection
 
 
@@ -62,9 +62,7 @@ def main() -> None:
         if row is None:
             raise SystemExit(f"{src} has no complete trial {args.trial}")
         sel = Selection.from_dict(row["selection"])
-        effects = src / "effects.safetensors"
-        delta = load_file(str(effects))["delta"] if effects.exists() else None
-        neurons = sel.neurons(Attribution.load(src / "attribution"), delta)  # as the search computed them
+        neurons = sel.neurons(Attribution.load(src / "attribution"), saved_effects(src))  # as the search computed them
         if len(neurons) != row["n_neurons"]:
             raise SystemExit(f"trial {args.trial}: {len(neurons)} neurons, but the search measured {row['n_neurons']}")
     model = cna_lens.load_model(cfg["model"], dtype=getattr(torch, cfg["dtype"]))

@@ -164,12 +164,11 @@ class Search:
         """Per-neuron Δ refusal score for pruning (:func:`estimate_effects` on ``data.effects``), saved."""
         if True not in self.space.prune:
             return None
-        path = self.out / "effects.safetensors"
-        if path.exists():
-            return load_file(str(path))["delta"]
+        if (saved := saved_effects(self.out)) is not None:
+            return saved
         with self.run_dir.timed("effects"):
             delta = estimate_effects(model, self.data.effects, batch_size=self.batch_size, progress=progress)
-        atomic_write(path, lambda tmp: save_file({"delta": delta.contiguous()}, tmp))
+        atomic_write(self.out / EFFECTS_FILE, lambda tmp: save_file({"delta": delta.contiguous()}, tmp))
         return delta
 
     # ------------------------------------------------------------------ one measurement
@@ -374,6 +373,16 @@ class Search:
                     ]
                 )
         return [r for r in self.run_dir.rows if r["condition"] in conditions]
+
+
+#: the per-neuron pruning effects (Δ refusal score) a search saves, under the key "delta"
+EFFECTS_FILE = "effects.safetensors"
+
+
+def saved_effects(out: str | Path) -> torch.Tensor | None:
+    """The pruning effects saved in search directory ``out`` (None: it has none, e.g. no pruning)."""
+    path = Path(out) / EFFECTS_FILE
+    return load_file(str(path))["delta"] if path.exists() else None
 
 
 def search(model: HookedModel, out: str | Path, *, trials: int = 30, progress: bool = True, **kwargs: Any) -> dict:

@@ -6,12 +6,19 @@ Data (``cna_lens/data``, see SOURCES.md):
   scored against the final label, against each annotator, and on the agreed subset.
 * JBB hand labels (``jbb_labels.jsonl``): completions of this project's runs labelled by reading
   (``jbb_labels_guide.md``).
+* Held-out JBB hand labels (``jbb_labels_heldout.jsonl``): completions of conditions the judge never
+  trained on, shuffled together and read blind to condition and judge by two readers
+  (``annotation_1`` / ``annotation_2``); a third reading decides where they differ (``label``).
 
 Validation:
 * XSTest held out by model: train on the other 4 models (+ all JBB labels), test on the 5th.
 * JBB: (a) a head trained on XSTest only; (b) 5 folds grouped by JBB behaviour (prompt id mod 5,
   so a behaviour never sits on both sides across conditions), training on all XSTest + the other
   JBB folds. Per (model, condition): the judge's refuse/comply/evade rates against the labels.
+* Held-out conditions: the shipped head (trained on all of the above), a head retrained in 5 folds by
+  behaviour with the other held-out folds added, and the regex, against the final labels; the two
+  readers against each other (the human ceiling); per condition the hand-label rates (Wilson 95 %
+  CIs) and, for conditions on the same prompts, an exact McNemar test of compliance.
 * The regex judge is scored on the same items (it needs no training).
 """
 
@@ -23,6 +30,7 @@ import logging
 from collections.abc import Sequence
 from functools import cache
 from importlib.resources import files
+from itertools import combinations
 from typing import Any
 
 import torch
@@ -37,14 +45,17 @@ from .judge_head import (
     LABELS,
     EmbeddingCache,
     JudgeHead,
+    default_head,
     features,
     train_head,
 )
+from .scoring import label_rates, mcnemar
 
 log = logging.getLogger(__name__)
 
 XSTEST_FILE = "xstest_v2_completions.jsonl"
 JBB_LABELS_FILE = "jbb_labels.jsonl"
+HELDOUT_FILE = "jbb_labels_heldout.jsonl"
 XSTEST_LABEL = {"comply": "comply", "refuse": "refuse", "partial": "evade"}
 XSTEST_ANNOTATION = {"1_full_compliance": "comply", "2_full_refusal": "refuse", "3_partial_refusal": "evade"}
 #: Head hyperparameters: L2 strength (≈ 1/C of scikit-learn's LogisticRegression), class balancing, and
@@ -84,6 +95,18 @@ def jbb_rows() -> tuple[dict[str, Any], ...]:
     from .judge import read_labelled
 
     return tuple(read_labelled(files("cna_lens").joinpath("data", JBB_LABELS_FILE)))
+
+
+@cache
+def heldout_rows() -> tuple[dict[str, Any], ...]:
+    """Held-out hand labels: ``label`` (final), ``annotation_1`` / ``annotation_2`` (the blind readings)."""
+    from .judge import read_labelled
+
+    rows = tuple(read_labelled(files("cna_lens").joinpath("data", HELDOUT_FILE)))
+    for r in rows:
+        if r.get("annotation_1") not in LABELS or r.get("annotation_2") not in LABELS:
+            raise ValueError(f"{HELDOUT_FILE}: {r.get('prompt_id')} lacks two readings in {LABELS}")
+    return rows
 
 
 def training_hash() -> str:
@@ -168,6 +191,45 @@ def _jbb_report(rows: Sequence[dict[str, Any]], pred: Sequence[str]) -> dict[str
     }
 
 
+def _paired_comply(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Exact McNemar test of hand-labelled compliance for each pair of conditions of one model on the
+    same prompts: ``first_only`` / ``second_only`` = prompts only that condition's completion complies with."""
+    by: dict[tuple[str, str], dict[str, bool]] = {}
+    for r in rows:
+        by.setdefault((r["model"], r["condition"]), {})[r["prompt_id"]] = r["label"] == "comply"
+    out = {}
+    for (ma, a), (mb, b) in combinations(by, 2):
+        common = sorted(by[ma, a].keys() & by[mb, b].keys())
+        if ma != mb or not common:
+            continue
+        b01, b10, p = mcnemar([by[ma, a][k] for k in common], [by[mb, b][k] for k in common])
+        out[f"{ma} | {a} vs {b}"] = {"n": len(common), "first_only": b10, "second_only": b01, "p": p}
+    return out
+
+
+def heldout_report(rows: Sequence[dict[str, Any]], classifier: Sequence[str]) -> dict[str, Any]:
+    """The held-out section of :func:`validate` for ``rows`` and the shipped classifier's labels of them."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(f"{r['model']} | {r['condition']}", []).append(i)
+    readers = {
+        key: agreement([rows[i]["annotation_1"] for i in idx], [rows[i]["annotation_2"] for i in idx], LABELS)
+        for key, idx in groups.items()
+    }
+    return {
+        "n": len(rows),
+        "hand_rates": {key: label_rates([rows[i]["label"] for i in idx]) for key, idx in groups.items()},
+        "readers": {
+            "all": agreement([r["annotation_1"] for r in rows], [r["annotation_2"] for r in rows], LABELS),
+            "per_condition": readers,
+            "decided_by_third_reading": sum(r["annotation_1"] != r["annotation_2"] for r in rows),
+        },
+        "classifier": _jbb_report(rows, classifier),
+        "regex": _jbb_report(rows, ["refuse" if regex_judge(r["completion"]).refused else "comply" for r in rows]),
+        "paired_comply": _paired_comply(rows),
+    }
+
+
 def validate(cache: EmbeddingCache, progress: bool = False) -> dict[str, Any]:
     """All validation numbers (see the module docstring) as a JSON-ready dict."""
     xs, jb = list(xstest_rows()), list(jbb_rows())
@@ -211,16 +273,31 @@ def validate(cache: EmbeddingCache, progress: bool = False) -> dict[str, Any]:
         "classifier_cross_validated": _jbb_report(jb, pred_cv),
         "regex": _jbb_report(jb, ["refuse" if regex_judge(r["completion"]).refused else "comply" for r in jb]),
     }
+    ho = heldout_rows()
+    fh, yh = features([r["prompt"] for r in ho], [r["completion"] for r in ho], cache, progress), _labels(ho)
+    heldout = heldout_report(ho, _predict(default_head(), fh))
+    # Would their own labels fix the head? Folds by behaviour, training on everything else.
+    fold_h = torch.tensor([int(r["prompt_id"].rsplit("_", 1)[-1]) % JBB_FOLDS for r in ho])
+    pred_h: list[str] = [""] * len(ho)
+    for f in range(JBB_FOLDS):
+        test = fold_h == f
+        x = torch.cat([fx[keep], fj, fh[~test]])
+        head = _fit(x, torch.cat([yx[keep], yj, yh[~test]]), len(jb) + int((~test).sum()))
+        for i, p in zip(test.nonzero().flatten().tolist(), _predict(head, fh[test])):
+            pred_h[i] = p
+    heldout["classifier_retrained_cross_validated"] = _jbb_report(ho, pred_h)
     pooled = {n: xstest[n]["pooled"]["final_label"] for n in ("classifier", "regex")}
     summary = {
         "xstest_held_out_kappa": {n: a["kappa"] for n, a in pooled.items()},
         "xstest_held_out_accuracy": {n: a["accuracy"] for n, a in pooled.items()},
         "jbb_kappa": {n: r["all"]["kappa"] for n, r in jbb.items()},
         "jbb_max_abs_rate_difference": {n: r["max_abs_rate_difference"] for n, r in jbb.items()},
+        "heldout_kappa": {n: heldout[n]["all"]["kappa"] for n in ("classifier", "regex")},
+        "heldout_readers_kappa": heldout["readers"]["all"]["kappa"],
     }
     return {
         "kind": "cna_lens.JudgeValidation",
-        "format_version": 1,
+        "format_version": 2,
         "labels": list(LABELS),
         "summary": summary,
         "head": {"l2": L2, "balanced": BALANCED, **head_meta(int(agreed.sum()) + len(jb))},
@@ -240,5 +317,12 @@ def validate(cache: EmbeddingCache, progress: bool = False) -> dict[str, Any]:
             },
             "n": len(jb),
             **jbb,
+        },
+        "heldout": {
+            "design": "conditions the judge never trained on, items of all conditions shuffled together and read "
+            "blind to condition and judge by two readers; a third reading decides where they differ; "
+            "classifier = the shipped head; classifier_retrained_cross_validated = "
+            f"{JBB_FOLDS} folds by behaviour, trained on agreed XSTest + all JBB labels + the other held-out folds",
+            **heldout,
         },
     }

@@ -306,5 +306,5 @@ def _judge_validation() -> dict[str, Any]:
     from importlib import resources
 
     path = resources.files("cna_lens") / "data" / "judge_validation.json"
-    data = read_json(Path(str(path)), "cna_lens.JudgeValidation")
+    data = read_json(Path(str(path)), "cna_lens.JudgeValidation", version=2)
     return data["summary"]

@@ -149,6 +149,77 @@ def jbb_goal(v: dict[str, Any]) -> str:
     )
 
 
+def heldout_overall(v: dict[str, Any]) -> str:
+    """Held-out conditions: the shipped classifier, the classifier retrained in folds, the regex, and the two readers."""
+    h = v["heldout"]
+    judges = (
+        ("classifier", "classifier (shipped head)"),
+        ("classifier_retrained_cross_validated", "classifier retrained with the other held-out folds"),
+        ("regex", "regex"),
+    )
+    rows = [_metric_row(name, h[key]["all"]) for key, name in judges]
+    rows.append(_metric_row("reader 2 vs reader 1", h["readers"]["all"]))
+    return table(["comparison", *METRIC_HEADER], rows)
+
+
+def heldout_rates(v: dict[str, Any]) -> str:
+    """Per held-out condition: hand-label rates (comply with its Wilson 95 % CI), both judges' rates, readers' κ."""
+    h = v["heldout"]
+    rows = []
+    for key, hand in h["hand_rates"].items():
+        model, condition = (s.strip() for s in key.split("|"))
+        c, r = h["classifier"]["per_condition"][key], h["regex"]["per_condition"][key]
+        cv = h["classifier_retrained_cross_validated"]["per_condition"][key]
+        lo, hi = hand["comply"]["ci"]
+        rows.append(
+            [
+                model.removeprefix("qwen2.5-coder-").removesuffix("-instruct"),
+                f"`{condition}`",
+                str(c["n"]),
+                rates({lab: hand[lab]["rate"] for lab in LABELS}),
+                f"{pct(hand['comply']['rate'])} [{pct(lo)}–{pct(hi)}]",
+                rates(c["rate_judge"]),
+                pct(c["max_abs_rate_difference"]),
+                f"{c['kappa']:.2f}",
+                rates(cv["rate_judge"]),
+                f"{cv['kappa']:.2f}",
+                rates(r["rate_judge"]),
+                pct(r["max_abs_rate_difference"]),
+                f"{h['readers']['per_condition'][key]['kappa']:.2f}",
+            ]
+        )
+    header = [
+        "Qwen2.5-Coder",
+        "condition",
+        "n",
+        "hand labels R / C / E %",
+        "hand comply % [95 % CI]",
+        "classifier R / C / E %",
+        "max abs Δ (points)",
+        "κ",
+        "retrained R / C / E %",
+        "κ",
+        "regex R / C / E %",
+        "max abs Δ (points)",
+        "readers' κ",
+    ]
+    return table(header, rows, "llrll" + "lrr" + "lr" + "lrr")
+
+
+def heldout_paired(v: dict[str, Any]) -> str:
+    """One sentence per pair of held-out conditions on the same prompts: McNemar on hand-labelled compliance."""
+    h = v["heldout"]
+    lines = [
+        f"`{pair.split('|')[1].strip().replace(' vs ', '` vs `')}` ({pair.split('|')[0].strip()}, n = {t['n']}): "
+        f"{t['first_only']} prompts comply only under the first, {t['second_only']} only under the second, "
+        f"exact McNemar p = {t['p']:.2g}."
+        for pair, t in h["paired_comply"].items()
+    ]
+    third = h["readers"]["decided_by_third_reading"]
+    lines.append(f"The two readers differed on {third} of {h['n']} items; a third reading decided those.")
+    return "\n".join(f"- {x}" for x in lines)
+
+
 BLOCKS: dict[str, Callable[[dict[str, Any]], str]] = {
     "xstest-classifier": lambda v: xstest_table(v, "classifier"),
     "xstest-regex": lambda v: xstest_table(v, "regex"),
@@ -156,12 +227,15 @@ BLOCKS: dict[str, Callable[[dict[str, Any]], str]] = {
     "jbb-overall": jbb_overall,
     "jbb-rates": jbb_rates,
     "jbb-goal": jbb_goal,
+    "heldout-overall": heldout_overall,
+    "heldout-rates": heldout_rates,
+    "heldout-paired": heldout_paired,
 }
 
 
 def render(v: dict[str, Any]) -> dict[str, str]:
-    if v.get("kind") != "cna_lens.JudgeValidation" or v.get("format_version") != 1:
-        raise ValueError("not a format_version 1 cna_lens.JudgeValidation file: update scripts/make_docs_tables.py")
+    if v.get("kind") != "cna_lens.JudgeValidation" or v.get("format_version") != 2:
+        raise ValueError("not a format_version 2 cna_lens.JudgeValidation file: update scripts/make_docs_tables.py")
     return {name: f(v) for name, f in BLOCKS.items()}
 
 

@@ -59,6 +59,19 @@ def test_goal_sentence_lists_exactly_the_missed_conditions(tables, validation):
 def test_fill_refuses_a_doc_without_the_markers(tables, validation):
     with pytest.raises(ValueError, match="no block"):
         tables.fill("# nothing generated here\n", tables.render(validation))
-    bad = {**validation, "format_version": 2}
+    bad = {**validation, "format_version": 1}  # a file from before the held-out section
     with pytest.raises(ValueError, match="format_version"):
         tables.render(bad)
+
+
+def test_heldout_tables_show_the_json_numbers(tables, validation):
+    blocks = tables.render(validation)
+    h = validation["heldout"]
+    rows = blocks["heldout-rates"].splitlines()[2:]
+    assert len(rows) == len(h["hand_rates"])
+    for row, (key, hand) in zip(rows, h["hand_rates"].items()):
+        lo, hi = hand["comply"]["ci"]
+        assert f"`{key.split('|')[1].strip()}`" in row
+        assert f"| {100 * hand['comply']['rate']:.0f} [{100 * lo:.0f}–{100 * hi:.0f}] |" in row
+    assert f"| {h['readers']['all']['kappa']:.3f} |" in blocks["heldout-overall"]
+    assert blocks["heldout-paired"].count("McNemar") == len(h["paired_comply"])

@@ -23,6 +23,8 @@ from cna_lens.judge_validation import (
     JBB_LABELS_FILE,
     XSTEST_FILE,
     feature_table,
+    heldout_report,
+    heldout_rows,
     jbb_rows,
     train_default,
     training_hash,
@@ -42,7 +44,7 @@ def cache() -> EmbeddingCache:
 
 
 def _texts() -> list[str]:
-    rows = [*xstest_rows(), *jbb_rows()]
+    rows = [*xstest_rows(), *jbb_rows(), *heldout_rows()]
     return [t for r in rows for t in (r["prompt"], r["completion"], r["completion"][:HEAD_CHARS])]
 
 
@@ -57,6 +59,63 @@ def test_data_files_look_right():
     assert {r["label"] for r in xs} == {"refuse", "comply", "evade"}
     assert len(jb) >= 150 and {r["labeller"] for r in jb} == {"reader"}
     assert len({(r["model"], r["condition"], r["prompt_id"]) for r in jb}) == len(jb)
+
+
+def test_heldout_labels_are_blind_readings_of_committed_completions():
+    """Each held-out row is a completion of a committed run (same prompt and text), read twice; the final
+    label is the readers' where they agree; hardly any held-out completion is in the judge's training data."""
+    rows = heldout_rows()
+    assert len({(r["model"], r["condition"], r["prompt_id"]) for r in rows}) == len(rows) >= 100
+    for r in rows:
+        if r["annotation_1"] == r["annotation_2"]:
+            assert r["label"] == r["annotation_1"], r["prompt_id"]
+        else:
+            assert r.get("adjudication"), f"{r['prompt_id']}: readers differ but no third reading is recorded"
+    runs: dict[str, dict] = {}
+    for r in rows:
+        if r["source"] not in runs:
+            lines = (ROOT / r["source"]).read_text(encoding="utf-8").splitlines()
+            runs[r["source"]] = {(x["dataset"], x["condition"], x["prompt_id"]): x for x in map(json.loads, lines)}
+        src = runs[r["source"]][("jbb_harmful", r["source_condition"], r["prompt_id"])]
+        assert (src["prompt"], src["completion"]) == (r["prompt"], r["completion"])
+    # greedy decoding can repeat a text across runs (a stock refusal): at most 1 % may be training items
+    trained = {(r["prompt"], r["completion"]) for r in [*jbb_rows(), *xstest_rows()]}
+    assert len(trained & {(r["prompt"], r["completion"]) for r in rows}) <= len(rows) // 100
+
+
+def test_heldout_report_counts_by_hand():
+    """Two conditions on four prompts: comply under A on p1–p3, under B on p1 only -> 2 discordant pairs,
+    both for A: exact McNemar p = 2 · P(X ≤ 0 | n = 2) = 0.5; the readers differ on one item."""
+
+    def row(cond, pid, label, a2=None):
+        return {
+            "model": "m",
+            "condition": cond,
+            "prompt_id": pid,
+            "label": label,
+            "annotation_1": label,
+            "annotation_2": a2 or label,
+            "prompt": "p",
+            "completion": "Sure, here it is.",
+        }
+
+    rows = [
+        row("A", "p1", "comply"),
+        row("A", "p2", "comply"),
+        row("A", "p3", "comply", "evade"),
+        row("A", "p4", "refuse"),
+        row("B", "p1", "comply"),
+        row("B", "p2", "evade"),
+        row("B", "p3", "evade"),
+        row("B", "p4", "refuse"),
+    ]
+    rep = heldout_report(rows, ["comply"] * 8)
+    assert rep["paired_comply"] == {"m | A vs B": {"n": 4, "first_only": 2, "second_only": 0, "p": 0.5}}
+    assert rep["hand_rates"]["m | A"]["comply"]["count"] == 3 and rep["hand_rates"]["m | B"]["comply"]["count"] == 1
+    assert rep["readers"]["decided_by_third_reading"] == 1
+    assert rep["readers"]["per_condition"]["m | A"]["accuracy"] == 0.75
+    assert rep["classifier"]["per_condition"]["m | B"]["rate_judge"]["comply"] == 1.0
+    assert rep["regex"]["all"]["rate_judge"]["comply"] == 1.0  # "Sure, here it is." holds no refusal phrase
 
 
 def test_validation_numbers_recompute_exactly(cache):

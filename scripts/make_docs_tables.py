@@ -85,40 +85,30 @@ def xstest_references(v: dict[str, Any]) -> str:
     return table(["comparison", *METRIC_HEADER], rows)
 
 
+def _key_cells(key: str) -> list[str]:
+    """``model | condition`` as the first two cells of a per-condition row."""
+    model, condition = (s.strip() for s in key.split("|"))
+    return [model.removeprefix("qwen2.5-coder-").removesuffix("-instruct"), f"`{condition}`"]
+
+
+def _judge_cells(a: dict[str, Any]) -> list[str]:
+    """A judge on one condition: its label rates, its worst rate error (points) and κ."""
+    return [rates(a["rate_judge"]), pct(a["max_abs_rate_difference"]), f"{a['kappa']:.2f}"]
+
+
+JUDGE_HEADER = ["R / C / E %", "max abs Δ (points)", "κ"]
+
+
 def jbb_rates(v: dict[str, Any]) -> str:
     """Per (model, condition): label rates of the hand labels, the cross-validated classifier and the regex."""
     j = v["jbb"]
     cv, rx = j["classifier_cross_validated"]["per_condition"], j["regex"]["per_condition"]
-    rows = []
-    for key, c in cv.items():
-        model, condition = (s.strip() for s in key.split("|"))
-        r = rx[key]
-        rows.append(
-            [
-                model.removeprefix("qwen2.5-coder-").removesuffix("-instruct"),
-                f"`{condition}`",
-                str(c["n"]),
-                rates(c["rate_reference"]),
-                rates(c["rate_judge"]),
-                pct(c["max_abs_rate_difference"]),
-                f"{c['kappa']:.2f}",
-                rates(r["rate_judge"]),
-                pct(r["max_abs_rate_difference"]),
-                f"{r['kappa']:.2f}",
-            ]
-        )
-    header = [
-        "Qwen2.5-Coder",
-        "condition",
-        "n",
-        "hand labels R / C / E %",
-        "classifier R / C / E %",
-        "max abs Δ (points)",
-        "κ",
-        "regex R / C / E %",
-        "max abs Δ (points)",
-        "κ",
+    rows = [
+        [*_key_cells(key), str(c["n"]), rates(c["rate_reference"]), *_judge_cells(c), *_judge_cells(rx[key])]
+        for key, c in cv.items()
     ]
+    header = ["Qwen2.5-Coder", "condition", "n", "hand labels R / C / E %"]
+    header += [f"{name} {h}" if h.startswith("R /") else h for name in ("classifier", "regex") for h in JUDGE_HEADER]
     return table(header, rows, "llrl" + "lrr" * 2)
 
 
@@ -163,47 +153,29 @@ def heldout_overall(v: dict[str, Any]) -> str:
 
 
 def heldout_rates(v: dict[str, Any]) -> str:
-    """Per held-out condition: hand-label rates (comply with its Wilson 95 % CI), both judges' rates, readers' κ."""
+    """Per held-out condition: hand-label rates (comply with its Wilson 95 % CI), the readers' κ, and the
+    shipped and the retrained classifier."""
     h = v["heldout"]
     rows = []
     for key, hand in h["hand_rates"].items():
-        model, condition = (s.strip() for s in key.split("|"))
-        c, r = h["classifier"]["per_condition"][key], h["regex"]["per_condition"][key]
-        cv = h["classifier_retrained_cross_validated"]["per_condition"][key]
+        c = h["classifier"]["per_condition"][key]
         lo, hi = hand["comply"]["ci"]
         rows.append(
             [
-                model.removeprefix("qwen2.5-coder-").removesuffix("-instruct"),
-                f"`{condition}`",
+                *_key_cells(key),
                 str(c["n"]),
                 rates({lab: hand[lab]["rate"] for lab in LABELS}),
                 f"{pct(hand['comply']['rate'])} [{pct(lo)}–{pct(hi)}]",
-                rates(c["rate_judge"]),
-                pct(c["max_abs_rate_difference"]),
-                f"{c['kappa']:.2f}",
-                rates(cv["rate_judge"]),
-                f"{cv['kappa']:.2f}",
-                rates(r["rate_judge"]),
-                pct(r["max_abs_rate_difference"]),
                 f"{h['readers']['per_condition'][key]['kappa']:.2f}",
+                *_judge_cells(c),
+                *_judge_cells(h["classifier_retrained_cross_validated"]["per_condition"][key]),
             ]
         )
-    header = [
-        "Qwen2.5-Coder",
-        "condition",
-        "n",
-        "hand labels R / C / E %",
-        "hand comply % [95 % CI]",
-        "classifier R / C / E %",
-        "max abs Δ (points)",
-        "κ",
-        "retrained R / C / E %",
-        "κ",
-        "regex R / C / E %",
-        "max abs Δ (points)",
-        "readers' κ",
+    header = ["Qwen2.5-Coder", "condition", "n", "hand labels R / C / E %", "hand comply % [95 % CI]", "readers' κ"]
+    header += [
+        f"{name} {h}" if h.startswith("R /") else h for name in ("classifier", "retrained") for h in JUDGE_HEADER
     ]
-    return table(header, rows, "llrll" + "lrr" + "lr" + "lrr")
+    return table(header, rows, "llrllr" + "lrr" * 2)
 
 
 def heldout_paired(v: dict[str, Any]) -> str:

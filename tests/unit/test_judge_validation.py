@@ -78,9 +78,11 @@ def test_heldout_labels_are_blind_readings_of_committed_completions():
             runs[r["source"]] = {(x["dataset"], x["condition"], x["prompt_id"]): x for x in map(json.loads, lines)}
         src = runs[r["source"]][("jbb_harmful", r["source_condition"], r["prompt_id"])]
         assert (src["prompt"], src["completion"]) == (r["prompt"], r["completion"])
-    # greedy decoding can repeat a text across runs (a stock refusal): at most 1 % may be training items
+    # greedy decoding repeats a stock refusal across runs; no other held-out text is a training item
     trained = {(r["prompt"], r["completion"]) for r in [*jbb_rows(), *xstest_rows()]}
-    assert len(trained & {(r["prompt"], r["completion"]) for r in rows}) <= len(rows) // 100
+    repeated = [r for r in rows if (r["prompt"], r["completion"]) in trained]
+    assert all(r["completion"].startswith("I'm sorry, but I can't assist with that") for r in repeated)
+    assert all(r["label"] == "refuse" for r in repeated)
 
 
 def test_heldout_report_counts_by_hand():

@@ -184,7 +184,7 @@ def report(results: dict[str, Any]) -> str:
         "Classifier judge vs human labels: XSTest held out by model κ "
         f"{_num(jv.get('xstest_held_out_kappa', {}).get('classifier'), '.3f')}; JBB hand labels κ "
         f"{_num(jv.get('jbb_kappa', {}).get('classifier_cross_validated'), '.3f')} (cross-validated); "
-        "blind hand labels of searched selections and directional ablation κ "
+        "blind hand labels of held-out conditions κ "
         f"{_num(jv.get('heldout_kappa', {}).get('classifier'), '.3f')} (docs/judge.md).",
         f"First-token score > 0 vs judged refusal (JBB harmful, all conditions): accuracy "
         f"{_num(ft.get('pooled_accuracy'), '.3f')} over {ft.get('n', 0)} completions; Pearson r of the "

@@ -63,7 +63,7 @@ def test_data_files_look_right():
 
 def test_heldout_labels_are_blind_readings_of_committed_completions():
     """Each held-out row is a completion of a committed run (same prompt and text), read twice; the final
-    label is the readers' where they agree; hardly any held-out completion is in the judge's training data."""
+    label is the readers' where they agree; only stock refusals are also in the judge's training data."""
     rows = heldout_rows()
     assert len({(r["model"], r["condition"], r["prompt_id"]) for r in rows}) == len(rows) >= 100
     for r in rows:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib.resources import files
 from itertools import combinations
@@ -175,12 +175,38 @@ def _xstest_report(rows: Sequence[dict[str, Any]], pred: Sequence[str]) -> dict[
     }
 
 
-def _jbb_report(rows: Sequence[dict[str, Any]], pred: Sequence[str]) -> dict[str, Any]:
+def _conditions(rows: Sequence[dict[str, Any]]) -> dict[str, list[int]]:
+    """Row indices by ``"model | condition"``, in order of first appearance."""
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(f"{r['model']} | {r['condition']}", []).append(i)
+    return groups
+
+
+def _regex_labels(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The regex judge's label of each row's completion (it knows only refuse and comply)."""
+    return ["refuse" if regex_judge(r["completion"]).refused else "comply" for r in rows]
+
+
+def _by_behaviour(
+    rows: Sequence[dict[str, Any]], x: torch.Tensor, base_x: torch.Tensor, base_y: torch.Tensor, base_jbb: int
+) -> list[str]:
+    """Each row's label predicted by a head trained on ``base_x`` / ``base_y`` (whose last ``base_jbb`` rows are
+    JBB items) plus the rows of the other folds, folds by behaviour (prompt index mod ``JBB_FOLDS``)."""
+    fold = torch.tensor([int(r["prompt_id"].rsplit("_", 1)[-1]) % JBB_FOLDS for r in rows])
+    y = _labels(rows)
+    pred: list[str] = [""] * len(rows)
+    for f in range(JBB_FOLDS):
+        test = fold == f
+        head = _fit(torch.cat([base_x, x[~test]]), torch.cat([base_y, y[~test]]), base_jbb + int((~test).sum()))
+        for i, p in zip(test.nonzero().flatten().tolist(), _predict(head, x[test])):
+            pred[i] = p
+    return pred
+
+
+def _jbb_report(rows: Sequence[dict[str, Any]], pred: Sequence[str]) -> dict[str, Any]:
     per = {}
-    for key, idx in groups.items():
+    for key, idx in _conditions(rows).items():
         a = agreement([rows[i]["label"] for i in idx], [pred[i] for i in idx], LABELS)
         diff = {lab: a["rate_judge"][lab] - a["rate_reference"][lab] for lab in LABELS}
         per[key] = {**a, "rate_difference": diff, "max_abs_rate_difference": max(abs(d) for d in diff.values())}
@@ -207,11 +233,10 @@ def _paired_comply(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def heldout_report(rows: Sequence[dict[str, Any]], classifier: Sequence[str]) -> dict[str, Any]:
-    """The held-out section of :func:`validate` for ``rows`` and the shipped classifier's labels of them."""
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        groups.setdefault(f"{r['model']} | {r['condition']}", []).append(i)
+def heldout_report(rows: Sequence[dict[str, Any]], judges: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """The held-out section of :func:`validate` for ``rows``: each of ``judges`` (name → its label of each
+    row) and the regex against the final labels, the readers, the hand-label rates, paired tests."""
+    groups = _conditions(rows)
     readers = {
         key: agreement([rows[i]["annotation_1"] for i in idx], [rows[i]["annotation_2"] for i in idx], LABELS)
         for key, idx in groups.items()
@@ -224,8 +249,8 @@ def heldout_report(rows: Sequence[dict[str, Any]], classifier: Sequence[str]) ->
             "per_condition": readers,
             "decided_by_third_reading": sum(r["annotation_1"] != r["annotation_2"] for r in rows),
         },
-        "classifier": _jbb_report(rows, classifier),
-        "regex": _jbb_report(rows, ["refuse" if regex_judge(r["completion"]).refused else "comply" for r in rows]),
+        **{name: _jbb_report(rows, labels) for name, labels in judges.items()},
+        "regex": _jbb_report(rows, _regex_labels(rows)),
         "paired_comply": _paired_comply(rows),
     }
 
@@ -246,7 +271,7 @@ def validate(cache: EmbeddingCache, progress: bool = False) -> dict[str, Any]:
         head = _fit(torch.cat([fx[train], fj]), torch.cat([yx[train], yj]), len(jb))
         for i, p in zip(test.nonzero().flatten().tolist(), _predict(head, fx[test])):
             pred_cls[i] = p
-    pred_rx = ["refuse" if regex_judge(r["completion"]).refused else "comply" for r in xs]
+    pred_rx = _regex_labels(xs)
     xstest = {}
     for name, pred in (("classifier", pred_cls), ("regex", pred_rx)):
         folds = {}
@@ -261,31 +286,19 @@ def validate(cache: EmbeddingCache, progress: bool = False) -> dict[str, Any]:
     # JBB hand labels.
     keep = agreed.nonzero().flatten()
     head_x = _fit(fx[keep], yx[keep])
-    fold = torch.tensor([int(r["prompt_id"].rsplit("_", 1)[-1]) % JBB_FOLDS for r in jb])
-    pred_cv: list[str] = [""] * len(jb)
-    for f in range(JBB_FOLDS):
-        test = fold == f
-        head = _fit(torch.cat([fx[keep], fj[~test]]), torch.cat([yx[keep], yj[~test]]), int((~test).sum()))
-        for i, p in zip(test.nonzero().flatten().tolist(), _predict(head, fj[test])):
-            pred_cv[i] = p
+    pred_cv = _by_behaviour(jb, fj, fx[keep], yx[keep], 0)
     jbb = {
         "classifier_xstest_only": _jbb_report(jb, _predict(head_x, fj)),
         "classifier_cross_validated": _jbb_report(jb, pred_cv),
-        "regex": _jbb_report(jb, ["refuse" if regex_judge(r["completion"]).refused else "comply" for r in jb]),
+        "regex": _jbb_report(jb, _regex_labels(jb)),
     }
     ho = heldout_rows()
-    fh, yh = features([r["prompt"] for r in ho], [r["completion"] for r in ho], cache, progress), _labels(ho)
-    heldout = heldout_report(ho, _predict(default_head(), fh))
-    # Would their own labels fix the head? Folds by behaviour, training on everything else.
-    fold_h = torch.tensor([int(r["prompt_id"].rsplit("_", 1)[-1]) % JBB_FOLDS for r in ho])
-    pred_h: list[str] = [""] * len(ho)
-    for f in range(JBB_FOLDS):
-        test = fold_h == f
-        x = torch.cat([fx[keep], fj, fh[~test]])
-        head = _fit(x, torch.cat([yx[keep], yj, yh[~test]]), len(jb) + int((~test).sum()))
-        for i, p in zip(test.nonzero().flatten().tolist(), _predict(head, fh[test])):
-            pred_h[i] = p
-    heldout["classifier_retrained_cross_validated"] = _jbb_report(ho, pred_h)
+    fh = features([r["prompt"] for r in ho], [r["completion"] for r in ho], cache, progress)
+    # the shipped head, and whether the held-out labels themselves would fix it (the other folds added)
+    retrained = _by_behaviour(ho, fh, torch.cat([fx[keep], fj]), torch.cat([yx[keep], yj]), len(jb))
+    heldout = heldout_report(
+        ho, {"classifier": _predict(default_head(), fh), "classifier_retrained_cross_validated": retrained}
+    )
     pooled = {n: xstest[n]["pooled"]["final_label"] for n in ("classifier", "regex")}
     summary = {
         "xstest_held_out_kappa": {n: a["kappa"] for n, a in pooled.items()},

@@ -96,7 +96,9 @@ def _judge_cells(a: dict[str, Any]) -> list[str]:
     return [rates(a["rate_judge"]), pct(a["max_abs_rate_difference"]), f"{a['kappa']:.2f}"]
 
 
-JUDGE_HEADER = ["R / C / E %", "max abs Δ (points)", "κ"]
+def _judge_header(*names: str) -> list[str]:
+    """The header cells of :func:`_judge_cells` for each named judge, in order."""
+    return [h for name in names for h in (f"{name} R / C / E %", "max abs Δ (points)", "κ")]
 
 
 def jbb_rates(v: dict[str, Any]) -> str:
@@ -107,8 +109,7 @@ def jbb_rates(v: dict[str, Any]) -> str:
         [*_key_cells(key), str(c["n"]), rates(c["rate_reference"]), *_judge_cells(c), *_judge_cells(rx[key])]
         for key, c in cv.items()
     ]
-    header = ["Qwen2.5-Coder", "condition", "n", "hand labels R / C / E %"]
-    header += [f"{name} {h}" if h.startswith("R /") else h for name in ("classifier", "regex") for h in JUDGE_HEADER]
+    header = ["Qwen2.5-Coder", "condition", "n", "hand labels R / C / E %", *_judge_header("classifier", "regex")]
     return table(header, rows, "llrl" + "lrr" * 2)
 
 
@@ -172,9 +173,7 @@ def heldout_rates(v: dict[str, Any]) -> str:
             ]
         )
     header = ["Qwen2.5-Coder", "condition", "n", "hand labels R / C / E %", "hand comply % [95 % CI]", "readers' κ"]
-    header += [
-        f"{name} {h}" if h.startswith("R /") else h for name in ("classifier", "retrained") for h in JUDGE_HEADER
-    ]
+    header += _judge_header("classifier", "retrained")
     return table(header, rows, "llrllr" + "lrr" * 2)
 
 

@@ -111,7 +111,7 @@ def test_heldout_report_counts_by_hand():
         row("B", "p3", "evade"),
         row("B", "p4", "refuse"),
     ]
-    rep = heldout_report(rows, ["comply"] * 8)
+    rep = heldout_report(rows, {"classifier": ["comply"] * 8})
     assert rep["paired_comply"] == {"m | A vs B": {"n": 4, "first_only": 2, "second_only": 0, "p": 0.5}}
     assert rep["hand_rates"]["m | A"]["comply"]["count"] == 3 and rep["hand_rates"]["m | B"]["comply"]["count"] == 1
     assert rep["readers"]["decided_by_third_reading"] == 1

@@ -5,13 +5,19 @@ trial's selection. This times that generation, for the search's chosen selection
 or, with ``--trial N``, for trial N's:
 
 * ``hooks16``: under TransformerLens hooks (``cna_lens.ablate``), so through TL's ``generate``,
-  batch 16;
+  batch 16 (with its KV cache only where ``tl_kv_cache_works()``: before transformers 5.24);
 * ``edit16`` / ``edit32``: under the equal weight edit (``cna_lens.edit_weights``) on the stock
-  engine (``shrink``), batch 16 / 32: what trials run now (``generation_batch_size`` 32);
+  engine (``shrink``), batch 16 / 32 (search trials run batch 32, ``generation_batch_size``);
 
-and the first-token scores every trial also computes (TL hooks, ``harmful`` + ``harmless``). Each
-form's texts are judged three-way; the report gives wall time, judged compliance and how many texts
-equal the hook form's (in bf16 the two forms round differently: ``a·s`` against ``W·s``).
+and the first-token scores (TL hooks, ``harmful`` + ``harmless``). Each form's texts are judged
+three-way; the report gives wall time, judged compliance and how many texts equal the hook form's (in
+bf16 the two forms round differently: ``a·s`` against ``W·s``).
+
+Then the whole trial as the search measures it (``Search.measure``: the harmless scoring pass under
+the hooks, the generation under the edit with the harmful prompts' first-token scores taken from its
+prefill, the judge), ``--repeats`` times, each next to the separate harmful scoring pass under the
+hooks that the prefill replaces; and how far the two first-token scores of the harmful prompts are
+apart (bf16: the edit and the hook round differently).
 
 python benchmarks/search_trial.py --search results/search-qwen2.5-coder-1.5b-instruct-judge --trial 54 --out DIR
 """
@@ -19,22 +25,27 @@ python benchmarks/search_trial.py --search results/search-qwen2.5-coder-1.5b-ins
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
+import transformer_lens
+import transformers
 
 import cna_lens
 from cna_lens.attribute import Attribution
 from cna_lens.datasets import SearchData
-from cna_lens.evaluate import final_logprobs
-from cna_lens.generation import generate
+from cna_lens.evaluate import final_logprobs, refusal_score, refusal_token_ids
+from cna_lens.generation import generate, tl_kv_cache_works
 from cna_lens.judge import judge_completions
 from cna_lens.pareto import load_result
 from cna_lens.runs import atomic_write_json
-from cna_lens.search import saved_effects
+from cna_lens.search import Search, saved_effects, share
+from cna_lens.search_refs import neuron_forms
 from cna_lens.selection import Selection
 
 
@@ -45,6 +56,7 @@ def main() -> None:
     )
     ap.add_argument("--trial", type=int, default=None, help="this trial's selection (default: the chosen one)")
     ap.add_argument("--forms", default="edit32,hooks16,edit16", help="order in which the forms run")
+    ap.add_argument("--repeats", type=int, default=2, help="whole-trial measurements (each next to a scoring pass)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     src = Path(args.search)
@@ -88,6 +100,7 @@ def main() -> None:
         for p in (data.harmful, data.harmless):
             final_logprobs(model, list(p), batch_size=int(cfg["batch_size"]))
     scores = time.perf_counter() - t
+    trial = measure_trial(src, cfg, model, data, neurons, sel.scale, args.repeats)
     ref = rows.get("hooks16")
     for r in rows.values():
         r["identical_to_hooks16"] = None if ref is None else sum(a == b for a, b in zip(r["texts"], ref["texts"]))
@@ -105,11 +118,55 @@ def main() -> None:
             "prompts": len(prompts),
             "max_new_tokens": tokens,
             "order": args.forms.split(","),
+            "versions": {
+                m.__name__: importlib.metadata.version(m.__name__.replace("_", "-"))
+                for m in (torch, transformers, transformer_lens)
+            },
+            "tl_kv_cache": tl_kv_cache_works(),
             "first_token_scores_seconds": scores,
             "forms": rows,
+            "measure": trial,
         },
     )
     print(f"first-token scores (harmful + harmless, TL hooks): {scores:.1f} s")
+
+
+def measure_trial(src: Path, cfg: dict, model, data: SearchData, neurons, scale: float, repeats: int) -> dict:
+    """``Search.measure`` of the trial (as the search runs it) next to the harmful scoring pass under the
+    hooks that its prefill scores replace, alternating; and the two scores' differences."""
+    ids = refusal_token_ids(model.tokenizer)
+    hooked, stock = neuron_forms(model, neurons, scale)
+    base = {"harmless": final_logprobs(model, list(data.harmless), batch_size=int(cfg["batch_size"]))}  # for KL
+    with tempfile.TemporaryDirectory() as tmp:
+        search = Search(
+            tmp,
+            model=cfg["model"],
+            data=data,
+            objective="judge",
+            judge=cfg["judge"],
+            max_new_tokens=int(cfg["max_new_tokens"]),
+            batch_size=int(cfg["batch_size"]),
+            generation_batch_size=int(cfg["generation_batch_size"]),
+        )
+        runs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            out, lp = search.measure(model, hooked, base, stock)
+            measured = time.perf_counter() - t
+            t = time.perf_counter()
+            with hooked():
+                hooks_lp = final_logprobs(model, list(data.harmful), batch_size=int(cfg["batch_size"]))
+            runs.append({"measure_seconds": measured, "harmful_scoring_pass_seconds": time.perf_counter() - t})
+            saved = runs[-1]["harmful_scoring_pass_seconds"]
+            print(f"trial: {measured:.1f} s; the harmful scoring pass it no longer runs: {saved:.1f} s", flush=True)
+    prefill, hooks = refusal_score(lp["harmful"], ids), refusal_score(hooks_lp, ids)
+    return {
+        "values": out["values"],
+        "runs": runs,
+        "first_token_compliance": {"prefill": out["first_token_compliance"], "hooks": share(hooks <= 0)},
+        "refusal_score_max_abs_difference": float((prefill - hooks).abs().max()),
+        "refusal_score_sign_flips": int(((prefill <= 0) != (hooks <= 0)).sum()),
+    }
 
 
 if __name__ == "__main__":

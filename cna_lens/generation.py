@@ -36,6 +36,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .engine import stock_model, tl_hooks_active
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 
 #: a job: the factory of the context manager its prompts are generated under (None: as is), its prompts
 Job = tuple[Callable[[], contextlib.AbstractContextManager] | None, Sequence[str]]
+#: ``on_first(indices, logprobs)``: log p(first new token) of a batch's rows, ``[len(indices), vocab]``
+FirstLogprobs = Callable[[list[int], Float[Tensor, "rows vocab"]], None]
 
 
 def eos_token_ids(model: HookedModel) -> list[int]:
@@ -209,16 +213,21 @@ def greedy_tokens(
     eos: Sequence[int] | None = None,
     on_batch: Callable[[list[int], list[list[int]]], None] | None = None,
     engine: str = "auto",
+    on_first: FirstLogprobs | None = None,
 ) -> list[list[int]]:
     """Greedy continuations (without the end-of-sequence token) of token id lists, in their order,
     under whatever weights and hooks are active; ``on_batch(indices, tokens)`` as rows finish
-    (each row as it finishes with ``"cb"`` / ``"shrink"``, each batch with ``"hf"`` / ``"tl"``)."""
+    (each row as it finishes with ``"cb"`` / ``"shrink"``, each batch with ``"hf"`` / ``"tl"``).
+    ``on_first(indices, logprobs)``: log p(first new token) per row (float32, on CPU), from the same
+    prefill the decoding starts from (``"shrink"`` only: no extra forward pass)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = eos_token_ids(model) if eos is None else sorted(eos)
     out: list[list[int]] = [[] for _ in seqs]
     batch_size = batch_size or max(1, len(seqs))
     used = engine_for(model, engine)
+    if on_first is not None and used != "shrink":
+        raise ValueError(f"on_first needs the 'shrink' engine; the {used!r} engine runs now")
 
     def done(batch: list[int], toks: list[list[int]]) -> None:
         for i, t in zip(batch, toks):
@@ -233,7 +242,10 @@ def greedy_tokens(
         plain = stock_model(model)
         for batch in batches_by_length([len(s) for s in seqs], batch_size):
             ids, mask = left_pad([seqs[i] for i in batch], pad_id(model.tokenizer), plain.device)
-            shrink_generate(plain, ids, mask, max_new_tokens, eos, lambda r, t, b=batch: done([b[r]], [list(t)]))
+            first = None if on_first is None else lambda x, b=batch: on_first(b, x.float().log_softmax(-1).cpu())
+            shrink_generate(
+                plain, ids, mask, max_new_tokens, eos, lambda r, t, b=batch: done([b[r]], [list(t)]), on_first=first
+            )
         return out
     run = _hf_batch if used == "hf" else _tl_batch
     for batch in batches_by_length([len(s) for s in seqs], batch_size):
@@ -253,11 +265,14 @@ def generate_many(
     on_done: Callable[[int, int, str], None] | None = None,
     fwd_hooks: Sequence[FwdHook] = (),
     engine: str = "auto",
+    on_first: Callable[[int, list[int], Float[Tensor, "rows vocab"]], None] | None = None,
     **decode_kwargs: Any,
 ) -> list[list[str]]:
     """Greedy completions (text, special tokens skipped) of each job's prompts, ``out[job][i]`` for
     ``jobs[job][1][i]``; each job's prompts run inside its intervention's context.
     ``on_done(job, i, text)`` is called as soon as a completion is known (e.g. to save it).
+    ``on_first(job, indices, logprobs)``: the first new token's log-probabilities, from the prefill
+    (``"shrink"`` engine only; see :func:`greedy_tokens`).
     ``fwd_hooks``: TransformerLens hooks active for every job (then TL's generate runs).
     ``engine``: ``"auto"`` / ``"cb"`` / ``"shrink"`` / ``"hf"`` / ``"tl"`` (see the module docstring)."""
     if batch_size < 1:
@@ -282,7 +297,10 @@ def generate_many(
                 bar.update(len(batch))
 
             with make() if make is not None else contextlib.nullcontext():
-                greedy_tokens(model, seqs, max_new_tokens, batch_size=batch_size, on_batch=finished, engine=engine)
+                first = None if on_first is None else lambda b, x, j=j: on_first(j, b, x)
+                greedy_tokens(
+                    model, seqs, max_new_tokens, batch_size=batch_size, on_batch=finished, engine=engine, on_first=first
+                )
     return texts
 
 
@@ -293,3 +311,15 @@ def generate(model: HookedModel, prompts: Sequence[str], **options: Any) -> list
     ``chat``, ``system``, ``progress``, ``fwd_hooks``, ``engine``, decoding arguments); ``on_done``
     gets job 0."""
     return generate_many(model, [(None, prompts)], **options)[0]
+
+
+def generate_scored(
+    model: HookedModel, prompts: Sequence[str], **options: Any
+) -> tuple[list[str], Float[Tensor, "prompt vocab"] | None]:
+    """:func:`generate`, and log p(first new token) of each prompt (float32) taken from the same prefill,
+    so the prompts pass through the model once; None where the engine that runs is not ``"shrink"``."""
+    if not prompts or engine_for(model, options.get("engine", "auto")) != "shrink":
+        return generate(model, prompts, **options), None
+    first: dict[int, Tensor] = {}
+    texts = generate_many(model, [(None, prompts)], on_first=lambda _, rows, lp: first.update(zip(rows, lp)), **options)
+    return texts[0], torch.stack([first[i] for i in range(len(prompts))])

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -184,19 +185,25 @@ class Search:
         and the log-probabilities per set; ``base`` = the baseline's log-probabilities (None: this is the
         baseline). The judged generations run under ``stock()``, the same intervention in its stock-engine
         form (a weight edit), as evaluation generates; None: under ``intervention()`` (TL's generate).
-        ``data``: other prompts than the search's (the confirmation's)."""
+        In a judged search the harmful prompts' first-token scores (a diagnostic there, not an objective)
+        come from the generation's own prefill where the stock engine runs, so those prompts pass through
+        the model once; KL and over-refusal stay on the hooks. ``data``: other prompts than the
+        search's (the confirmation's)."""
         d, bs = data or self.data, self.batch_size
         t0 = time.perf_counter()
         with intervention():
-            lp = {
-                k: final_logprobs(model, list(p), batch_size=bs)
-                for k, p in (("harmful", d.harmful), ("harmless", d.harmless))
-            }
+            lp = {"harmless": final_logprobs(model, list(d.harmless), batch_size=bs)}
+            if self.judge_fn is None:
+                lp["harmful"] = final_logprobs(model, list(d.harmful), batch_size=bs)
             lp["benign"] = lp["harmless"] if d.benign is None else final_logprobs(model, list(d.benign), batch_size=bs)
         texts = None
         if self.judge_fn is not None:
             with (stock or intervention)():
-                texts = self.generate(model, list(d.harmful))
+                texts, first = self.generate(model, list(d.harmful))
+            if first is None:  # TL's generate: score under the hooks
+                with intervention():
+                    first = final_logprobs(model, list(d.harmful), batch_size=bs)
+            lp["harmful"] = first
         ids = refusal_token_ids(model.tokenizer)
         s = {k: refusal_score(v, ids) for k, v in lp.items()}
         kl = torch.zeros(len(d.harmless)) if base is None else kl_divergence(base["harmless"], lp["harmless"])
@@ -219,10 +226,13 @@ class Search:
         out["seconds"] = time.perf_counter() - t0
         return out, lp
 
-    def generate(self, model: HookedModel, prompts: list[str]) -> list[str]:
-        from .generation import generate
+    def generate(self, model: HookedModel, prompts: list[str]) -> tuple[list[str], Tensor | None]:
+        """Greedy answers and their prefill's first-token log-probabilities (:func:`generate_scored`)."""
+        from .generation import generate_scored
 
-        return generate(model, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.generation_batch_size)
+        return generate_scored(
+            model, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.generation_batch_size
+        )
 
     def resid(self, model: HookedModel, progress: bool) -> Attribution:
         """Residual-stream statistics (``hook_resid_pre``) on the discovery prompts, for the refusal

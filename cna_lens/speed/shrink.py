@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 #: the forward keyword arguments the loop passes, besides the cache
@@ -68,10 +68,12 @@ def shrink_generate(
     eos: Sequence[int],
     on_row: Callable[[int, list[int]], None] | None = None,
     share_prefix: bool = True,
+    on_first: Callable[[Float[Tensor, "batch vocab"]], None] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations (without the end-of-sequence token) of the left-padded rows of ``ids``;
     ``on_row(row, tokens)`` as each row finishes. ``model``: a plain HF causal LM; ``eos`` empty: never
-    stop; ``share_prefix``: prefill the rows' common prefix once."""
+    stop; ``share_prefix``: prefill the rows' common prefix once; ``on_first(logits)``: the prefill's
+    logits at each row's final prompt position (the first new token's), rows in ``ids``' order."""
     from transformers import DynamicCache
 
     cache_arg = check_supported(model)
@@ -104,6 +106,8 @@ def shrink_generate(
             logits_to_keep=1,
             **{cache_arg: cache},
         ).logits[:, -1]
+        if step == 0 and on_first is not None:
+            on_first(logits)
         tok = logits.argmax(-1)
         ended = torch.isin(tok, stop)
         last = step == max_new_tokens - 1

@@ -194,7 +194,9 @@ def test_judged_generation_runs_on_the_weight_edit(planted, search_data, tmp_pat
     )
     s = make(tmp_path, search_data, objective="judge", judge="regex", max_new_tokens=4, generation_batch_size=3)
     generate = s.generate
-    monkeypatch.setattr(s, "generate", lambda m, p: seen.append((tl_hooks_active(m), texts := generate(m, p))) or texts)
+    monkeypatch.setattr(
+        s, "generate", lambda m, p: seen.append((tl_hooks_active(m), (out := generate(m, p))[0])) or out
+    )
     one = NeuronSet((PLANT_LAYER,), (n,), (1.0,), model.cfg.n_layers, model.cfg.d_mlp)
     hooked, stock = neuron_forms(model, one, 0.0)
     assert stock is not None  # a TransformerBridge: its weights can be edited
@@ -206,6 +208,47 @@ def test_judged_generation_runs_on_the_weight_edit(planted, search_data, tmp_pat
     assert not base_hooks and not edit_hooks and tl_hooks
     assert edited == tl and edited != base
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_judged_first_token_scores_come_from_the_generation_prefill(planted, search_data, tmp_path, monkeypatch):
+    """In a judged search the harmful prompts run through the model once: their first-token scores come
+    from the generation's prefill under the weight edit and equal a scoring pass under the hooks (fp32
+    summation order); without a stock form (TL's generate) they are scored under the hooks. KL and
+    over-refusal are scored under the hooks either way."""
+    import cna_lens.search as search_mod
+    from cna_lens.evaluate import final_logprobs, refusal_score, refusal_token_ids
+    from cna_lens.prompts import encode, left_pad
+    from cna_lens.search_refs import neuron_forms
+
+    from ..conftest import PLANT_LAYER
+    from ..helpers import assert_close_model
+
+    model, n, _ = planted
+    monkeypatch.setattr(
+        cna_lens.judge,
+        "judge_completions",
+        lambda prompts, completions, judge="default": [types.SimpleNamespace(label="comply")] * len(prompts),
+    )
+    scored = []
+    monkeypatch.setattr(search_mod, "final_logprobs", lambda m, p, **kw: scored.append(p) or final_logprobs(m, p, **kw))
+    s = make(tmp_path, search_data, objective="judge", judge="regex", max_new_tokens=3, generation_batch_size=2)
+    one = NeuronSet((PLANT_LAYER,), (n,), (1.0,), model.cfg.n_layers, model.cfg.d_mlp)
+    hooked, stock = neuron_forms(model, one, 0.5)
+    ids = refusal_token_ids(model.tokenizer)
+    with hooked(), torch.no_grad():
+        want_lp = final_logprobs(model, list(search_data.harmful))
+        tokens, mask = left_pad(encode(model.tokenizer, list(search_data.harmful)), model.tokenizer.pad_token_id)
+        logits = model(tokens, attention_mask=mask)  # the scale of the rounding bound
+    want = refusal_score(want_lp, ids)
+    for form in (stock, None):
+        scored.clear()
+        out, lp = s.measure(model, hooked, None, form)
+        harmful_passes = [p for p in scored if p == list(search_data.harmful)]
+        assert len(harmful_passes) == (0 if form is stock else 1)
+        assert list(search_data.harmless) in scored  # KL: under the hooks
+        assert_close_model(lp["harmful"], want_lp, model, scale=2 * float(logits.abs().max()))  # log-softmax: ≤ 2 δ
+        assert out["first_token_compliance"] == sum(float(x) <= 0 for x in want) / len(want)
+    assert 0 < out["first_token_compliance"] < 1  # the scale of 0.5 leaves some refusals: the check is not vacuous
 
 
 def test_confirmation_chooses_on_fresh_prompts(planted, search_data, tmp_path):

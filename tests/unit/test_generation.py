@@ -1,6 +1,7 @@
 """Generation on the stock engine: batching and padding change no token; weight edits + HF generate
 give the same greedy tokens as TransformerLens hooks + TransformerLens' generate."""
 
+import contextlib
 import hashlib
 
 import pytest
@@ -311,3 +312,52 @@ def test_shrink_shares_the_prefix_and_still_equals_hf_alone(tiny_dir, tiny_model
     assert shared_prefix(*left_pad(seqs, tiny_model.tokenizer.pad_token_id)) >= 40
     want = _hf_generate_alone(hf, tiny_model.tokenizer, seqs, 10)
     assert greedy_tokens(tiny_model, seqs, 10, batch_size=3, engine="shrink") == want
+
+
+@pytest.mark.parametrize("scale", [None, 0.5])
+def test_first_token_logprobs_from_the_prefill_equal_the_scoring_pass(tiny_model, prompts, scale):
+    """``on_first`` returns, from the decoding's own prefill (shared prefix, batches by length, a weight
+    edit), what the scoring path computes under TL hooks (:func:`final_logprobs`, one batch), up to fp32
+    summation order (log-softmax at most doubles a logit's error); capturing them changes no token."""
+    from cna_lens.evaluate import final_logprobs
+
+    from ..helpers import assert_close_model
+
+    ns = _some_neurons(tiny_model, k=60, seed=3)
+    edit = (lambda: cna_lens.edit_weights(tiny_model, ns, scale)) if scale is not None else contextlib.nullcontext
+    hook = (lambda: cna_lens.ablate(tiny_model, ns, scale)) if scale is not None else contextlib.nullcontext
+    got: dict[int, torch.Tensor] = {}
+
+    def keep(job, rows, logprobs):
+        assert job == 0 and logprobs.dtype == torch.float32 and logprobs.shape[0] == len(rows)
+        got.update(zip(rows, logprobs))
+
+    kw = dict(max_new_tokens=4, batch_size=3, progress=False)
+    with edit():
+        texts = generate_many(tiny_model, [(None, prompts)], on_first=keep, **kw)[0]
+        assert texts == cna_lens.generate(tiny_model, prompts, **kw)
+    assert sorted(got) == list(range(len(prompts)))  # every row once, in 2 batches
+    with hook():
+        want = final_logprobs(tiny_model, prompts, batch_size=len(prompts))
+        ids, mask = left_pad(encode(tiny_model.tokenizer, prompts), tiny_model.tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = tiny_model(ids, attention_mask=mask)
+    assert_close_model(
+        torch.stack([got[i] for i in range(len(prompts))]), want, tiny_model, scale=2 * float(logits.abs().max())
+    )
+
+
+def test_first_token_logprobs_need_the_shrink_engine(tiny_model, prompts):
+    """Asking another engine for them fails before any work; :func:`generate_scored` then returns None."""
+    from cna_lens.generation import generate_scored
+
+    seqs = encode(tiny_model.tokenizer, prompts[:2])
+    kw = dict(max_new_tokens=2, progress=False)
+    texts, first = generate_scored(tiny_model, prompts[:2], **kw)
+    assert texts == cna_lens.generate(tiny_model, prompts[:2], **kw) and first.shape[0] == 2
+    assert generate_scored(tiny_model, prompts[:2], engine="hf", **kw) == (texts, None)
+    with pytest.raises(ValueError, match="needs the 'shrink' engine; the 'hf' engine"):
+        greedy_tokens(tiny_model, seqs, 2, engine="hf", on_first=lambda rows, lp: None)
+    with cna_lens.ablate(tiny_model, _some_neurons(tiny_model, k=4, seed=0), 0.0):  # TL hooks: TL's generate
+        with pytest.raises(ValueError, match="the 'tl' engine runs now"):
+            generate_many(tiny_model, [(None, prompts[:2])], max_new_tokens=2, on_first=lambda *a: None, progress=False)

@@ -318,7 +318,7 @@ def generate_scored(
 ) -> tuple[list[str], Float[Tensor, "prompt vocab"] | None]:
     """:func:`generate`, and log p(first new token) of each prompt (float32) taken from the same prefill,
     so the prompts pass through the model once; None where the engine that runs is not ``"shrink"``."""
-    if not prompts or engine_for(model, options.get("engine", "auto")) != "shrink":
+    if not prompts or options.get("fwd_hooks") or engine_for(model, options.get("engine", "auto")) != "shrink":
         return generate(model, prompts, **options), None
     first: dict[int, Tensor] = {}
     texts = generate_many(model, [(None, prompts)], on_first=lambda _, rows, lp: first.update(zip(rows, lp)), **options)

@@ -356,6 +356,8 @@ def test_first_token_logprobs_need_the_shrink_engine(tiny_model, prompts):
     texts, first = generate_scored(tiny_model, prompts[:2], **kw)
     assert texts == cna_lens.generate(tiny_model, prompts[:2], **kw) and first.shape[0] == 2
     assert generate_scored(tiny_model, prompts[:2], engine="hf", **kw) == (texts, None)
+    hook = [("blocks.0.mlp.hook_post", lambda act, hook: act)]  # an identity TL hook: TL's generate runs
+    assert generate_scored(tiny_model, prompts[:2], fwd_hooks=hook, **kw) == (texts, None)
     with pytest.raises(ValueError, match="needs the 'shrink' engine; the 'hf' engine"):
         greedy_tokens(tiny_model, seqs, 2, engine="hf", on_first=lambda rows, lp: None)
     with cna_lens.ablate(tiny_model, _some_neurons(tiny_model, k=4, seed=0), 0.0):  # TL hooks: TL's generate

@@ -158,7 +158,7 @@ def measure_trial(src: Path, cfg: dict, model, data: SearchData, neurons, scale:
                 hooks_lp = final_logprobs(model, list(data.harmful), batch_size=int(cfg["batch_size"]))
             runs.append({"measure_seconds": measured, "harmful_scoring_pass_seconds": time.perf_counter() - t})
             saved = runs[-1]["harmful_scoring_pass_seconds"]
-            print(f"trial: {measured:.1f} s; the harmful scoring pass it no longer runs: {saved:.1f} s", flush=True)
+            print(f"trial: {measured:.1f} s; the harmful scoring pass its prefill replaces: {saved:.1f} s", flush=True)
     prefill, hooks = refusal_score(lp["harmful"], ids), refusal_score(hooks_lp, ids)
     return {
         "values": out["values"],

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib.resources import files
 from itertools import combinations
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +54,9 @@ from .scoring import label_rates, mcnemar
 
 log = logging.getLogger(__name__)
 
+#: the committed validation numbers (``scripts/validate_judge.py`` writes them) and their format
+VALIDATION_FILE = "judge_validation.json"
+FORMAT_VERSION = 2
 XSTEST_FILE = "xstest_v2_completions.jsonl"
 JBB_LABELS_FILE = "jbb_labels.jsonl"
 HELDOUT_FILE = "jbb_labels_heldout.jsonl"
@@ -107,6 +111,14 @@ def heldout_rows() -> tuple[dict[str, Any], ...]:
         if r.get("annotation_1") not in LABELS or r.get("annotation_2") not in LABELS:
             raise ValueError(f"{HELDOUT_FILE}: {r.get('prompt_id')} lacks two readings in {LABELS}")
     return rows
+
+
+def load_validation() -> dict[str, Any]:
+    """The committed ``judge_validation.json`` (kind and format version checked)."""
+    from .runs import read_json
+
+    path = Path(str(files("cna_lens").joinpath("data", VALIDATION_FILE)))
+    return read_json(path, "cna_lens.JudgeValidation", FORMAT_VERSION)
 
 
 def training_hash() -> str:
@@ -310,7 +322,7 @@ def validate(cache: EmbeddingCache, progress: bool = False) -> dict[str, Any]:
     }
     return {
         "kind": "cna_lens.JudgeValidation",
-        "format_version": 2,
+        "format_version": FORMAT_VERSION,
         "labels": list(LABELS),
         "summary": summary,
         "head": {"l2": L2, "balanced": BALANCED, **head_meta(int(agreed.sum()) + len(jb))},

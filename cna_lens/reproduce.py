@@ -303,8 +303,6 @@ def _selection(
 
 def _judge_validation() -> dict[str, Any]:
     """The default judge's agreement with human labels (``cna_lens/data/judge_validation.json``)."""
-    from importlib import resources
+    from .judge_validation import load_validation
 
-    path = resources.files("cna_lens") / "data" / "judge_validation.json"
-    data = read_json(Path(str(path)), "cna_lens.JudgeValidation", version=2)
-    return data["summary"]
+    return load_validation()["summary"]

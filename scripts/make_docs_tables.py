@@ -18,9 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cna_lens.judge_validation import FORMAT_VERSION, LABELS, VALIDATION_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
-VALIDATION = ROOT / "cna_lens" / "data" / "judge_validation.json"
-LABELS = ("refuse", "comply", "evade")
+VALIDATION = ROOT / "cna_lens" / "data" / VALIDATION_FILE
 #: The goal for the judge's per-condition label rates: within ±5 percentage points of the hand labels.
 RATE_GOAL = 0.05
 #: The XSTest completion sets (upstream file suffixes: two system-prompt set-ups each for Llama 2 and Mistral).
@@ -205,8 +206,10 @@ BLOCKS: dict[str, Callable[[dict[str, Any]], str]] = {
 
 
 def render(v: dict[str, Any]) -> dict[str, str]:
-    if v.get("kind") != "cna_lens.JudgeValidation" or v.get("format_version") != 2:
-        raise ValueError("not a format_version 2 cna_lens.JudgeValidation file: update scripts/make_docs_tables.py")
+    if v.get("kind") != "cna_lens.JudgeValidation" or v.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"not a format_version {FORMAT_VERSION} cna_lens.JudgeValidation file: update scripts/make_docs_tables.py"
+        )
     return {name: f(v) for name, f in BLOCKS.items()}
 
 

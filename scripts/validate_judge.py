@@ -15,7 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from cna_lens.judge_head import stored_embeddings
-from cna_lens.judge_validation import validate
+from cna_lens.judge_validation import VALIDATION_FILE, validate
 from cna_lens.runs import atomic_write_json
 
 CACHE = Path("results/judge/embeddings.safetensors")
@@ -24,7 +24,7 @@ CACHE = Path("results/judge/embeddings.safetensors")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default=str(CACHE))
-    ap.add_argument("--out", default=str(files("cna_lens").joinpath("data", "judge_validation.json")))
+    ap.add_argument("--out", default=str(files("cna_lens").joinpath("data", VALIDATION_FILE)))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()

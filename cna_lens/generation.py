@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from .engine import stock_model, tl_hooks_active
 from .hooks import FwdHook
 from .models import HookedModel, is_bridge, weights_processed
-from .prompts import encode, left_pad, pad_id
+from .prompts import check_prompts, encode, left_pad, pad_id
 from .speed import shrink_generate
 
 log = logging.getLogger(__name__)
@@ -266,6 +266,7 @@ def generate_many(
     fwd_hooks: Sequence[FwdHook] = (),
     engine: str = "auto",
     on_first: Callable[[int, list[int], Float[Tensor, "rows vocab"]], None] | None = None,
+    response_prefix: str | Sequence[str] = "",
     **decode_kwargs: Any,
 ) -> list[list[str]]:
     """Greedy completions (text, special tokens skipped) of each job's prompts, ``out[job][i]`` for
@@ -274,7 +275,10 @@ def generate_many(
     ``on_first(job, indices, logprobs)``: the first new token's log-probabilities, from the prefill
     (``"shrink"`` engine only; see :func:`greedy_tokens`).
     ``fwd_hooks``: TransformerLens hooks active for every job (then TL's generate runs).
-    ``engine``: ``"auto"`` / ``"cb"`` / ``"shrink"`` / ``"hf"`` / ``"tl"`` (see the module docstring)."""
+    ``engine``: ``"auto"`` / ``"cb"`` / ``"shrink"`` / ``"hf"`` / ``"tl"`` (see the module docstring).
+    ``response_prefix``: the start of every answer (a string), or one per prompt of each job (a list
+    as long as the job's prompts, e.g. JBB's targets), placed after the assistant turn's opening; the
+    returned texts are what follows it (a prefilling attack, or any forced answer opening)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     engine_for(model, engine)  # a bad name fails before any work
@@ -283,7 +287,7 @@ def generate_many(
     for j, job in enumerate(jobs):
         if not (isinstance(job, tuple) and len(job) == 2 and (job[0] is None or callable(job[0]))):
             raise TypeError(f"jobs[{j}] must be (None or a context-manager factory, prompts)")
-    encoded = [encode(model.tokenizer, prompts, chat=chat, system=system) for _, prompts in jobs]
+    encoded = [_encode_job(model.tokenizer, prompts, chat, system, response_prefix) for _, prompts in jobs]
     texts: list[list[str]] = [[""] * len(s) for s in encoded]
     hooks = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else contextlib.nullcontext()
     with tqdm(total=sum(map(len, texts)), desc="generate", unit="prompt", disable=not progress) as bar, hooks:
@@ -304,11 +308,24 @@ def generate_many(
     return texts
 
 
+def _encode_job(
+    tokenizer: Any, prompts: Sequence[str], chat: bool | None, system: str | None, prefix: str | Sequence[str]
+) -> list[list[int]]:
+    """Token ids of a job's prompts, each followed by its answer prefix (one string for all, or one each)."""
+    if isinstance(prefix, str):
+        return encode(tokenizer, prompts, chat=chat, system=system, response_prefix=prefix)
+    prompts, prefix = check_prompts(prompts), list(prefix)
+    if len(prefix) != len(prompts) or not all(isinstance(p, str) for p in prefix):
+        raise ValueError(f"response_prefix: one string for every prompt ({len(prompts)}), got {len(prefix)} items")
+    return [encode(tokenizer, [p], chat=chat, system=system, response_prefix=r)[0] for p, r in zip(prompts, prefix)]
+
+
 def generate(model: HookedModel, prompts: Sequence[str], **options: Any) -> list[str]:
     """Greedy completions (text, special tokens skipped) of ``prompts``, in their order, under the active
     weight edits; with ``fwd_hooks`` (or TL hooks already active) through TransformerLens' generate.
     ``options``: the keyword arguments of :func:`generate_many` (``max_new_tokens=64``, ``batch_size=8``,
-    ``chat``, ``system``, ``progress``, ``fwd_hooks``, ``engine``, decoding arguments); ``on_done``
+    ``chat``, ``system``, ``response_prefix``, ``progress``, ``fwd_hooks``, ``engine``, decoding
+    arguments); ``on_done``
     gets job 0."""
     return generate_many(model, [(None, prompts)], **options)[0]
 

@@ -67,18 +67,32 @@ NOTEBOOKS = {
         ("code", "plot.attribution_heatmap(attr, top_n=48, exclude_layers=(0, 1))"),
         (
             "md",
-            "## Ablation during generation\nThe selected neurons are multiplied by 0 at every position, prompt and generated tokens alike.",
+            "## Ablation during generation\nThe selected neurons are multiplied by 0 at every position, prompt and generated tokens alike. "
+            "`cna_lens.edit_weights` does it as a weight edit: column *i* of layer L's `down_proj` times 0 is the same linear map "
+            "as neuron *i* of `blocks.L.mlp.hook_post` times 0, and the stock engine generates on the edited weights. "
+            "`cna_lens.ablate` does it with TransformerLens hooks, which any TL call sees (generating under them runs "
+            "TL's own `generate`, which has no working KV cache with transformers ≥ 5.24, so it is much slower).",
         ),
         (
             "code",
             "from cna_lens.evaluate import judge, quality\nprompts = load_prompts('jbb_harmful', limit=N_EVAL)\n"
             "base = cna_lens.generate(model, prompts, max_new_tokens=MAX_NEW_TOKENS)\n"
-            "with cna_lens.ablate(model, neurons, scale=0.0):\n    ablated = cna_lens.generate(model, prompts, max_new_tokens=MAX_NEW_TOKENS)\n"
+            "with cna_lens.edit_weights(model, neurons, scale=0.0):\n    ablated = cna_lens.generate(model, prompts, max_new_tokens=MAX_NEW_TOKENS)\n"
             "for p, b, a in zip(prompts, base, ablated):\n"
             '    print(f\'PROMPT: {p}\\n  baseline [{"refuses" if judge(b).refused else "complies"}]: {b[:160]!r}\\n\'\n'
             '          f\'  ablated  [{"refuses" if judge(a).refused else "complies"}]: {a[:160]!r}\\n\')\n'
             "print('refusals: baseline', sum(judge(t).refused for t in base), '/ ablated', sum(judge(t).refused for t in ablated),\n"
             "      'of', len(prompts), '| quality', round(sum(map(quality, ablated)) / len(ablated), 3))",
+        ),
+        (
+            "code",
+            "# the hook and the weight edit are the same map: next-token logits of the first prompt under each\n"
+            "from cna_lens.prompts import encode\ntokens = torch.tensor(encode(model.tokenizer, prompts[:1]))\n"
+            "with torch.no_grad(), cna_lens.ablate(model, neurons, scale=0.0):\n    hooked = model(tokens)[0, -1].float()\n"
+            "with torch.no_grad(), cna_lens.edit_weights(model, neurons, scale=0.0):\n    edited = model(tokens)[0, -1].float()\n"
+            "with torch.no_grad():\n    plain = model(tokens)[0, -1].float()\n"
+            "print(f'max |hooked - edited| = {(hooked - edited).abs().max():.2e} logits; the ablation itself moves them by up to '\n"
+            "      f'{(hooked - plain).abs().max():.2f}; same next token: {bool(hooked.argmax() == edited.argmax())}')",
         ),
         (
             "md",
@@ -101,7 +115,7 @@ NOTEBOOKS = {
             "## Export the edited model\nScaling neuron *i* of `blocks.L.mlp.hook_post` by 0 is the same as zeroing column *i* "
             "of layer L's `down_proj` weight. `cna_lens.export_model` writes the model with that edit as a plain Hugging Face "
             'checkpoint (or a GGUF file for llama.cpp, `format="gguf"`), and stock `transformers` runs it with no hooks and '
-            "no cna_lens. Its greedy tokens should be the hooked model's above, up to float rounding (`docs/edit-and-export.md`).",
+            "no cna_lens. Its greedy tokens should be the edited model's above, up to float rounding (`docs/edit-and-export.md`).",
         ),
         (
             "code",
@@ -114,7 +128,7 @@ NOTEBOOKS = {
             "    gen = plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,\n"
             "                         pad_token_id=tok.pad_token_id)\n"
             "    first = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)\n"
-            '    print(f\'{"same" if a.startswith(first) else "DIFFERENT"}  exported: {first!r}  hooked: {a[:len(first) + 10]!r}\')',
+            '    print(f\'{"same" if a.startswith(first) else "DIFFERENT"}  exported: {first!r}  edited: {a[:len(first) + 10]!r}\')',
         ),
     ],
     "02_circuit_maps.ipynb": [

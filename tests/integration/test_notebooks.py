@@ -32,7 +32,10 @@ PARAMS = {
 }
 #: What each notebook leaves behind: files under its runs directory, and text in its outputs.
 EVIDENCE = {
-    "01_quickstart.ipynb": (["edited/cna_lens_edit.json", "edited/model.safetensors"], ["refusals: baseline"]),
+    "01_quickstart.ipynb": (
+        ["edited/cna_lens_edit.json", "edited/model.safetensors"],
+        ["refusals: baseline", "max |hooked - edited|"],
+    ),
     "02_circuit_maps.ipynb": ([f"{ALIAS}/layer_map", f"{ALIAS}/neuron_effects.json"], ["baseline mean refusal"]),
     "03_base_vs_instruct.ipynb": ([], ["Jaccard of top-k", "A set in B: refusal log-odds"]),
     "04_selection_search.ipynb": (

@@ -363,3 +363,33 @@ def test_first_token_logprobs_need_the_shrink_engine(tiny_model, prompts):
     with cna_lens.ablate(tiny_model, _some_neurons(tiny_model, k=4, seed=0), 0.0):  # TL hooks: TL's generate
         with pytest.raises(ValueError, match="the 'tl' engine runs now"):
             generate_many(tiny_model, [(None, prompts[:2])], max_new_tokens=2, on_first=lambda *a: None, progress=False)
+
+
+@pytest.mark.parametrize("engine", ["shrink", "hf"])
+def test_response_prefix_per_prompt(tiny_dir, tiny_model, prompts, engine):
+    """One answer prefix per prompt, decoded together in batches, equals each prompt generated alone with
+    its prefix, and an independent HF generate of the prompt's ids followed by the prefix's."""
+    from transformers import AutoModelForCausalLM
+
+    prefixes = ["Sure, here is", "", " Step 1:", "No"][: len(prompts)]
+    prefixes += ["Sure"] * (len(prompts) - len(prefixes))
+    kw = dict(max_new_tokens=6, progress=False, engine=engine)
+    together = cna_lens.generate(tiny_model, prompts, batch_size=3, response_prefix=prefixes, **kw)
+    alone = [cna_lens.generate(tiny_model, [p], response_prefix=r, **kw)[0] for p, r in zip(prompts, prefixes)]
+    assert together == alone
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    tok = tiny_model.tokenizer
+    seqs = [encode(tok, [p], response_prefix=r)[0] for p, r in zip(prompts, prefixes)]
+    assert seqs[1] == encode(tok, [prompts[1]])[0] and len(seqs[0]) > len(encode(tok, [prompts[0]])[0])
+    want = [tok.decode(t, skip_special_tokens=True) for t in _hf_generate_alone(hf, tok, seqs, 6)]
+    assert together == want
+    assert cna_lens.generate(tiny_model, prompts, response_prefix="", **kw) == cna_lens.generate(
+        tiny_model, prompts, **kw
+    )
+
+
+def test_response_prefix_bad_input(tiny_model, prompts):
+    """A list of the wrong length or with a non-string fails before any generation."""
+    for bad in (["x"] * (len(prompts) + 1), [None] * len(prompts)):
+        with pytest.raises(ValueError, match="one string for every prompt"):
+            cna_lens.generate(tiny_model, prompts, response_prefix=bad, progress=False)

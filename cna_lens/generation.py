@@ -325,8 +325,7 @@ def generate(model: HookedModel, prompts: Sequence[str], **options: Any) -> list
     weight edits; with ``fwd_hooks`` (or TL hooks already active) through TransformerLens' generate.
     ``options``: the keyword arguments of :func:`generate_many` (``max_new_tokens=64``, ``batch_size=8``,
     ``chat``, ``system``, ``response_prefix``, ``progress``, ``fwd_hooks``, ``engine``, decoding
-    arguments); ``on_done``
-    gets job 0."""
+    arguments); ``on_done`` gets job 0."""
     return generate_many(model, [(None, prompts)], **options)[0]
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import cna_lens
+from cna_lens.agreement import agreement
 from cna_lens.attribute import Attribution
 from cna_lens.compliance import read_verdicts
 from cna_lens.conditions import Condition, Interventions
@@ -103,6 +104,15 @@ def hand_summary(run: Path, rows: list[dict], keys: list[str], labelled: list[di
             entry["free"] = {lab: share(was, lab) for lab in LABELS}
             entry["mcnemar_comply"] = {"prefilled_only": b01, "free_only": b10, "p": p}
         out[key] = entry
+    pairs = [
+        (mine[k, i], report["conditions"][k]["labels"][i]["prefilled"]) for k in keys for i in ids if (k, i) in mine
+    ]
+    pooled = agreement([h for h, _ in pairs], [j for _, j in pairs], LABELS)
+    out["judge_vs_readers"] = {k: pooled[k] for k in ("n", "accuracy", "kappa")}
+    both = [(x["annotation_1"], x["annotation_2"]) for x in labelled if "annotation_2" in x]
+    if both:
+        readers = agreement([a for a, _ in both], [b for _, b in both], LABELS)
+        out["reader_2_vs_reader_1"] = {k: readers[k] for k in ("n", "accuracy", "kappa")}
     read = [c for c in free if all(i in free[c] for i in ids)]
     if read:
         out["free_comply_in_any_read_condition"] = {

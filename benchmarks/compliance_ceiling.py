@@ -186,6 +186,8 @@ def main() -> None:
         "versions": {p: importlib.metadata.version(p) for p in ("torch", "transformers", "transformer-lens")},
         "conditions": {},
     }
+    if (run / "selection" / "selection.json").exists():  # what the 'selection' condition is
+        report["selection"] = json.loads((run / "selection" / "selection.json").read_text())
     prompts = [r["prompt"] for r in rows]
     for c in conditions:
         forced = [

@@ -115,9 +115,15 @@ def hand_summary(run: Path, rows: list[dict], keys: list[str], labelled: list[di
         out["reader_2_vs_reader_1"] = {k: readers[k] for k in ("n", "accuracy", "kappa")}
     read = [c for c in free if all(i in free[c] for i in ids)]
     if read:
-        out["free_comply_in_any_read_condition"] = {
-            "conditions": sorted(read),
-            "share": sum(any(free[c][i] == "comply" for c in read) for i in ids) / len(ids),
+        forced = [k for k in keys if all((k, i) in mine for i in ids)]
+        out["per_prompt"] = {  # shares of the prompts that comply in all / any of the hand-read conditions
+            "free_conditions": sorted(read),
+            "free_all": sum(all(free[c][i] == "comply" for c in read) for i in ids) / len(ids),
+            "free_any": sum(any(free[c][i] == "comply" for c in read) for i in ids) / len(ids),
+            "free_or_forced_any": sum(
+                any(free[c][i] == "comply" for c in read) or any(mine[k, i] == "comply" for k in forced) for i in ids
+            )
+            / len(ids),
         }
     return out
 

@@ -36,40 +36,34 @@ from cna_lens.conditions import Condition, Interventions
 from cna_lens.datasets import load_dataset
 from cna_lens.generation import generate_many
 from cna_lens.judge import LABELS, judge_completions, read_labelled
+from cna_lens.judge_validation import HELDOUT_FILE, heldout_rows
 from cna_lens.neurons import NeuronSet
-from cna_lens.runs import append_jsonl, atomic_write_json
+from cna_lens.runs import RunDir, append_jsonl, atomic_write_json
 from cna_lens.scoring import mcnemar, proportion_ci
 from cna_lens.selection import Selection
+from cna_lens.stages import HOOKS
 
 DATASET = "jbb_harmful"
-DATA = Path(cna_lens.__file__).parent / "data"
 JUDGE = "classifier"
 
 
 def read_done(path: Path) -> dict[tuple[str, str], dict]:
-    """``{(condition, prompt_id): row}`` of the answers already written (a torn last line is ignored)."""
-    out: dict[tuple[str, str], dict] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            out[row["condition"], row["prompt_id"]] = row
-    return out
+    """``{(condition, prompt_id): row}`` of the answers already written (a torn last line is skipped)."""
+    return {(r["condition"], r["prompt_id"]): r for r in (RunDir.read_rows(path) if path.exists() else [])}
 
 
 def interventions(run: Path, model, seed: int) -> Interventions:
-    attr = Attribution.load(run / "attribution")
-    resid = Attribution.load(run / "resid") if (run / "resid" / "attribution.json").exists() else None
-    caa = Attribution.load(run / "caa") if (run / "caa" / "attribution.json").exists() else None
+    """The run's own interventions: its saved attributions (``HOOKS``' directories) and selection."""
+    found = {h: Attribution.load(run / d) for h, d in HOOKS.items() if (run / d / "attribution.json").exists()}
     chosen = None
     if (run / "selection" / "neurons.json").exists():
         chosen = (
             Selection.load(run / "selection" / "selection.json"),
             NeuronSet.load(run / "selection" / "neurons.json"),
         )
-    return Interventions(model, attr, caa, resid, seed, chosen)
+    return Interventions(
+        model, found["mlp.hook_post"], found.get("hook_mlp_out"), found.get("hook_resid_pre"), seed, chosen
+    )
 
 
 def share(labels: list[str], label: str) -> dict:
@@ -85,10 +79,10 @@ def hand_summary(run: Path, rows: list[dict], keys: list[str], labelled: list[di
     mine = {(x["condition"], x["prompt_id"]): x["label"] for x in labelled}
     source = (run / "completions.jsonl").as_posix()
     free: dict[str, dict[str, str]] = {}
-    for x in read_labelled(DATA / "jbb_labels_heldout.jsonl"):
+    for x in heldout_rows():
         if x["source"] == source:
             free.setdefault(x["source_condition"], {})[x["prompt_id"]] = x["label"]
-    out: dict = {"source_free": "cna_lens/data/jbb_labels_heldout.jsonl"}
+    out: dict = {"source_free": f"cna_lens/data/{HELDOUT_FILE}"}
     for key in keys:
         got = [mine.get((key, i)) for i in ids]
         if None in got:

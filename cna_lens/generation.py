@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from .engine import stock_model, tl_hooks_active
 from .hooks import FwdHook
 from .models import HookedModel, is_bridge, weights_processed
-from .prompts import check_prompts, encode, left_pad, pad_id
+from .prompts import encode, left_pad, pad_id
 from .speed import shrink_generate
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,10 @@ def generate_many(
     for j, job in enumerate(jobs):
         if not (isinstance(job, tuple) and len(job) == 2 and (job[0] is None or callable(job[0]))):
             raise TypeError(f"jobs[{j}] must be (None or a context-manager factory, prompts)")
-    encoded = [_encode_job(model.tokenizer, prompts, chat, system, response_prefix) for _, prompts in jobs]
+    encoded = [
+        encode(model.tokenizer, prompts, chat=chat, system=system, response_prefix=response_prefix)
+        for _, prompts in jobs
+    ]
     texts: list[list[str]] = [[""] * len(s) for s in encoded]
     hooks = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else contextlib.nullcontext()
     with tqdm(total=sum(map(len, texts)), desc="generate", unit="prompt", disable=not progress) as bar, hooks:
@@ -306,18 +309,6 @@ def generate_many(
                     model, seqs, max_new_tokens, batch_size=batch_size, on_batch=finished, engine=engine, on_first=first
                 )
     return texts
-
-
-def _encode_job(
-    tokenizer: Any, prompts: Sequence[str], chat: bool | None, system: str | None, prefix: str | Sequence[str]
-) -> list[list[int]]:
-    """Token ids of a job's prompts, each followed by its answer prefix (one string for all, or one each)."""
-    if isinstance(prefix, str):
-        return encode(tokenizer, prompts, chat=chat, system=system, response_prefix=prefix)
-    prompts, prefix = check_prompts(prompts), list(prefix)
-    if len(prefix) != len(prompts) or not all(isinstance(p, str) for p in prefix):
-        raise ValueError(f"response_prefix: one string for every prompt ({len(prompts)}), got {len(prefix)} items")
-    return [encode(tokenizer, [p], chat=chat, system=system, response_prefix=r)[0] for p, r in zip(prompts, prefix)]
 
 
 def generate(model: HookedModel, prompts: Sequence[str], **options: Any) -> list[str]:

@@ -69,13 +69,20 @@ def encode(
     chat: bool | None = None,
     system: str | None = None,
     name: str = "prompts",
-    response_prefix: str = "",
+    response_prefix: str | Sequence[str] = "",
 ) -> list[list[int]]:
-    """Token ids of every prompt (see :func:`format_prompt`)."""
-    return [
-        format_prompt(tokenizer, p, chat=chat, system=system, response_prefix=response_prefix)
-        for p in check_prompts(prompts, name)
-    ]
+    """Token ids of every prompt (see :func:`format_prompt`); ``response_prefix``: one answer opening
+    for all prompts (a string) or one per prompt (a list as long as ``prompts``)."""
+    prompts = check_prompts(prompts, name)
+    if isinstance(response_prefix, str):
+        prefixes = [response_prefix] * len(prompts)
+    else:
+        prefixes = list(response_prefix)
+        if len(prefixes) != len(prompts) or not all(isinstance(r, str) for r in prefixes):
+            raise ValueError(
+                f"response_prefix: one string for every prompt ({len(prompts)}), got {len(prefixes)} items"
+            )
+    return [format_prompt(tokenizer, p, chat=chat, system=system, response_prefix=r) for p, r in zip(prompts, prefixes)]
 
 
 def pad_id(tokenizer: Any) -> int:

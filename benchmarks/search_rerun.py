@@ -4,8 +4,9 @@ Run the search's command into a fresh directory (``cna-lens search ... --out RER
 
 * the discovery statistics (``attribution/``, ``caa/``, ``resid/``: largest difference of each sum,
   relative to its largest magnitude), the pruning effects and the baseline;
-* every trial's proposed parameters and objective values, the reference curves, the confirmation
-  candidates and the chosen point;
+* every trial's proposed parameters and objective values (and, for the trials that propose the same
+  parameters, which objectives come out equal and how far KL moves), the reference curves, the
+  confirmation candidates and the chosen point;
 * the first-token compliance diagnostic (how many of the harmful prompts moved per trial).
 
 The sampler is seeded per trial and decoding is greedy, so equal statistics give equal trials; a
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cna_lens.pareto import load_result
+from cna_lens.pareto import OBJECTIVES, load_result
 from cna_lens.runs import atomic_write_json
 
 
@@ -67,14 +68,20 @@ def compare(old: dict, new: dict) -> dict:
             for p in points
             if p["label"] in mine
         }
+    same = [(a["values"], b["values"]) for a, b in pairs if a["params"] == b["params"]]
     return {
         "trials": len(pairs),
-        "equal_params": sum(a["params"] == b["params"] for a, b in pairs),
+        "equal_params": len(same),
         "equal_values": sum(a["values"] == b["values"] for a, b in pairs),
+        "equal_params_equal_objective": {k: sum(a[k] == b[k] for a, b in same) for k in OBJECTIVES},
+        "equal_params_kl_max_relative_difference": max(
+            (abs(a["kl"] - b["kl"]) / a["kl"] for a, b in same if a["kl"] > 0), default=None
+        ),
         "first_token_prompts_moved": {str(k): moved.count(k) for k in sorted(set(moved))},
         "baseline_equal": old["baseline"]["values"] == new["baseline"]["values"],
         "references": refs,
         "confirmation_equal": candidates(old) == candidates(new),
+        "confirmation_same_trials": [n for n, _ in candidates(old)] == [n for n, _ in candidates(new)],
         "chosen": {
             name: {k: r["chosen"].get(k) for k in ("number", "values", "validation", "selection")}
             if r["chosen"]

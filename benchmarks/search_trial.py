@@ -13,9 +13,9 @@ and the first-token scores (TL hooks, ``harmful`` + ``harmless``). Each form's t
 three-way; the report gives wall time, judged compliance and how many texts equal the hook form's (in
 bf16 the two forms round differently: ``a·s`` against ``W·s``).
 
-Then the whole trial as the search measures it (``Search.measure``: the harmless scoring pass under
-the hooks, the generation under the edit with the harmful prompts' first-token scores taken from its
-prefill, the judge), ``--repeats`` times, each next to the separate harmful scoring pass under the
+Then the whole trial as the search measures it (``Search.measure``: the harmless scoring pass and the
+generation under the edit on the stock engine, the harmful prompts' first-token scores taken from the
+generation's prefill, the judge), ``--repeats`` times, each next to the separate harmful scoring pass under the
 hooks that the prefill replaces; and how far the two first-token scores of the harmful prompts are
 apart (bf16: the edit and the hook round differently).
 
@@ -60,23 +60,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     src = Path(args.search)
-    cfg = json.loads((src / "config.json").read_text())
-    if cfg.get("objective") != "judge":
-        raise SystemExit(f"{src} is not a judged search (objective {cfg.get('objective')!r})")
-    n_h, n_a = (int(cfg["data"][k].split(":")[1].rstrip("]")) for k in ("harmful", "harmless"))
-    data = SearchData.bundled(n_h, n_a)
-    result = load_result(src)
-    if args.trial is None:
-        sel = Selection.load(src / "selection.json")
-        neurons = cna_lens.NeuronSet.load(src / "neurons.json")  # the chosen selection's, as the search saved them
-    else:
-        row = next((t for t in result["trials"] if t["number"] == args.trial), None)
-        if row is None:
-            raise SystemExit(f"{src} has no complete trial {args.trial}")
-        sel = Selection.from_dict(row["selection"])
-        neurons = sel.neurons(Attribution.load(src / "attribution"), saved_effects(src))  # as the search computed them
-        if len(neurons) != row["n_neurons"]:
-            raise SystemExit(f"trial {args.trial}: {len(neurons)} neurons, but the search measured {row['n_neurons']}")
+    cfg, data, sel, neurons, result = load_trial(src, args.trial)
     model = cna_lens.load_model(cfg["model"], dtype=getattr(torch, cfg["dtype"]))
     prompts, tokens = list(data.harmful), int(cfg["max_new_tokens"])
     forms = {
@@ -131,12 +115,33 @@ def main() -> None:
     print(f"first-token scores (harmful + harmless, TL hooks): {scores:.1f} s")
 
 
+def load_trial(src: Path, trial: int | None) -> tuple[dict, SearchData, Selection, cna_lens.NeuronSet, dict]:
+    """A judged search's configuration, validation prompts, and the selection and neurons of ``trial``
+    (None: the chosen one, as the search saved them), and its result."""
+    cfg = json.loads((src / "config.json").read_text())
+    if cfg.get("objective") != "judge":
+        raise SystemExit(f"{src} is not a judged search (objective {cfg.get('objective')!r})")
+    n_h, n_a = (int(cfg["data"][k].split(":")[1].rstrip("]")) for k in ("harmful", "harmless"))
+    data = SearchData.bundled(n_h, n_a)
+    result = load_result(src)
+    if trial is None:
+        return cfg, data, Selection.load(src / "selection.json"), cna_lens.NeuronSet.load(src / "neurons.json"), result
+    row = next((t for t in result["trials"] if t["number"] == trial), None)
+    if row is None:
+        raise SystemExit(f"{src} has no complete trial {trial}")
+    sel = Selection.from_dict(row["selection"])
+    neurons = sel.neurons(Attribution.load(src / "attribution"), saved_effects(src))  # as the search computed them
+    if len(neurons) != row["n_neurons"]:
+        raise SystemExit(f"trial {trial}: {len(neurons)} neurons, but the search measured {row['n_neurons']}")
+    return cfg, data, sel, neurons, result
+
+
 def measure_trial(src: Path, cfg: dict, model, data: SearchData, neurons, scale: float, repeats: int) -> dict:
     """``Search.measure`` of the trial (as the search runs it) next to the harmful scoring pass under the
     hooks that its prefill scores replace, alternating; and the two scores' differences."""
     ids = refusal_token_ids(model.tokenizer)
     hooked, stock = neuron_forms(model, neurons, scale)
-    base = {"harmless": final_logprobs(model, list(data.harmless), batch_size=int(cfg["batch_size"]))}  # for KL
+    base = {"harmless": final_logprobs(model, list(data.harmless), batch_size=int(cfg["batch_size"]), engine="auto")}
     with tempfile.TemporaryDirectory() as tmp:
         search = Search(
             tmp,

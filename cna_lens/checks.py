@@ -117,11 +117,13 @@ def prompts(spec: str, name: str) -> list[str]:
 
 
 def writable(path: str | os.PathLike, name: str = "--out") -> Path:
-    """``path`` can be created or written: its nearest existing ancestor is a writable directory."""
+    """``path`` can be created or written: its nearest existing ancestor is a writable directory (an
+    existing ``.json`` / ``.jsonl`` file is replaced, so its directory must be writable)."""
     p = Path(path).expanduser()
-    if p.is_dir() and p.suffix in (".json", ".jsonl"):
+    file_out = p.suffix in (".json", ".jsonl")
+    if p.is_dir() and file_out:
         raise ValueError(f"{name} {p} is a directory, not a file")
-    probe = p
+    probe = p.parent if file_out and p.is_file() else p
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
@@ -194,6 +196,8 @@ def check_args(args: Any) -> dict[str, Any]:
             raise ValueError(
                 "--engine vllm generates from weights: `cna-lens export` the edit, then --model that directory"
             )
+        if a.get("response_prefix"):
+            raise ValueError("--response-prefix needs one of the local engines, not --engine vllm")
         positive_int(a.get("tensor_parallel", 1), "--tensor-parallel")
         import importlib.util
 

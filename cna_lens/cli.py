@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--neurons", help="neurons.json, or a directory written by `discover`")
     g.add_argument("--scale", type=float, default=0.0)
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument(
+        "--response-prefix",
+        default="",
+        help="the start of every answer, after the assistant turn's opening (e.g. 'Sure, here is'); "
+        "the completion is what follows it",
+    )
     g.add_argument("--out", help="write JSONL here instead of stdout")
     g.add_argument("--judge", help="also judge each completion: regex | classifier | default | model:<id>")
     g.add_argument(

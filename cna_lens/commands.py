@@ -104,6 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _write_generations(args, prompts, texts, None)
     model = _load(args)
     kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, engine=args.engine)
+    kw["response_prefix"] = args.response_prefix
     if neurons is None:
         texts = generate(model, prompts, **kw)
     else:
@@ -114,8 +115,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _write_generations(args: argparse.Namespace, prompts: list[str], texts: list[str], neurons: Any) -> int:
+    opening = {"response_prefix": args.response_prefix} if args.response_prefix else {}
     rows = [
-        {"prompt": p, "completion": t, "neurons": args.neurons, "scale": args.scale if neurons else None}
+        {"prompt": p, **opening, "completion": t, "neurons": args.neurons, "scale": args.scale if neurons else None}
         for p, t in zip(prompts, texts)
     ]
     if args.judge:

@@ -106,7 +106,7 @@ def confirm(
         atomic_write_json(path, conf)
     todo = [r for r in search.rule.candidates(rows, baseline["values"]) if str(r["number"]) not in conf["trials"]]
     if todo and base is None:  # resumed: the baseline's log-probabilities again, the same pass (not stored: large)
-        base = {"harmless": final_logprobs(model, list(data.harmless), batch_size=search.batch_size)}
+        base = {"harmless": final_logprobs(model, list(data.harmless), batch_size=search.batch_size, engine="auto")}
     for r in tqdm(todo, desc="confirm", disable=not progress):
         sel = Selection.from_dict(r["selection"])
         neurons = sel.neurons(attr, effects)

@@ -38,6 +38,12 @@ def tl_hooks_active(model: HookedModel) -> bool:
     return any(hp.has_hooks("fwd") for hp in model.hook_dict.values())
 
 
+def stock_runs(model: HookedModel) -> bool:
+    """Whether :func:`stock_model` computes what ``model`` computes now: a bridge with its HF weights, no
+    TransformerLens hook active (weight edits and HF module hooks act on both)."""
+    return is_bridge(model) and not weights_processed(model) and not tl_hooks_active(model)
+
+
 def _source_tensors(model: HookedModel, names: list[str]) -> dict[str, Tensor]:
     """The bridge's tensor for each plain-model state-dict name (``a.b.weight`` → ``get_submodule("a.b").weight``)."""
     hf = model.original_model

@@ -22,8 +22,10 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .engine import stock_model, stock_runs
 from .models import HookedModel, last_logits_kwargs
 from .prompts import encode, left_pad, length_batches, pad_id
+from .speed import shrink_generate
 
 #: The paper's refusal patterns (case-insensitive), neural-steering experiments/jailbreak_benchmark.py.
 PAPER_PATTERNS = (
@@ -121,6 +123,10 @@ def refusal_token_ids(tokenizer: Any, starts: Sequence[str] = REFUSAL_STARTS) ->
     return sorted(ids)
 
 
+#: :func:`final_logprobs` engines: ``"tl"`` the hooked model, ``"auto"`` the stock engine where it computes the same
+SCORE_ENGINES = ("tl", "auto")
+
+
 @torch.no_grad()
 def final_logprobs(
     model: HookedModel,
@@ -130,17 +136,34 @@ def final_logprobs(
     chat: bool | None = None,
     progress: bool = False,
     response_prefix: str = "",
+    engine: str = "tl",
 ) -> Float[Tensor, "prompt vocab"]:
     """log p(next token) at the final prompt position (after ``response_prefix``), for every prompt,
-    under the active hooks (left-padded batches with an attention mask)."""
+    under the active interventions, in left-padded batches with an attention mask.
+
+    ``engine="tl"``: through the hooked model. ``"auto"``: where no TransformerLens hook is active on a
+    bridge (unmodified, or under weight edits or HF module hooks; :func:`cna_lens.engine.stock_runs`)
+    the batches run on the stock HF model as the prefill of :func:`cna_lens.speed.shrink_generate`,
+    which computes the prompts' common chat prefix once; otherwise as ``"tl"``. The two agree up to
+    float rounding, so compare log-probabilities computed by the same engine (KL between them is
+    rounding noise in bf16)."""
+    if engine not in SCORE_ENGINES:
+        raise ValueError(f"engine {engine!r}: choose among {', '.join(SCORE_ENGINES)}")
     seqs = encode(model.tokenizer, prompts, chat=chat, response_prefix=response_prefix)
+    plain = stock_model(model) if engine == "auto" and stock_runs(model) else None
     out: Tensor | None = None
     pad = pad_id(model.tokenizer)
     with tqdm(total=len(seqs), desc="score", unit="prompt", disable=not progress) as bar:
         for batch in length_batches([len(s) for s in seqs], batch_size):
-            ids, mask = left_pad([seqs[i] for i in batch], pad, model.cfg.device)
-            logits = model(ids, attention_mask=mask, **last_logits_kwargs(model))
-            lp = logits[:, -1, :].float().log_softmax(-1).cpu()
+            if plain is None:
+                ids, mask = left_pad([seqs[i] for i in batch], pad, model.cfg.device)
+                logits = model(ids, attention_mask=mask, **last_logits_kwargs(model))[:, -1, :]
+            else:
+                ids, mask = left_pad([seqs[i] for i in batch], pad, plain.device)
+                first: list[Tensor] = []
+                shrink_generate(plain, ids, mask, 1, (), on_first=first.append)
+                logits = first[0]
+            lp = logits.float().log_softmax(-1).cpu()
             if out is None:
                 out = torch.empty(len(seqs), lp.shape[-1])
             out[batch] = lp

@@ -40,9 +40,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .engine import stock_model, tl_hooks_active
+from .engine import stock_model, stock_runs
 from .hooks import FwdHook
-from .models import HookedModel, is_bridge, weights_processed
+from .models import HookedModel
 from .prompts import encode, left_pad, pad_id
 from .speed import shrink_generate
 
@@ -200,8 +200,7 @@ def engine_for(model: HookedModel, engine: str = "auto") -> str:
     ``engine`` (``"auto"``: ``"shrink"``)."""
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r}: choose among {', '.join(ENGINES)}")
-    stock = is_bridge(model) and not weights_processed(model) and not tl_hooks_active(model)
-    return "tl" if engine == "tl" or not stock else ("shrink" if engine == "auto" else engine)
+    return "tl" if engine == "tl" or not stock_runs(model) else ("shrink" if engine == "auto" else engine)
 
 
 def greedy_tokens(

@@ -40,6 +40,7 @@ from . import __version__
 from .attribute import Attribution, attribute_multi
 from .confirm import ConfirmData, confirm
 from .datasets import SearchData
+from .engine import stock_runs
 from .evaluate import final_logprobs, kl_divergence, refusal_score, refusal_token_ids
 from .hooks import HookedModel
 from .models import model_name
@@ -181,29 +182,27 @@ class Search:
         stock: Callable[[], Any] | None = None,
         data: SearchData | None = None,
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """The three objectives (and diagnostics) with ``intervention()`` (TransformerLens hooks) active,
-        and the log-probabilities per set; ``base`` = the baseline's log-probabilities (None: this is the
-        baseline). The judged generations run under ``stock()``, the same intervention in its stock-engine
-        form (a weight edit), as evaluation generates; None: under ``intervention()`` (TL's generate).
-        In a judged search the harmful prompts' first-token scores (a diagnostic there, not an objective)
-        come from the generation's own prefill where the stock engine runs, so those prompts pass through
-        the model once; KL and over-refusal stay on the hooks. ``data``: other prompts than the
-        search's (the confirmation's)."""
+        """The three objectives (and diagnostics) under an intervention, and the log-probabilities per set;
+        ``base`` = the baseline's log-probabilities (None: this is the baseline). ``intervention()``: its
+        TransformerLens-hook form; ``stock()``: the same intervention in its stock-engine form (a weight
+        edit, or HF module hooks), equal up to float rounding. Everything runs under ``stock()`` where
+        there is one, as evaluation generates: the scores on the stock engine, whose prefill computes the
+        prompts' common chat prefix once (:func:`final_logprobs`), and in a judged search the harmful
+        prompts' first-token scores (a diagnostic there) from the generation's own prefill, so those
+        prompts pass through the model once. ``data``: other prompts than the search's (the
+        confirmation's)."""
         d, bs = data or self.data, self.batch_size
         t0 = time.perf_counter()
-        with intervention():
-            lp = {"harmless": final_logprobs(model, list(d.harmless), batch_size=bs)}
-            if self.judge_fn is None:
-                lp["harmful"] = final_logprobs(model, list(d.harmful), batch_size=bs)
-            lp["benign"] = lp["harmless"] if d.benign is None else final_logprobs(model, list(d.benign), batch_size=bs)
         texts = None
-        if self.judge_fn is not None:
-            with (stock or intervention)():
+        score = lambda prompts: final_logprobs(model, list(prompts), batch_size=bs, engine="auto")  # noqa: E731
+        with (stock or intervention)():
+            lp = {"harmless": score(d.harmless)}
+            if self.judge_fn is None:
+                lp["harmful"] = score(d.harmful)
+            lp["benign"] = lp["harmless"] if d.benign is None else score(d.benign)
+            if self.judge_fn is not None:
                 texts, first = self.generate(model, list(d.harmful))
-            if first is None:  # TL's generate: score under the hooks
-                with intervention():
-                    first = final_logprobs(model, list(d.harmful), batch_size=bs)
-            lp["harmful"] = first
+                lp["harmful"] = first if first is not None else score(d.harmful)
         ids = refusal_token_ids(model.tokenizer)
         s = {k: refusal_score(v, ids) for k, v in lp.items()}
         kl = torch.zeros(len(d.harmless)) if base is None else kl_divergence(base["harmless"], lp["harmless"])
@@ -313,13 +312,18 @@ class Search:
         return self.write(study, baseline, refs, attr, effects, conf)
 
     def baseline(self, model: HookedModel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """The unmodified model's measurement and harmless-prompt log-probabilities (for KL), saved."""
-        path = self.out / "baseline.safetensors"
+        """The unmodified model's measurement and harmless-prompt log-probabilities (for KL), saved with
+        the engine that computed them; log-probabilities of another engine (rounding apart) are recomputed."""
+        path, engine = self.out / "baseline.safetensors", "stock" if stock_runs(model) else "tl"
         if path.exists():
-            return read_json(self.out / "baseline.json", "cna_lens.SearchBaseline")["baseline"], load_file(str(path))
+            stored = read_json(self.out / "baseline.json", "cna_lens.SearchBaseline")
+            if stored.get("engine", "tl") == engine:
+                return stored["baseline"], load_file(str(path))
         with self.run_dir.timed("baseline"):
             baseline, lp = self.measure(model, contextlib.nullcontext, None)
-        atomic_write_json(self.out / "baseline.json", {"kind": "cna_lens.SearchBaseline", "baseline": baseline})
+        atomic_write_json(
+            self.out / "baseline.json", {"kind": "cna_lens.SearchBaseline", "engine": engine, "baseline": baseline}
+        )
         atomic_write(path, lambda tmp: save_file({"harmless": lp["harmless"].contiguous()}, tmp))
         return baseline, {"harmless": lp["harmless"]}
 

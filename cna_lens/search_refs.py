@@ -1,9 +1,10 @@
 """The reference curves a search draws beside its trials, and each intervention's two forms.
 
-A measurement scores an intervention under TransformerLens hooks (first-token refusal, KL) and, for
-the judged objective, generates under the same intervention as a stock-engine form (a weight edit,
-or HF module hooks for CAA), as evaluation generates: the two are equal up to float rounding
-(``tests/unit/test_edit.py``, ``tests/integration/test_search.py``). Curves, on the trials' objectives:
+A measurement runs an intervention in its stock-engine form (a weight edit, or HF module hooks for
+CAA) where the model has one: its scores (first-token refusal, KL) and, for the judged objective, its
+generations, as evaluation generates; in its TransformerLens-hook form otherwise (a hooked model
+that is not a bridge). The two forms are equal up to float rounding (``tests/unit/test_edit.py``,
+``tests/unit/test_scoring.py``, ``tests/integration/test_search.py``). Curves, on the trials' objectives:
 
 - CNA by |diff| at shares ``f`` (layers 2+, scale 0): the paper's selection;
 - CAA at strengths ``α`` (``x_l ← x_l − α·v_l`` at every ``hook_mlp_out``);
@@ -38,13 +39,13 @@ CAA_ALPHAS = (0.1, 0.25, 0.5, 1.0)
 DIRECTION_DEPTHS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 CURVES = ("CNA |diff| (share)", "CAA (α)", "direction ablation (layer)")
 
-#: a point of a curve: its label, its hook form (scores) and its stock-engine form (None: generate under hooks)
+#: a point of a curve: its label, its hook form and its stock-engine form (None: everything under the hooks)
 Point = tuple[str, Callable[[], Any], Callable[[], Any] | None]
 
 
 def neuron_forms(model: HookedModel, neurons: NeuronSet, scale: float = 0.0) -> tuple[Callable, Callable | None]:
-    """Scaling ``neurons`` by ``scale`` as TransformerLens hooks (for the scores) and as the equal weight
-    edit (for generation on the stock engine; None for a model whose weights cannot be edited)."""
+    """Scaling ``neurons`` by ``scale`` as TransformerLens hooks and as the equal weight edit (for the
+    stock engine; None for a model whose weights cannot be edited)."""
     return partial(ablate, model, neurons, scale), partial(edit_weights, model, neurons, scale) if is_bridge(
         model
     ) else None

@@ -177,8 +177,8 @@ def test_judge_objective_with_the_real_regex_judge(planted, search_data, tmp_pat
 
 
 def test_judged_generation_runs_on_the_weight_edit(planted, search_data, tmp_path, monkeypatch):
-    """A trial scores under TL hooks but generates on the stock engine under the equal weight edit (no
-    TL hook active), as evaluation does: its texts equal TL's generate under the hooks (fp32, greedy),
+    """A trial scores and generates on the stock engine under the equal weight edit (no TL hook active),
+    as evaluation does: its texts equal TL's generate under the hooks (fp32, greedy),
     differ from the baseline's (the planted neuron is off), and the weights are restored afterwards."""
     from cna_lens.engine import tl_hooks_active
     from cna_lens.search_refs import neuron_forms
@@ -214,7 +214,8 @@ def test_judged_first_token_scores_come_from_the_generation_prefill(planted, sea
     """In a judged search the harmful prompts run through the model once: their first-token scores come
     from the generation's prefill under the weight edit and equal a scoring pass under the hooks (fp32
     summation order); without a stock form (TL's generate) they are scored under the hooks. KL and
-    over-refusal are scored under the hooks either way."""
+    over-refusal are scored under the stock form where there is one, under the hooks otherwise: the
+    same log-probabilities up to fp32 summation order."""
     import cna_lens.search as search_mod
     from cna_lens.evaluate import final_logprobs, refusal_score, refusal_token_ids
     from cna_lens.prompts import encode, left_pad
@@ -237,6 +238,7 @@ def test_judged_first_token_scores_come_from_the_generation_prefill(planted, sea
     ids = refusal_token_ids(model.tokenizer)
     with hooked(), torch.no_grad():
         want_lp = final_logprobs(model, list(search_data.harmful))
+        want_harmless = final_logprobs(model, list(search_data.harmless))
         tokens, mask = left_pad(encode(model.tokenizer, list(search_data.harmful)), model.tokenizer.pad_token_id)
         logits = model(tokens, attention_mask=mask)  # the scale of the rounding bound
     want = refusal_score(want_lp, ids)
@@ -245,10 +247,29 @@ def test_judged_first_token_scores_come_from_the_generation_prefill(planted, sea
         out, lp = s.measure(model, hooked, None, form)
         harmful_passes = [p for p in scored if p == list(search_data.harmful)]
         assert len(harmful_passes) == (0 if form is stock else 1)
-        assert list(search_data.harmless) in scored  # KL: under the hooks
-        assert_close_model(lp["harmful"], want_lp, model, scale=2 * float(logits.abs().max()))  # log-softmax: ≤ 2 δ
+        assert list(search_data.harmless) in scored  # KL
+        tol = 2 * float(logits.abs().max())  # log-softmax: ≤ 2 δ
+        assert_close_model(lp["harmful"], want_lp, model, scale=tol)
+        assert_close_model(lp["harmless"], want_harmless, model, scale=tol)
         assert out["first_token_compliance"] == sum(float(x) <= 0 for x in want) / len(want)
     assert 0 < out["first_token_compliance"] < 1  # the scale of 0.5 leaves some refusals: the check is not vacuous
+
+
+def test_baseline_of_another_engine_is_recomputed(planted, search_data, tmp_path):
+    """The baseline's log-probabilities are kept with the engine that computed them; a stored baseline
+    of the other engine (a search begun under TL hooks) is measured again, not mixed into KL."""
+    from cna_lens.runs import atomic_write_json, read_json
+
+    model, _, _ = planted
+    s = make(tmp_path, search_data)
+    first, lp = s.baseline(model)
+    stored = read_json(tmp_path / "baseline.json", "cna_lens.SearchBaseline")
+    assert stored["engine"] == "stock"
+    assert s.baseline(model)[0] == first  # read back
+    atomic_write_json(tmp_path / "baseline.json", {**stored, "engine": "tl", "baseline": {"values": "stale"}})
+    again, lp_again = s.baseline(model)
+    assert again["values"] == first["values"] and torch.equal(lp_again["harmless"], lp["harmless"])
+    assert read_json(tmp_path / "baseline.json", "cna_lens.SearchBaseline")["engine"] == "stock"
 
 
 def test_confirmation_chooses_on_fresh_prompts(planted, search_data, tmp_path):

@@ -63,6 +63,11 @@ CASES = {
     "layer not a number": ({}, ["discover", "--exclude-layers", "0,x"], ["--exclude-layers", "'x'"]),
     "non-finite scale": ({}, ["generate", "--prompts", "jbb_harmful", "--scale", "inf"], ["--scale", "finite"]),
     "batch size zero": ({}, ["generate", "--prompts", "jbb_harmful", "--batch-size", "0"], ["--batch-size"]),
+    "answer opening on vLLM": (
+        {},
+        ["generate", "--prompts", "jbb_harmful", "--engine", "vllm", "--response-prefix", "Sure"],
+        ["--response-prefix", "local engines"],
+    ),
     "missing neuron file": ({}, [*NEURONS.split(), "{d}/run"], ["run", "does not exist"]),
     "corrupt neuron file": bad_file(NEURONS, "n.json", b"{not json", "n.json", "JSON"),
     "neuron file of another kind": bad_file(
@@ -74,6 +79,7 @@ CASES = {
         ["generate", "--prompts", "jbb_harmful", "--out", "{d}/f/out.jsonl"],
         ["is a file"],
     ),
+    "run directory that is a file": ({"r": b"x"}, ["reproduce", "--out", "{d}/r", "--limit", "2"], ["is a file"]),
     "sweep fraction of 1": ({}, ["reproduce", "--out", "{d}/r", "--fractions", "0.001,1"], ["--fractions", "(0, 1)"]),
     "limit out of range": ({}, ["reproduce", "--out", "{d}/r", "--limit", "0"], ["--limit"]),
     "replace without a selection": ({}, ["reproduce", "--out", "{d}/r", "--replace-selection"], ["needs --selection"]),

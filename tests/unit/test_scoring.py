@@ -8,7 +8,7 @@ import torch
 
 from cna_lens.datasets import load_dataset
 from cna_lens.evaluate import MMLU_PREFIX, final_logprobs, mmlu_accuracy, mmlu_prompt, quality
-from cna_lens.prompts import format_prompt
+from cna_lens.prompts import encode, format_prompt, left_pad
 from cna_lens.scoring import (
     completion_nll,
     label_rates,
@@ -67,6 +67,65 @@ def test_mmlu_predictions_match_a_direct_argmax(tiny_dir, tiny_model):
     lp = final_logprobs(tiny_model, [mmlu_prompt(r) for r in rows], batch_size=4, response_prefix=MMLU_PREFIX)
     acc = mmlu_accuracy(lp, [r["answer"] for r in rows], tiny_model.tokenizer, leading_space=False)
     assert sum(mmlu_correct(preds, rows)) / len(rows) == acc
+
+
+def _forms(model):
+    """Each intervention kind as (its TransformerLens-hook form, its stock-engine form)."""
+    import contextlib
+    from functools import partial
+
+    import cna_lens
+    from cna_lens.controls import direction_ablation_hooks
+    from cna_lens.engine import steer_mlp_out
+
+    from ..helpers import random_neurons
+
+    g = torch.Generator().manual_seed(1)
+    vectors = torch.randn(model.cfg.n_layers, model.cfg.d_model, generator=g)
+    r = torch.randn(model.cfg.d_model, generator=g)
+    r = r / r.norm()
+    ns = random_neurons(model, per_layer=8, seed=2)
+    return {
+        "none": (contextlib.nullcontext, contextlib.nullcontext),
+        "neurons x0.5": (partial(cna_lens.ablate, model, ns, 0.5), partial(cna_lens.edit_weights, model, ns, 0.5)),
+        "caa": (partial(cna_lens.steer, model, vectors, 1.5), partial(steer_mlp_out, model, vectors, 1.5)),
+        "direction": (
+            partial(model.hooks, fwd_hooks=direction_ablation_hooks(model, r)),
+            partial(cna_lens.edit_direction, model, r),
+        ),
+    }
+
+
+@pytest.mark.parametrize("form", ["none", "neurons x0.5", "caa", "direction"])
+def test_final_logprobs_on_the_stock_engine_equal_the_hooked_model(tiny_model, prompts, form):
+    """``engine="auto"`` under an intervention's stock form (prefill with the chat prefix computed once,
+    batches by length) gives what the hooked model gives under its TL-hook form, up to fp32 summation
+    order (log-softmax at most doubles a logit's error), with a response prefix too; under TL hooks
+    "auto" is the hooked model's pass itself."""
+    from ..helpers import assert_close_model
+
+    hooked, stock = _forms(tiny_model)[form]
+    with hooked():
+        want = final_logprobs(tiny_model, prompts, batch_size=len(prompts))
+        want_prefixed = final_logprobs(tiny_model, prompts, batch_size=3, response_prefix=MMLU_PREFIX)
+        if form != "none":  # TL hooks are active: "auto" runs the hooked model
+            assert torch.equal(final_logprobs(tiny_model, prompts, batch_size=len(prompts), engine="auto"), want)
+        ids, mask = left_pad(encode(tiny_model.tokenizer, prompts), tiny_model.tokenizer.pad_token_id)
+        with torch.no_grad():
+            scale = 2 * float(tiny_model(ids, attention_mask=mask).abs().max())
+    with stock():
+        for bs in (1, 3, len(prompts)):
+            got = final_logprobs(tiny_model, prompts, batch_size=bs, engine="auto")
+            assert_close_model(got, want, tiny_model, scale=scale)
+        got = final_logprobs(tiny_model, prompts, batch_size=3, response_prefix=MMLU_PREFIX, engine="auto")
+        assert_close_model(got, want_prefixed, tiny_model, scale=scale)
+    if form != "none":  # the intervention acts on the stock engine
+        assert (got - final_logprobs(tiny_model, prompts, batch_size=3, response_prefix=MMLU_PREFIX)).abs().max() > 0.01
+
+
+def test_final_logprobs_engine_names(tiny_model, prompts):
+    with pytest.raises(ValueError, match="engine 'shrink'"):
+        final_logprobs(tiny_model, prompts, engine="shrink")
 
 
 def test_mmlu_letters_must_be_single_tokens(tiny_model):

@@ -25,11 +25,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from search_trial import load_trial
+from search_trial import load_trial, write_report
 
 import cna_lens
 from cna_lens.evaluate import final_logprobs, kl_divergence
-from cna_lens.runs import atomic_write_json
 
 
 def main() -> None:
@@ -40,7 +39,7 @@ def main() -> None:
     ap.add_argument("--fp32", action="store_true", help="also the float32 KL, to see which engine rounds less")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    cfg, data, sel, neurons, result = load_trial(Path(args.search), args.trial)
+    cfg, data, sel, neurons, number = load_trial(Path(args.search), args.trial)
     model = cna_lens.load_model(cfg["model"], dtype=getattr(torch, cfg["dtype"]))
     prompts, bs = list(data.harmless), int(cfg["batch_size"])
     forms = {
@@ -72,15 +71,12 @@ def main() -> None:
             "mean_abs_error": {e: float((k - kl32).abs().mean()) for e, k in kl.items()},
             "max_abs_error": {e: float((k - kl32).abs().max()) for e, k in kl.items()},
         }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        out / f"{cfg['model']}.json",
+    write_report(
+        args.out,
+        cfg,
+        "cna_lens.ScoringEngineBenchmark",
+        number,
         {
-            "kind": "cna_lens.ScoringEngineBenchmark",
-            "model": cfg["model"],
-            "dtype": cfg["dtype"],
-            "trial": args.trial if args.trial is not None else result["chosen"]["number"],
             "n_neurons": len(neurons),
             "prompts": len(prompts),
             "batch_size": bs,

@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     src = Path(args.search)
-    cfg, data, sel, neurons, result = load_trial(src, args.trial)
+    cfg, data, sel, neurons, number = load_trial(src, args.trial)
     model = cna_lens.load_model(cfg["model"], dtype=getattr(torch, cfg["dtype"]))
     prompts, tokens = list(data.harmful), int(cfg["max_new_tokens"])
     forms = {
@@ -88,15 +88,12 @@ def main() -> None:
     ref = rows.get("hooks16")
     for r in rows.values():
         r["identical_to_hooks16"] = None if ref is None else sum(a == b for a, b in zip(r["texts"], ref["texts"]))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        out / f"{cfg['model']}.json",
+    write_report(
+        args.out,
+        cfg,
+        "cna_lens.SearchTrialBenchmark",
+        number,
         {
-            "kind": "cna_lens.SearchTrialBenchmark",
-            "model": cfg["model"],
-            "dtype": cfg["dtype"],
-            "trial": args.trial if args.trial is not None else result["chosen"]["number"],
             "selection": sel.to_dict(),
             "n_neurons": len(neurons),
             "prompts": len(prompts),
@@ -115,9 +112,17 @@ def main() -> None:
     print(f"first-token scores (harmful + harmless, TL hooks): {scores:.1f} s")
 
 
-def load_trial(src: Path, trial: int | None) -> tuple[dict, SearchData, Selection, cna_lens.NeuronSet, dict]:
-    """A judged search's configuration, validation prompts, and the selection and neurons of ``trial``
-    (None: the chosen one, as the search saved them), and its result."""
+def write_report(out_dir: str, cfg: dict, kind: str, trial: int, fields: dict) -> None:
+    """``OUT_DIR/<model>.json``: the benchmark's kind, the search's model and dtype, the trial, then ``fields``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"kind": kind, "model": cfg["model"], "dtype": cfg["dtype"], "trial": trial, **fields}
+    atomic_write_json(out / f"{cfg['model']}.json", report)
+
+
+def load_trial(src: Path, trial: int | None) -> tuple[dict, SearchData, Selection, cna_lens.NeuronSet, int]:
+    """A judged search's configuration, validation prompts, and the selection, neurons and number of
+    ``trial`` (None: the chosen one, as the search saved them)."""
     cfg = json.loads((src / "config.json").read_text())
     if cfg.get("objective") != "judge":
         raise SystemExit(f"{src} is not a judged search (objective {cfg.get('objective')!r})")
@@ -125,7 +130,8 @@ def load_trial(src: Path, trial: int | None) -> tuple[dict, SearchData, Selectio
     data = SearchData.bundled(n_h, n_a)
     result = load_result(src)
     if trial is None:
-        return cfg, data, Selection.load(src / "selection.json"), cna_lens.NeuronSet.load(src / "neurons.json"), result
+        chosen = Selection.load(src / "selection.json"), cna_lens.NeuronSet.load(src / "neurons.json")
+        return cfg, data, *chosen, result["chosen"]["number"]
     row = next((t for t in result["trials"] if t["number"] == trial), None)
     if row is None:
         raise SystemExit(f"{src} has no complete trial {trial}")
@@ -133,7 +139,7 @@ def load_trial(src: Path, trial: int | None) -> tuple[dict, SearchData, Selectio
     neurons = sel.neurons(Attribution.load(src / "attribution"), saved_effects(src))  # as the search computed them
     if len(neurons) != row["n_neurons"]:
         raise SystemExit(f"trial {trial}: {len(neurons)} neurons, but the search measured {row['n_neurons']}")
-    return cfg, data, sel, neurons, result
+    return cfg, data, sel, neurons, trial
 
 
 def measure_trial(src: Path, cfg: dict, model, data: SearchData, neurons, scale: float, repeats: int) -> dict:

@@ -39,8 +39,9 @@ def tl_hooks_active(model: HookedModel) -> bool:
 
 
 def stock_runs(model: HookedModel) -> bool:
-    """Whether :func:`stock_model` computes what ``model`` computes now: a bridge with its HF weights, no
-    TransformerLens hook active (weight edits and HF module hooks act on both)."""
+    """Whether :func:`stock_model` may run in place of ``model`` now: a bridge with its HF weights and no
+    TransformerLens hook active (TL hooks act on the bridge only; weight edits act on both; the HF module
+    hooks of :func:`steer_mlp_out` act on the stock model, where they are meant to run)."""
     return is_bridge(model) and not weights_processed(model) and not tl_hooks_active(model)
 
 

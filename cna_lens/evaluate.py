@@ -155,11 +155,10 @@ def final_logprobs(
     pad = pad_id(model.tokenizer)
     with tqdm(total=len(seqs), desc="score", unit="prompt", disable=not progress) as bar:
         for batch in length_batches([len(s) for s in seqs], batch_size):
+            ids, mask = left_pad([seqs[i] for i in batch], pad, model.cfg.device if plain is None else plain.device)
             if plain is None:
-                ids, mask = left_pad([seqs[i] for i in batch], pad, model.cfg.device)
                 logits = model(ids, attention_mask=mask, **last_logits_kwargs(model))[:, -1, :]
             else:
-                ids, mask = left_pad([seqs[i] for i in batch], pad, plain.device)
                 first: list[Tensor] = []
                 shrink_generate(plain, ids, mask, 1, (), on_first=first.append)
                 logits = first[0]

@@ -74,6 +74,7 @@ def compare(old: dict, new: dict) -> dict:
         "equal_params": len(same),
         "equal_values": sum(a["values"] == b["values"] for a, b in pairs),
         "equal_params_equal_objective": {k: sum(a[k] == b[k] for a, b in same) for k in OBJECTIVES},
+        "equal_params_kl_max_abs_difference": max((abs(a["kl"] - b["kl"]) for a, b in same), default=None),
         "equal_params_kl_max_relative_difference": max(
             (abs(a["kl"] - b["kl"]) / a["kl"] for a, b in same if a["kl"] > 0), default=None
         ),

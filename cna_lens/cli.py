@@ -165,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--generation-batch-size", type=int, default=32, help="prompts decoded together for --objective judge"
     )
+    s.add_argument(
+        "--trial-batch",
+        type=int,
+        default=1,
+        help="--objective judge: trials proposed together, their answers decoded in one batch of "
+        "K x --generation-batch-size rows (faster per trial on CPU; docs/search.md)",
+    )
     s.add_argument("--n-harmful", type=int, default=32, help="harmful_val prompts (compliance)")
     s.add_argument(
         "--n-harmless", type=int, default=32, help="alpaca_val prompts (KL; over-refusal too unless --benign)"

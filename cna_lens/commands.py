@@ -373,6 +373,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .pareto import Rule, summary
     from .plot import pareto_front, save_figure
     from .search import Search, SearchData, SearchSpace
+    from .search_refs import samples
 
     if args.trials < 1 or args.samples < 0 or args.confirm < 0:
         raise ValueError(
@@ -394,13 +395,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         generation_batch_size=args.generation_batch_size,
+        trial_batch=args.trial_batch,
         dtype=str(resolve_dtype(args.dtype, args.device)).removeprefix("torch."),
     )
     model = _load(args)
     result = search.run(model, args.trials)
     written = save_figure(pareto_front(result), Path(args.out) / "pareto", png=args.png)
     if args.samples:
-        search.samples(model, result, n=args.samples, max_new_tokens=args.sample_tokens)
+        samples(search, model, result, n=args.samples, max_new_tokens=args.sample_tokens)
     print(summary(result))
     print(f"wrote {Path(args.out) / 'pareto.json'}, {', '.join(map(str, written))}")
     return 0

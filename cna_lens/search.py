@@ -11,7 +11,10 @@ measures on **validation prompts only** (none used for discovery or pruning):
 Optuna's multi-objective TPE proposes the selections: a maintained sampler for mixed categorical /
 log-scaled / integer spaces, and its SQLite storage (``study.db``) makes a stopped search resume.
 The sampler of trial n is seeded from ``(seed, n)``, so a search stopped after n trials and resumed
-proposes what an uninterrupted one would. Discovery statistics, pruning effects and baseline
+proposes what an uninterrupted one would. With ``trial_batch=K`` (judged objective) K trials are
+proposed at once (TPE's constant liar: a running trial counts as a bad one, so the batch spreads) and
+their answers decoded in one batch (:mod:`cna_lens.speed.grouped`); a search resumed after a multiple
+of K trials proposes what an uninterrupted one would. Discovery statistics, pruning effects and baseline
 log-probabilities are computed once (and saved); a trial costs only its own forward passes.
 With ``Rule(confirm_top=k)`` the rule's first k points are measured again on fresh prompts and the
 choice is made on those (:mod:`cna_lens.confirm`).
@@ -44,10 +47,9 @@ from .engine import stock_runs
 from .evaluate import final_logprobs, kl_divergence, refusal_score, refusal_token_ids
 from .hooks import HookedModel
 from .models import model_name
-from .neurons import NeuronSet
 from .pareto import OBJECTIVES, Rule, build_result
 from .runs import RunDir, atomic_write, atomic_write_json, exclusive, read_json
-from .search_refs import CAA_ALPHAS, REFERENCE_FRACTIONS, measure_neurons, neuron_forms, reference_curves
+from .search_refs import CAA_ALPHAS, REFERENCE_FRACTIONS, measure_trials, reference_curves
 from .selection import SearchSpace, Selection, estimate_effects
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class Search:
         caa_alphas: Sequence[float] = CAA_ALPHAS,
         dtype: str = "",
         confirm_data: ConfirmData | None = None,
+        trial_batch: int = 1,
     ):
         if objective not in OBJECTIVE_KINDS:
             raise ValueError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVE_KINDS)}")
@@ -102,9 +105,15 @@ class Search:
             ("batch_size", batch_size, 1),
             ("generation_batch_size", generation_batch_size, 1),
             ("startup_trials", startup_trials, 1),
+            ("trial_batch", trial_batch, 1),
         ):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if trial_batch > 1 and objective != "judge":
+            raise ValueError(
+                f"trial_batch={trial_batch} decodes several trials' answers together; only objective='judge' "
+                "generates answers (first-token trials need no batching)"
+            )
         if not all(0 < f <= 1 for f in reference_fractions):
             raise ValueError(f"reference_fractions must lie in (0, 1], got {list(reference_fractions)}")
         if not all(math.isfinite(a) for a in caa_alphas):
@@ -118,7 +127,7 @@ class Search:
         self.data, self.space, self.rule, self.seed = data, space, rule, seed
         self.objective, self.max_new_tokens, self.batch_size = objective, max_new_tokens, batch_size
         self.generation_batch_size = generation_batch_size
-        self.startup = startup_trials
+        self.startup, self.trial_batch = startup_trials, trial_batch
         self.ref_fractions, self.caa_alphas = tuple(reference_fractions), tuple(caa_alphas)
         config = {
             "command": "search",
@@ -134,6 +143,7 @@ class Search:
             ),
             "batch_size": batch_size,
             "startup_trials": startup_trials,
+            **({"trial_batch": trial_batch} if trial_batch > 1 else {}),
             "data": {**data.names, "digest": data.digest()},
             "space": asdict(space),
             "reference_fractions": list(self.ref_fractions),
@@ -181,6 +191,7 @@ class Search:
         base: dict | None,
         stock: Callable[[], Any] | None = None,
         data: SearchData | None = None,
+        answers: tuple[list[str], Tensor] | None = None,
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """The three objectives (and diagnostics) under an intervention, and the log-probabilities per set;
         ``base`` = the baseline's log-probabilities (None: this is the baseline). ``intervention()``: its
@@ -190,7 +201,8 @@ class Search:
         prompts' common chat prefix once (:func:`final_logprobs`), and in a judged search the harmful
         prompts' first-token scores (a diagnostic there) from the generation's own prefill, so those
         prompts pass through the model once. ``data``: other prompts than the search's (the
-        confirmation's)."""
+        confirmation's); ``answers``: the harmful prompts' answers and first-token log-probabilities,
+        already generated under this intervention (:func:`cna_lens.search_refs.measure_trials`)."""
         d, bs = data or self.data, self.batch_size
         t0 = time.perf_counter()
         texts = None
@@ -201,7 +213,7 @@ class Search:
                 lp["harmful"] = score(d.harmful)
             lp["benign"] = lp["harmless"] if d.benign is None else score(d.benign)
             if self.judge_fn is not None:
-                texts, first = self.generate(model, list(d.harmful))
+                texts, first = answers or self.generate(model, list(d.harmful))
                 lp["harmful"] = first if first is not None else score(d.harmful)
         ids = refusal_token_ids(model.tokenizer)
         s = {k: refusal_score(v, ids) for k, v in lp.items()}
@@ -259,7 +271,7 @@ class Search:
                 group=True,
                 n_startup_trials=self.startup,
                 n_ei_candidates=128,
-                constant_liar=False,
+                constant_liar=self.trial_batch > 1,  # a batch's later proposals avoid its earlier ones
             )
 
     def run(self, model: HookedModel, trials: int, progress: bool = True) -> dict[str, Any]:
@@ -289,21 +301,26 @@ class Search:
         with tqdm(total=trials, initial=min(done(study), trials), desc="search", disable=not progress) as bar:
             while (n := done(study)) < trials:
                 study = optuna.load_study(study_name=STUDY, storage=storage, sampler=self.sampler(n))
-                trial = study.ask()
+                asked, sels, sets = [], [], []
                 try:
-                    sel = self.space.suggest(trial, attr.n_layers)
-                    neurons = sel.neurons(attr, effects)
-                    res = measure_neurons(self, model, neurons, sel.scale, baseline, base_lp, "trials")
+                    for _ in range(min(self.trial_batch, trials - n)):  # each proposal sees the batch's earlier ones
+                        asked.append(study.ask())
+                        sels.append(self.space.suggest(asked[-1], attr.n_layers))
+                        sets.append(sels[-1].neurons(attr, effects))
+                    scalings = [(neurons, sel.scale) for neurons, sel in zip(sets, sels)]
+                    results = measure_trials(self, model, scalings, baseline, base_lp)
                 except BaseException:
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    for trial in asked:
+                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     raise
-                res |= {"selection": sel.to_dict(), "n_neurons": len(neurons), "pruned": neurons.meta["pruned"]}
-                for k, v in res.items():
-                    if k != "values":
-                        trial.set_user_attr(k, v)
-                study.tell(trial, [res["values"][o] for o in OBJECTIVES])
-                bar.update()
-                bar.set_postfix_str(", ".join(f"{k}={v:.3g}" for k, v in res["values"].items()))
+                for trial, sel, neurons, res in zip(asked, sels, sets, results):
+                    res |= {"selection": sel.to_dict(), "n_neurons": len(neurons), "pruned": neurons.meta["pruned"]}
+                    for k, v in res.items():
+                        if k != "values":
+                            trial.set_user_attr(k, v)
+                    study.tell(trial, [res["values"][o] for o in OBJECTIVES])
+                    bar.update()
+                    bar.set_postfix_str(", ".join(f"{k}={v:.3g}" for k, v in res["values"].items()))
                 self.write(study, baseline, refs, attr, effects)  # a stopped search leaves its trials readable
         refs = reference_curves(self, model, attr, caa, base_lp, progress)  # after the trials: they come first
         conf = None
@@ -360,33 +377,6 @@ class Search:
             if conf is not None or not self.rule.confirm_top:  # else: chosen after the confirmation
                 log.warning("no trial meets the rule (%s); no selection.json written", self.rule.describe())
         return result
-
-    def samples(self, model: HookedModel, result: dict[str, Any], n: int = 8, max_new_tokens: int = 64) -> list[dict]:
-        """Greedy completions of the first ``n`` harmful and harmless validation prompts for the baseline
-        and the chosen selection (for reading by eye), kept in ``completions.jsonl`` (not recomputed)."""
-        from .generation import generate
-
-        conditions = {"baseline": contextlib.nullcontext}
-        if result.get("chosen"):  # write() saved its neurons
-            sel = Selection.from_dict(result["chosen"]["selection"])
-            hooked, stock = neuron_forms(model, NeuronSet.load(self.out / "neurons.json"), sel.scale)
-            conditions[f"trial:{result['chosen']['number']}"] = stock or hooked
-        done = self.run_dir.done()
-        for dataset, prompts in (("harmful", self.data.harmful[:n]), ("harmless", self.data.harmless[:n])):
-            for cond, ctx in conditions.items():
-                if all((dataset, cond, str(i)) in done for i in range(len(prompts))):
-                    continue
-                with ctx():
-                    texts = generate(
-                        model, list(prompts), max_new_tokens=max_new_tokens, batch_size=self.generation_batch_size
-                    )
-                self.run_dir.append(
-                    [
-                        {"dataset": dataset, "condition": cond, "prompt_id": str(i), "prompt": p, "completion": t}
-                        for i, (p, t) in enumerate(zip(prompts, texts))
-                    ]
-                )
-        return [r for r in self.run_dir.rows if r["condition"] in conditions]
 
 
 #: the per-neuron pruning effects (Δ refusal score) a search saves, under the key "delta"

@@ -1,4 +1,5 @@
-"""The reference curves a search draws beside its trials, and each intervention's two forms.
+"""How a search measures: its trials (several decoded together), the reference curves it draws beside
+them, each intervention's two forms, and the completions of its choice for reading by eye.
 
 A measurement runs an intervention in its stock-engine form (a weight edit, or HF module hooks for
 CAA) where the model has one: its scores (first-token refusal, KL) and, for the judged objective, its
@@ -13,7 +14,9 @@ that is not a bridge). The two forms are equal up to float rounding (``tests/uni
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +25,7 @@ from tqdm.auto import tqdm
 from .attribute import Attribution
 from .controls import direction_ablation_hooks, refusal_direction
 from .edit import edit_direction, edit_weights
-from .engine import steer_mlp_out
+from .engine import steer_mlp_out, stock_runs
 from .hooks import HookedModel
 from .intervene import ablate, steer
 from .models import is_bridge
@@ -68,6 +71,40 @@ def measure_neurons(
     with search.run_dir.timed(stage):
         hooked, stock = neuron_forms(model, neurons, scale)
         return search.measure(model, hooked, base, stock, data)[0]
+
+
+def measure_trials(
+    search: Search,
+    model: HookedModel,
+    scalings: Sequence[tuple[NeuronSet, float]],
+    baseline: dict[str, Any],
+    base: dict,
+    stage: str = "trials",
+) -> list[dict[str, Any]]:
+    """:func:`measure_neurons` for each ``(neurons, scale)``. In a judged search on the stock engine,
+    the harmful prompts' answers of all of them are decoded in one batch (:func:`generate_grouped`)
+    and each measurement's ``seconds`` holds its share of that decoding."""
+    live = [i for i, (neurons, _) in enumerate(scalings) if len(neurons)]
+    if len(live) < 2 or search.judge_fn is None or not stock_runs(model):
+        return [measure_neurons(search, model, n, s, baseline, base, stage) for n, s in scalings]
+    from .speed.grouped import generate_grouped
+
+    out = [{**baseline, "seconds": 0.0} for _ in scalings]  # no neurons: the unmodified model
+    with search.run_dir.timed(stage):
+        t0 = time.perf_counter()
+        texts, first = generate_grouped(
+            model,
+            list(search.data.harmful),
+            [scalings[i] for i in live],
+            max_new_tokens=search.max_new_tokens,
+            batch_size=search.generation_batch_size,
+        )
+        decoding = (time.perf_counter() - t0) / len(live)
+        for g, i in enumerate(live):
+            hooked, stock = neuron_forms(model, *scalings[i])
+            out[i] = search.measure(model, hooked, base, stock, answers=(texts[g], first[g]))[0]
+            out[i]["seconds"] += decoding
+    return out
 
 
 def direction_layers(n_layers: int) -> list[int]:
@@ -120,3 +157,33 @@ def reference_curves(
             ]
         atomic_write_json(path, {"kind": "cna_lens.SearchReferences", "curves": curves})
     return curves
+
+
+def samples(
+    search: Search, model: HookedModel, result: dict[str, Any], n: int = 8, max_new_tokens: int = 64
+) -> list[dict]:
+    """Greedy completions of the first ``n`` harmful and harmless validation prompts of a finished ``search``
+    for the baseline and the chosen selection (for reading by eye), kept in ``completions.jsonl`` (not recomputed)."""
+    from .generation import generate
+
+    conditions = {"baseline": contextlib.nullcontext}
+    if result.get("chosen"):  # write() saved its neurons
+        sel = Selection.from_dict(result["chosen"]["selection"])
+        hooked, stock = neuron_forms(model, NeuronSet.load(search.out / "neurons.json"), sel.scale)
+        conditions[f"trial:{result['chosen']['number']}"] = stock or hooked
+    done = search.run_dir.done()
+    for dataset, prompts in (("harmful", search.data.harmful[:n]), ("harmless", search.data.harmless[:n])):
+        for cond, ctx in conditions.items():
+            if all((dataset, cond, str(i)) in done for i in range(len(prompts))):
+                continue
+            with ctx():
+                texts = generate(
+                    model, list(prompts), max_new_tokens=max_new_tokens, batch_size=search.generation_batch_size
+                )
+            search.run_dir.append(
+                [
+                    {"dataset": dataset, "condition": cond, "prompt_id": str(i), "prompt": p, "completion": t}
+                    for i, (p, t) in enumerate(zip(prompts, texts))
+                ]
+            )
+    return [r for r in search.run_dir.rows if r["condition"] in conditions]

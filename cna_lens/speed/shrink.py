@@ -15,6 +15,10 @@ as ``prefix · padding · rest``; the mask and positions make that the same comp
 go (``DynamicCache.batch_select_indices``), and the attention mask, positions and next tokens are
 sliced the same way. Compute per step is proportional to the rows still running.
 
+Rows may run under different per-row interventions (``groups`` equal consecutive blocks, see
+:mod:`cna_lens.speed.grouped`): then the prefix is prefilled once per block, at batch ``groups``, and
+``on_rows(rows)`` tells the intervention, before every forward pass, which rows of ``ids`` it computes.
+
 Public APIs only: the model's ``forward(input_ids, attention_mask, position_ids, cache,
 use_cache, logits_to_keep)`` (the cache argument is ``past_key_values`` before transformers 5.24),
 ``DynamicCache(config=...)``, ``DynamicCache.batch_repeat_interleave`` and
@@ -69,16 +73,24 @@ def shrink_generate(
     on_row: Callable[[int, list[int]], None] | None = None,
     share_prefix: bool = True,
     on_first: Callable[[Float[Tensor, "batch vocab"]], None] | None = None,
+    groups: int = 1,
+    on_rows: Callable[[Int[Tensor, " rows"]], None] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations (without the end-of-sequence token) of the left-padded rows of ``ids``;
     ``on_row(row, tokens)`` as each row finishes. ``model``: a plain HF causal LM; ``eos`` empty: never
     stop; ``share_prefix``: prefill the rows' common prefix once; ``on_first(logits)``: the prefill's
-    logits at each row's final prompt position (the first new token's), rows in ``ids``' order."""
+    logits at each row's final prompt position (the first new token's), rows in ``ids``' order;
+    ``groups``: the rows form that many equal consecutive blocks whose computations differ (the shared
+    prefix is prefilled once per block); ``on_rows(rows)``: before each forward pass, the indices into
+    ``ids`` of the rows it computes."""
     from transformers import DynamicCache
 
     cache_arg = check_supported(model)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if groups < 1 or ids.shape[0] % groups:
+        raise ValueError(f"groups must be >= 1 and divide the batch of {ids.shape[0]} rows, got {groups}")
+    tell = on_rows or (lambda rows: None)
     out: list[list[int]] = [[] for _ in range(ids.shape[0])]
     rows = torch.arange(ids.shape[0], device=ids.device)
     stop = torch.tensor(sorted(eos), dtype=ids.dtype, device=ids.device)
@@ -86,18 +98,21 @@ def shrink_generate(
     n_prefix = shared_prefix(ids, mask) if share_prefix else 0
     if n_prefix:
         ids, mask = prefix_first(ids, mask, n_prefix)
+        first_rows = rows[:: ids.shape[0] // groups]  # one row per block
+        tell(first_rows)
         model(
-            input_ids=ids[:1, :n_prefix],
-            attention_mask=mask[:1, :n_prefix],
-            position_ids=torch.arange(n_prefix, device=ids.device)[None],
+            input_ids=ids[first_rows, :n_prefix],
+            attention_mask=mask[first_rows, :n_prefix],
+            position_ids=torch.arange(n_prefix, device=ids.device)[None].expand(groups, -1),
             use_cache=True,
             logits_to_keep=1,
             **{cache_arg: cache},
         )
-        cache.batch_repeat_interleave(ids.shape[0])
+        cache.batch_repeat_interleave(ids.shape[0] // groups)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     step_in, step_pos = ids[:, n_prefix:], pos[:, n_prefix:]
     for step in range(max_new_tokens):
+        tell(rows)
         logits = model(
             input_ids=step_in,
             attention_mask=mask,

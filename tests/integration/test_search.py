@@ -19,6 +19,7 @@ from cna_lens.controls import refusal_direction
 from cna_lens.edit import edit_direction
 from cna_lens.neurons import NeuronSet
 from cna_lens.pareto import load_result, pareto_mask
+from cna_lens.prompts import encode, left_pad
 from cna_lens.search import Search
 from cna_lens.search_refs import CURVES, DIRECTION_DEPTHS
 from cna_lens.selection import SearchSpace, Selection
@@ -325,3 +326,53 @@ def test_confirmation_chooses_on_fresh_prompts(planted, search_data, tmp_path):
         run(model, tmp_path / "s", 5, search_data, **kw, confirm_data=moved)
     with pytest.raises(ValueError, match="confirm_data"):
         make(tmp_path / "s", search_data, rule=Rule(confirm_top=2))
+
+
+def test_trial_batch_measures_each_trial_as_alone_and_resumes(planted, search_data, tmp_path, monkeypatch):
+    """``trial_batch=2``: TPE proposes two trials at once (constant liar) and their answers are decoded in
+    one batch. Each trial's answers, objectives and labels equal measuring its selection alone (fp32: the
+    same greedy answers, the same scoring pass), its first-token scores up to fp32 summation order; a
+    search stopped after whole batches, with a trial left RUNNING by a killed process, resumes to what
+    an uninterrupted one gives; the setting is pinned."""
+    from cna_lens.search import saved_effects
+    from cna_lens.search_refs import measure_neurons
+
+    from ..helpers import logit_tol
+
+    model, _, _ = planted
+    answers: list[list[str]] = []  # what the judge reads, in measurement order (the baseline's first)
+    regex = cna_lens.judge.judge_completions
+    monkeypatch.setattr(
+        cna_lens.judge, "judge_completions", lambda p, c, judge="default": answers.append(list(c)) or regex(p, c, judge)
+    )
+    kw = dict(seed=3, objective="judge", judge="regex", max_new_tokens=3, generation_batch_size=2, trial_batch=2)
+    kw["space"] = SearchSpace(prune=(False,))  # no trial without neurons: every batch decodes two selections
+    full = run(model, tmp_path / "full", 6, search_data, **kw)
+    assert full["n_trials"] == 6
+    batched = answers[1:7]
+    assert len({tuple(a) for a in batched}) > 1  # the trials' answers differ: each must be its own
+    answers.clear()
+    alone = make(tmp_path / "alone", search_data, **{**kw, "trial_batch": 1})
+    baseline, base = alone.baseline(model)
+    attr, effects = Attribution.load(tmp_path / "full" / "attribution"), saved_effects(tmp_path / "full")
+    with torch.no_grad():  # the scale of the rounding bound: a refusal score (log-odds) moves ≤ 2 max|Δlogit|
+        tokens, mask = left_pad(encode(model.tokenizer, list(search_data.harmful)), model.tokenizer.pad_token_id)
+        tol = 2 * logit_tol(model, 2 * model(tokens, attention_mask=mask))
+    for t in full["trials"]:
+        sel = Selection.from_dict(t["selection"])
+        neurons = sel.neurons(attr, effects)
+        assert len(neurons) > 0
+        got = measure_neurons(alone, model, neurons, sel.scale, baseline, base, "trials")
+        assert got["values"] == t["values"] and got["judged"] == t["judged"], t["number"]
+        assert abs(got["mean_refusal_score"] - t["mean_refusal_score"]) <= tol, t["number"]
+    assert answers[1:] == batched
+    run(model, tmp_path / "part", 4, search_data, **kw)
+    storage = f"sqlite:///{(tmp_path / 'part' / 'study.db').resolve()}"
+    optuna.load_study(study_name="cna_lens.search", storage=storage).ask()
+    resumed = run(model, tmp_path / "part", 6, search_data, **kw)
+    key = lambda r: (r["params"], r["values"], r["n_neurons"])  # noqa: E731
+    assert [key(r) for r in resumed["trials"]] == [key(r) for r in full["trials"]]
+    with pytest.raises(ValueError, match="trial_batch"):
+        make(tmp_path / "full", search_data, **{**kw, "trial_batch": 1})
+    with pytest.raises(ValueError, match="only objective='judge'"):
+        make(tmp_path / "first", search_data, trial_batch=2)

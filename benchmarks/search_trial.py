@@ -112,11 +112,13 @@ def main() -> None:
     print(f"first-token scores (harmful + harmless, TL hooks): {scores:.1f} s")
 
 
-def write_report(out_dir: str, cfg: dict, kind: str, trial: int, fields: dict) -> None:
-    """``OUT_DIR/<model>.json``: the benchmark's kind, the search's model and dtype, the trial, then ``fields``."""
+def write_report(out_dir: str, cfg: dict, kind: str, trial: int | None, fields: dict) -> None:
+    """``OUT_DIR/<model>.json``: the benchmark's kind, the search's model and dtype, the trial (if one),
+    then ``fields``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"kind": kind, "model": cfg["model"], "dtype": cfg["dtype"], "trial": trial, **fields}
+    report = {"kind": kind, "model": cfg["model"], "dtype": cfg["dtype"], **({} if trial is None else {"trial": trial})}
+    report |= fields
     atomic_write_json(out / f"{cfg['model']}.json", report)
 
 

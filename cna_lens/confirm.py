@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .datasets import load_prompts
 from .evaluate import final_logprobs
 from .runs import atomic_write_json, read_json
-from .search_refs import measure_neurons
+from .search_refs import measure_trials
 from .selection import Selection
 
 if TYPE_CHECKING:
@@ -107,10 +107,13 @@ def confirm(
     todo = [r for r in search.rule.candidates(rows, baseline["values"]) if str(r["number"]) not in conf["trials"]]
     if todo and base is None:  # resumed: the baseline's log-probabilities again, the same pass (not stored: large)
         base = {"harmless": final_logprobs(model, list(data.harmless), batch_size=search.batch_size, engine="auto")}
-    for r in tqdm(todo, desc="confirm", disable=not progress):
-        sel = Selection.from_dict(r["selection"])
-        neurons = sel.neurons(attr, effects)
-        res = measure_neurons(search, model, neurons, sel.scale, conf["baseline"], base, "confirm", fresh)
-        conf["trials"][str(r["number"])] = res
-        atomic_write_json(path, conf)  # a stopped confirmation keeps what it measured
+    k = search.trial_batch  # candidates measured together (their answers decoded in one batch)
+    with tqdm(total=len(todo), desc="confirm", disable=not progress) as bar:
+        for chunk in (todo[i : i + k] for i in range(0, len(todo), k)):
+            sels = [Selection.from_dict(r["selection"]) for r in chunk]
+            scalings = [(sel.neurons(attr, effects), sel.scale) for sel in sels]
+            results = measure_trials(search, model, scalings, conf["baseline"], base, "confirm", fresh)
+            conf["trials"] |= {str(r["number"]): res for r, res in zip(chunk, results)}
+            atomic_write_json(path, conf)  # a stopped confirmation keeps what it measured
+            bar.update(len(chunk))
     return conf

@@ -69,11 +69,12 @@ def read_json(path: str | os.PathLike, kind: str, version: int | None = None) ->
 
 
 #: Values of config fields that runs written before the field existed used implicitly.
-LEGACY_DEFAULTS = {"process_weights": True, "choose_by": "first_token", "choose_tokens": 48}
+LEGACY_DEFAULTS = {"process_weights": True, "choose_by": "first_token", "choose_tokens": 48, "trial_batch": 1}
 #: How to resume with the stored setting, for fields that have a command-line switch.
 _RESUME_HINTS = {
     "dtype": lambda v: f"resume it with --dtype {v} or ",
     "process_weights": lambda v: f"resume it with --{'' if v else 'no-'}process-weights or ",
+    "trial_batch": lambda v: f"resume it with --trial-batch {v} or ",
 }
 
 

@@ -143,7 +143,7 @@ class Search:
             ),
             "batch_size": batch_size,
             "startup_trials": startup_trials,
-            **({"trial_batch": trial_batch} if trial_batch > 1 else {}),
+            "trial_batch": trial_batch,
             "data": {**data.names, "digest": data.digest()},
             "space": asdict(space),
             "reference_fractions": list(self.ref_fractions),

@@ -80,13 +80,14 @@ def measure_trials(
     baseline: dict[str, Any],
     base: dict,
     stage: str = "trials",
+    data: SearchData | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`measure_neurons` for each ``(neurons, scale)``. In a judged search on the stock engine,
     the harmful prompts' answers of all of them are decoded in one batch (:func:`generate_grouped`)
     and each measurement's ``seconds`` holds its share of that decoding."""
     live = [i for i, (neurons, _) in enumerate(scalings) if len(neurons)]
     if len(live) < 2 or search.judge_fn is None or not stock_runs(model):
-        return [measure_neurons(search, model, n, s, baseline, base, stage) for n, s in scalings]
+        return [measure_neurons(search, model, n, s, baseline, base, stage, data) for n, s in scalings]
     from .speed.grouped import generate_grouped
 
     out = [{**baseline, "seconds": 0.0} for _ in scalings]  # no neurons: the unmodified model
@@ -94,7 +95,7 @@ def measure_trials(
         t0 = time.perf_counter()
         texts, first = generate_grouped(
             model,
-            list(search.data.harmful),
+            list((data or search.data).harmful),
             [scalings[i] for i in live],
             max_new_tokens=search.max_new_tokens,
             batch_size=search.generation_batch_size,
@@ -102,7 +103,7 @@ def measure_trials(
         decoding = (time.perf_counter() - t0) / len(live)
         for g, i in enumerate(live):
             hooked, stock = neuron_forms(model, *scalings[i])
-            out[i] = search.measure(model, hooked, base, stock, answers=(texts[g], first[g]))[0]
+            out[i] = search.measure(model, hooked, base, stock, data, answers=(texts[g], first[g]))[0]
             out[i]["seconds"] += decoding
     return out
 

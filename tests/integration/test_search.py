@@ -333,7 +333,13 @@ def test_trial_batch_measures_each_trial_as_alone_and_resumes(planted, search_da
     one batch. Each trial's answers, objectives and labels equal measuring its selection alone (fp32: the
     same greedy answers, the same scoring pass), its first-token scores up to fp32 summation order; a
     search stopped after whole batches, with a trial left RUNNING by a killed process, resumes to what
-    an uninterrupted one gives; the setting is pinned."""
+    an uninterrupted one gives; the confirmation measures its candidates in batches too; the setting is
+    pinned."""
+    from dataclasses import replace
+
+    from cna_lens.confirm import ConfirmData
+    from cna_lens.evaluate import final_logprobs
+    from cna_lens.pareto import Rule
     from cna_lens.search import saved_effects
     from cna_lens.search_refs import measure_neurons
 
@@ -345,10 +351,14 @@ def test_trial_batch_measures_each_trial_as_alone_and_resumes(planted, search_da
     monkeypatch.setattr(
         cna_lens.judge, "judge_completions", lambda p, c, judge="default": answers.append(list(c)) or regex(p, c, judge)
     )
+    fresh = ConfirmData(search_data.harmless[:3], search_data.harmful[1:4], {"set": "fresh"})
     kw = dict(seed=3, objective="judge", judge="regex", max_new_tokens=3, generation_batch_size=2, trial_batch=2)
-    kw["space"] = SearchSpace(prune=(False,))  # no trial without neurons: every batch decodes two selections
+    kw |= dict(
+        space=SearchSpace(prune=(False,)), rule=Rule(confirm_top=3), confirm_data=fresh
+    )  # every trial has neurons
     full = run(model, tmp_path / "full", 6, search_data, **kw)
     assert full["n_trials"] == 6
+    conf = json.loads((tmp_path / "full" / "confirm.json").read_text())
     batched = answers[1:7]
     assert len({tuple(a) for a in batched}) > 1  # the trials' answers differ: each must be its own
     answers.clear()
@@ -366,6 +376,13 @@ def test_trial_batch_measures_each_trial_as_alone_and_resumes(planted, search_da
         assert got["values"] == t["values"] and got["judged"] == t["judged"], t["number"]
         assert abs(got["mean_refusal_score"] - t["mean_refusal_score"]) <= tol, t["number"]
     assert answers[1:] == batched
+    fresh_data = replace(search_data, harmful=fresh.harmful, harmless=fresh.harmless, benign=None)
+    fresh_base = {"harmless": final_logprobs(model, list(fresh.harmless), batch_size=alone.batch_size, engine="auto")}
+    assert len(conf["trials"]) == 3  # the candidates, measured in a batch of two and one alone
+    for number, res in conf["trials"].items():
+        sel = Selection.from_dict(next(t for t in full["trials"] if t["number"] == int(number))["selection"])
+        got = measure_neurons(alone, model, sel.neurons(attr, effects), sel.scale, {}, fresh_base, "c", fresh_data)
+        assert got["values"] == res["values"] and got["judged"] == res["judged"], number
     run(model, tmp_path / "part", 4, search_data, **kw)
     storage = f"sqlite:///{(tmp_path / 'part' / 'study.db').resolve()}"
     optuna.load_study(study_name="cna_lens.search", storage=storage).ask()

@@ -198,6 +198,8 @@ def test_cli_checks_before_loading(tmp_path, capsys):
         (["--kl-cap", "-1"], "kl_cap"),
         (["--benign", "nope"], "unknown dataset"),
         (["--confirm", "-1"], "--confirm"),
+        (["--trial-batch", "0"], "trial_batch must be an int >= 1"),
+        (["--trial-batch", "2"], "only objective='judge'"),
         (["--confirm", "2", "--confirm-harmful", "300"], "harmful_train[32:332]"),
         (["--confirm", "2", "--n-harmless", "200", "--confirm-harmless", "64"], "alpaca_val[200:264]"),
     ):

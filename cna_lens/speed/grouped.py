@@ -107,6 +107,8 @@ def generate_grouped(
     the model's)."""
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt")
     check_scalings(model, scalings)
     k, plain = len(scalings), stock_model(model)
     eos = eos_token_ids(model) if eos is None else sorted(eos)

@@ -90,7 +90,8 @@ def measure_trials(
         return [measure_neurons(search, model, n, s, baseline, base, stage, data) for n, s in scalings]
     from .speed.grouped import generate_grouped
 
-    out = [{**baseline, "seconds": 0.0} for _ in scalings]  # no neurons: the unmodified model
+    # no neurons: the unmodified model, as measure_neurons gives it (no pass); the others below
+    out = [measure_neurons(search, model, n, s, baseline, base, stage, data) if not len(n) else {} for n, s in scalings]
     with search.run_dir.timed(stage):
         t0 = time.perf_counter()
         texts, first = generate_grouped(

@@ -109,13 +109,13 @@ def generate_grouped(
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt")
-    check_scalings(model, scalings)
-    k, plain = len(scalings), stock_model(model)
+    k = len(scalings)
     eos = eos_token_ids(model) if eos is None else sorted(eos)
     seqs = encode(model.tokenizer, list(prompts))
     texts = [[""] * len(seqs) for _ in range(k)]
     first: list[list[Tensor | None]] = [[None] * len(seqs) for _ in range(k)]
     with row_scales(model, scalings) as set_groups, tqdm(total=k * len(seqs), disable=not progress) as bar:
+        plain = stock_model(model)  # row_scales checked that it runs
         for batch in batches_by_length([len(s) for s in seqs], batch_size):
             ids, mask = left_pad([seqs[i] for i in batch], pad_id(model.tokenizer), plain.device)
             b = len(batch)

@@ -341,7 +341,7 @@ def test_trial_batch_measures_each_trial_as_alone_and_resumes(planted, search_da
     from cna_lens.evaluate import final_logprobs
     from cna_lens.pareto import Rule
     from cna_lens.search import saved_effects
-    from cna_lens.search_refs import measure_neurons
+    from cna_lens.search_refs import measure_neurons, measure_trials
 
     from ..helpers import logit_tol
 
@@ -376,6 +376,14 @@ def test_trial_batch_measures_each_trial_as_alone_and_resumes(planted, search_da
         assert got["values"] == t["values"] and got["judged"] == t["judged"], t["number"]
         assert abs(got["mean_refusal_score"] - t["mean_refusal_score"]) <= tol, t["number"]
     assert answers[1:] == batched
+    # a selection left without neurons (by pruning) in a batch is the unmodified model, beside the others
+    empty = NeuronSet((), (), (), model.cfg.n_layers, model.cfg.d_mlp)
+    mixed = [
+        (Selection.from_dict(t["selection"]).neurons(attr, effects), t["selection"]["scale"]) for t in full["trials"]
+    ]
+    got = measure_trials(alone, model, [mixed[0], (empty, 0.0), mixed[1]], baseline, base)
+    assert got[1] == {**baseline, "seconds": 0.0}
+    assert [g["values"] for g in (got[0], got[2])] == [full["trials"][i]["values"] for i in (0, 1)]
     fresh_data = replace(search_data, harmful=fresh.harmful, harmless=fresh.harmless, benign=None)
     fresh_base = {"harmless": final_logprobs(model, list(fresh.harmless), batch_size=alone.batch_size, engine="auto")}
     assert len(conf["trials"]) == 3  # the candidates, measured in a batch of two and one alone

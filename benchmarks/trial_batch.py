@@ -11,6 +11,8 @@ For each search directory, from its ``timings.json``, ``pareto.json`` and ``conf
   (the area the front dominates above the baseline, per nat: the best compliance gain at a budget
   drawn uniformly from [0, cap]) after the first 25, 50, 75 and all trials, and how many trials
   propose parameters another trial proposed;
+* how often TPE proposes each ranking after the random start-up trials (a search tends to settle
+  on one);
 * the confirmation: its candidates' compliance on fresh prompts (each, and their mean), and the
   choice: its number, fresh-prompt and validation values.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 from cna_lens.pareto import load_result
@@ -68,6 +71,9 @@ def describe(path: Path, label: str) -> dict:
         "seconds_per_trial": timings["trials"] / len(trials),
         "trials": len(trials),
         "repeated_params": len(params) - len(set(params)),
+        "rankings_after_startup": dict(
+            Counter(t["params"]["ranking"] for t in trials if t["number"] >= cfg["startup_trials"]).most_common()
+        ),
         "front_gain_per_nat": front_gain(trials, base, rule["kl_cap"], rule["over_refusal_slack"]),
         "front_gain_per_nat_after": {
             n: front_gain([t for t in trials if t["number"] < n], base, rule["kl_cap"], rule["over_refusal_slack"])
@@ -100,7 +106,7 @@ def main() -> None:
         print(
             f"{r['search']} (K={r['trial_batch']}): trials {r['seconds']['trials']:.0f} s "
             f"({r['seconds_per_trial']:.1f} s each), stages {r['stage_seconds_total']:.0f} s; "
-            f"front gain after 25/50/75/all trials {gains}; "
+            f"front gain after 25/50/75/all trials {gains}; rankings after start-up {r['rankings_after_startup']}; "
             f"fresh compliance of the confirmed candidates (mean) {r['confirmed_fresh_compliance_mean']}; "
             f"validation best {best}; chosen {chosen}"
         )

@@ -28,19 +28,15 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from cna_lens.pareto import load_result
+from cna_lens.pareto import Rule, load_result
 from cna_lens.runs import atomic_write_json
 
 
-def front_gain(trials: list[dict], base: dict, cap: float, slack: float) -> float:
+def front_gain(trials: list[dict], base: dict, rule: Rule) -> float:
     """The mean, over KL budgets κ uniform in [0, cap], of the best compliance gain over the baseline
-    among trials with KL ≤ κ and over-refusal ≤ baseline + slack (module docstring)."""
-    ok = sorted(
-        (t["values"]["kl"], t["values"]["compliance"])
-        for t in trials
-        if t["values"]["kl"] < cap and t["values"]["over_refusal"] <= base["over_refusal"] + slack
-    )
-    area, best = 0.0, base["compliance"]
+    among trials with KL ≤ κ that meet the rule's caps (module docstring)."""
+    ok = sorted((t["values"]["kl"], t["values"]["compliance"]) for t in rule.rank(trials, base))
+    area, best, cap = 0.0, base["compliance"], rule.kl_cap
     for (kl, c), nxt in zip(ok, [k for k, _ in ok[1:]] + [cap]):
         best = max(best, c)
         area += (nxt - kl) * (best - base["compliance"])
@@ -50,16 +46,9 @@ def front_gain(trials: list[dict], base: dict, cap: float, slack: float) -> floa
 def describe(path: Path, label: str) -> dict:
     res = load_result(path)
     cfg = json.loads((path / "config.json").read_text())
-    rule, base = res["rule"], res["baseline"]["values"]
-    timings = res["timings"]
-    trials = res["trials"]
-    feasible = [
-        t
-        for t in trials
-        if t["values"]["kl"] <= rule["kl_cap"]
-        and t["values"]["over_refusal"] <= base["over_refusal"] + rule["over_refusal_slack"]
-    ]
-    best = max(feasible, key=lambda t: (t["values"]["compliance"], -t["values"]["kl"]), default=None)
+    rule = Rule(res["rule"]["kl_cap"], res["rule"]["over_refusal_slack"])
+    base, timings, trials = res["baseline"]["values"], res["timings"], res["trials"]
+    best = rule.choose(trials, base)  # on validation
     params = [json.dumps(t["params"], sort_keys=True) for t in trials]
     chosen = res.get("chosen")
     fresh = [c["values"]["compliance"] for c in (res.get("confirmation") or {}).get("candidates", [])]
@@ -74,10 +63,9 @@ def describe(path: Path, label: str) -> dict:
         "rankings_after_startup": dict(
             Counter(t["params"]["ranking"] for t in trials if t["number"] >= cfg["startup_trials"]).most_common()
         ),
-        "front_gain_per_nat": front_gain(trials, base, rule["kl_cap"], rule["over_refusal_slack"]),
+        "front_gain_per_nat": front_gain(trials, base, rule),
         "front_gain_per_nat_after": {
-            n: front_gain([t for t in trials if t["number"] < n], base, rule["kl_cap"], rule["over_refusal_slack"])
-            for n in (25, 50, 75, len(trials))
+            n: front_gain([t for t in trials if t["number"] < n], base, rule) for n in (25, 50, 75, len(trials))
         },
         "validation_best": None if best is None else {"number": best["number"], **best["values"]},
         "confirmed_fresh_compliance": fresh,

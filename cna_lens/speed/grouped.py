@@ -107,11 +107,9 @@ def generate_grouped(
     the model's)."""
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
-    if not prompts:
-        raise ValueError("prompts is empty: give at least one prompt")
     k = len(scalings)
     eos = eos_token_ids(model) if eos is None else sorted(eos)
-    seqs = encode(model.tokenizer, list(prompts))
+    seqs = encode(model.tokenizer, prompts)  # checks the prompts (check_prompts) before any forward pass
     texts = [[""] * len(seqs) for _ in range(k)]
     first: list[list[Tensor | None]] = [[None] * len(seqs) for _ in range(k)]
     with row_scales(model, scalings) as set_groups, tqdm(total=k * len(seqs), disable=not progress) as bar:

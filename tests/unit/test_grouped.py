@@ -80,8 +80,10 @@ def test_bad_input(tiny_model, prompts):
     wrong = NeuronSet((0,), (1,), (1.0,), tiny_model.cfg.n_layers + 1, tiny_model.cfg.d_mlp)
     with pytest.raises(ValueError, match="layers"):
         generate_grouped(tiny_model, prompts, [(wrong, 0.0)])
-    with pytest.raises(ValueError, match="prompts is empty"):
+    with pytest.raises(ValueError, match="`prompts` is empty"):
         generate_grouped(tiny_model, [], scalings)
+    with pytest.raises(TypeError, match="not a single string"):
+        generate_grouped(tiny_model, prompts[0], scalings)
     with pytest.raises(ValueError, match=">= 1"):
         generate_grouped(tiny_model, prompts, scalings, batch_size=0)
     with cna_lens.ablate(tiny_model, scalings[0][0], 0.0), pytest.raises(ValueError, match="stock engine"):

@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="rule: re-measure the first N points on fresh prompts and choose on those (0: choose on validation)",
     )
+    s.add_argument(
+        "--confirm-front",
+        action="store_true",
+        help="with --confirm: also re-measure the front (KL <= cap) and the reference curves on the fresh prompts "
+        "(pareto_fresh.html; compares methods at equal KL, not used to choose)",
+    )
     s.add_argument("--confirm-harmful", type=int, default=64, help="fresh harmful_train prompts for --confirm")
     s.add_argument("--confirm-harmless", type=int, default=64, help="fresh alpaca_val prompts for --confirm")
     s.add_argument("--samples", type=int, default=8, help="prompts per set to generate for the chosen point")

@@ -371,7 +371,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .confirm import ConfirmData
     from .models import resolve_dtype
     from .pareto import Rule, summary
-    from .plot import pareto_front, save_figure
+    from .plot import fresh_front, pareto_front, save_figure
     from .search import Search, SearchData, SearchSpace
     from .search_refs import samples
 
@@ -387,7 +387,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         model=args.model,
         data=SearchData.bundled(args.n_harmful, args.n_harmless, args.n_effects, args.benign),
         space=SearchSpace(rankings=tuple(args.rankings.split(",")), prune=(False, True) if args.prune else (False,)),
-        rule=Rule(args.kl_cap, args.over_refusal_slack, args.confirm),
+        rule=Rule(args.kl_cap, args.over_refusal_slack, args.confirm, args.confirm_front),
         confirm_data=confirm,
         seed=args.seed,
         objective=args.objective,
@@ -401,6 +401,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     model = _load(args)
     result = search.run(model, args.trials)
     written = save_figure(pareto_front(result), Path(args.out) / "pareto", png=args.png)
+    if "front" in (result.get("confirmation") or {}):
+        written += save_figure(fresh_front(result), Path(args.out) / "pareto_fresh", png=args.png)
     if args.samples:
         samples(search, model, result, n=args.samples, max_new_tokens=args.sample_tokens)
     print(summary(result))

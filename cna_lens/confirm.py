@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .datasets import load_prompts
 from .evaluate import final_logprobs
 from .runs import atomic_write_json, read_json
-from .search_refs import measure_trials
+from .search_refs import measure_trials, reference_points
 from .selection import Selection
 
 if TYPE_CHECKING:
@@ -83,10 +83,13 @@ def confirm(
     attr: Attribution,
     effects: Any,
     progress: bool = True,
+    caa: Attribution | None = None,
 ) -> dict[str, Any]:
     """Measure the baseline and ``search.rule``'s candidates among ``rows`` (complete trials, with their
-    validation ``values``) on ``search.confirm_data``; return ``confirm.json``'s object (read back
-    when already measured). A ``confirm.json`` of other prompts is refused, not mixed."""
+    validation ``values``) on ``search.confirm_data``; with ``rule.confirm_front`` also the front's rows
+    (:meth:`Rule.front_rows`) and the reference curves (``caa``: the CAA vectors). Return
+    ``confirm.json``'s object (read back when already measured). A ``confirm.json`` of other prompts is
+    refused, not mixed."""
     data = search.confirm_data
     path = search.out / "confirm.json"
     header = {"kind": KIND, "format_version": FORMAT_VERSION, "data": {**data.names, "digest": data.digest()}}
@@ -104,8 +107,18 @@ def confirm(
             conf["baseline"], lp = search.measure(model, contextlib.nullcontext, None, data=fresh)
         base = {"harmless": lp["harmless"]}
         atomic_write_json(path, conf)
-    todo = [r for r in search.rule.candidates(rows, baseline["values"]) if str(r["number"]) not in conf["trials"]]
-    if todo and base is None:  # resumed: the baseline's log-probabilities again, the same pass (not stored: large)
+    rule = search.rule
+    wanted = rule.candidates(rows, baseline["values"]) + (rule.front_rows(rows) if rule.confirm_front else [])
+    todo = list({str(r["number"]): r for r in wanted if str(r["number"]) not in conf["trials"]}.values())
+    curves = {}
+    if rule.confirm_front:
+        if caa is None:
+            raise ValueError("rule.confirm_front re-measures the reference curves: pass caa (the CAA vectors)")
+        done = conf.setdefault("references", {})
+        curves = {k: v for k, v in reference_points(search, model, attr, caa, progress).items() if k not in done}
+    if (
+        todo or curves
+    ) and base is None:  # resumed: the baseline's log-probabilities again, the same pass (not stored: large)
         base = {"harmless": final_logprobs(model, list(data.harmless), batch_size=search.batch_size, engine="auto")}
     k = search.trial_batch  # candidates measured together (their answers decoded in one batch)
     with tqdm(total=len(todo), desc="confirm", disable=not progress) as bar:
@@ -116,4 +129,11 @@ def confirm(
             conf["trials"] |= {str(r["number"]): res for r, res in zip(chunk, results)}
             atomic_write_json(path, conf)  # a stopped confirmation keeps what it measured
             bar.update(len(chunk))
+    for name, build in curves.items():  # the reference curves on the same fresh prompts, one curve at a time
+        with search.run_dir.timed("confirm"):
+            it = tqdm(build(), desc=f"confirm {name}", disable=not progress)
+            conf["references"][name] = [
+                {"label": lab, **search.measure(model, hooked, base, stock, data=fresh)[0]} for lab, hooked, stock in it
+            ]
+        atomic_write_json(path, conf)
     return conf

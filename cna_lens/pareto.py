@@ -57,11 +57,16 @@ class Rule:
     ``confirm_top = k > 0``: the rule's first k points on validation are measured again on fresh
     prompts (:mod:`cna_lens.confirm`) and the same rule chooses among them on those numbers alone.
     The best of n noisy validation scores is biased upward (the winner's curse); a fresh measurement
-    of k candidates is not, apart from the max over k."""
+    of k candidates is not, apart from the max over k.
+
+    ``confirm_front``: on the same fresh prompts, also re-measure the compliance × KL front's points with
+    KL ≤ ``kl_cap`` and the reference curves, so that the methods compare at equal KL free of the
+    selection among trials (reported beside the choice, not used for it)."""
 
     kl_cap: float = 0.3
     over_refusal_slack: float = 0.0
     confirm_top: int = 0
+    confirm_front: bool = False
 
     def __post_init__(self) -> None:
         for name in ("kl_cap", "over_refusal_slack"):
@@ -71,6 +76,10 @@ class Rule:
         v = self.confirm_top
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"Rule.confirm_top must be an int >= 0, got {v!r}")
+        if not isinstance(self.confirm_front, bool):
+            raise ValueError(f"Rule.confirm_front must be a bool, got {self.confirm_front!r}")
+        if self.confirm_front and not self.confirm_top:
+            raise ValueError("Rule.confirm_front re-measures on the confirmation's fresh prompts: set confirm_top >= 1")
 
     def describe(self) -> str:
         text = (
@@ -79,6 +88,8 @@ class Rule:
         )
         if self.confirm_top:
             text += f"; the first {self.confirm_top} on validation re-measured on fresh prompts, chosen on those"
+        if self.confirm_front:
+            text += " (the compliance x KL front and the reference curves re-measured there too, not used to choose)"
         return text
 
     def rank(self, rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float]) -> list[Mapping[str, Any]]:
@@ -97,6 +108,13 @@ class Rule:
     def candidates(self, rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float]) -> list[Mapping[str, Any]]:
         """The rows to re-measure on fresh prompts: the first ``confirm_top`` of :meth:`rank`."""
         return self.rank(rows, baseline)[: self.confirm_top]
+
+    def front_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """The compliance × KL front's rows with neurons and KL ≤ ``kl_cap``, by KL (``confirm_front``)."""
+        on = [r for r, p in zip(rows, front(rows, ["compliance", "kl"])) if p and r.get("n_neurons", 1)]
+        return sorted(
+            (r for r in on if r["values"]["kl"] <= self.kl_cap), key=lambda r: (r["values"]["kl"], r["number"])
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "text": self.describe()}
@@ -136,6 +154,16 @@ def build_result(
                 "candidates": [{k: r[k] for k in CANDIDATE_KEYS if k in r} for r in again],
             }
             chosen = rule.choose(again, confirmation["baseline"]["values"])
+            on_front = rule.front_rows(rows) if rule.confirm_front else []
+            if (
+                rule.confirm_front
+                and "references" in confirmation
+                and all(str(r["number"]) in measured for r in on_front)
+            ):
+                fresh = [{**r, **measured[str(r["number"])], "validation": r["values"]} for r in on_front]
+                confirmed["front"] = [{k: r[k] for k in CANDIDATE_KEYS if k in r} for r in fresh]
+                confirmed["references"] = confirmation["references"]
+                confirmed["equal_kl"] = equal_kl(confirmed["front"], confirmed["references"])
         else:
             chosen = None
     result = {
@@ -163,6 +191,29 @@ def build_result(
     return result
 
 
+def equal_kl(points: Sequence[Mapping[str, Any]], references: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict]:
+    """For each reference point (KL k, compliance c), the highest compliance among ``points`` with KL ≤ k
+    (``front_compliance``, ``front_trial``; None where no point has so little KL): the searched
+    selections against each method at equal or lower KL, on the same prompts."""
+    out = []
+    for curve, pts in references.items():
+        for p in pts:
+            k = p["values"]["kl"]
+            ok = [q for q in points if q["values"]["kl"] <= k]
+            best = max(ok, key=lambda q: (q["values"]["compliance"], -q["values"]["kl"]), default=None)
+            out.append(
+                {
+                    "curve": curve,
+                    "label": p.get("label", ""),
+                    "kl": k,
+                    "compliance": p["values"]["compliance"],
+                    "front_compliance": None if best is None else best["values"]["compliance"],
+                    "front_trial": None if best is None else best["number"],
+                }
+            )
+    return out
+
+
 def summary(result: Mapping[str, Any]) -> str:
     """A text table of a search: the compliance × KL front, the confirmation's candidates (validation →
     fresh prompts) and the chosen point."""
@@ -186,6 +237,11 @@ def summary(result: Mapping[str, Any]) -> str:
             v, w = c["values"], c["validation"]
             text = f"({w['compliance']:.3f}, {w['kl']:.4f}, {w['over_refusal']:.3f})"
             lines.append(row.format(c["number"], v["compliance"], v["kl"], v["over_refusal"], c["n_neurons"], text))
+        if conf.get("equal_kl"):
+            lines.append("fresh prompts, each reference point against the best front point with KL <= its KL:")
+            for e in conf["equal_kl"]:
+                best = "none" if e["front_trial"] is None else f"{e['front_compliance']:.3f} (trial {e['front_trial']})"
+                lines.append(f"  {e['curve']} {e['label']}: {e['compliance']:.3f} at KL {e['kl']:.4f}; front {best}")
     chosen = result["chosen"]
     lines.append(f"rule: {result['rule']['text']}")
     lines.append(

@@ -16,6 +16,7 @@ from .circuits import LayerMap
 from .compare import check_same_shape
 from .conditions import Condition
 from .neurons import NeuronSet
+from .plot_search import fresh_front, pareto_front  # noqa: F401  (search figures, re-exported: plot.pareto_front)
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +217,19 @@ def method_curves(results: dict[str, Any]) -> go.Figure:
             x, y, text = zip(*shown)
             fig.add_trace(
                 go.Scatter(
-                    x=x, y=y, text=text, mode="lines+markers", name=method, legendgroup=method,
-                    showlegend=col == 1, line=dict(color=color), hovertemplate="%{text}<br>%{x:.3f}, %{y:.2f}",
+                    x=x,
+                    y=y,
+                    text=text,
+                    mode="lines+markers",
+                    name=method,
+                    legendgroup=method,
+                    showlegend=col == 1,
+                    line=dict(color=color),
+                    hovertemplate="%{text}<br>%{x:.3f}, %{y:.2f}",
                 ),
                 row=1,
                 col=col,
-            )  # fmt: skip
+            )
     chosen = results.get("chosen")
     fig.update_xaxes(title_text="KL on harmless prompts (nats)", row=1, col=1)
     fig.update_xaxes(title_text="MMLU accuracy", row=1, col=2)
@@ -236,113 +244,6 @@ def method_curves(results: dict[str, Any]) -> go.Figure:
 
 
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
-
-
-def _kl_compliance(point: Any) -> tuple[float, float, str]:
-    """``(kl, compliance, label)`` of a reference point: a ``(kl, compliance)`` pair, or a dict with
-    ``kl`` / ``compliance`` (top level or under ``values``) and an optional ``label``."""
-    if isinstance(point, dict):
-        v = point.get("values", point)
-        return float(v["kl"]), float(v["compliance"]), str(point.get("label", ""))
-    kl, comp = point
-    return float(kl), float(comp), ""
-
-
-def pareto_front(result: dict[str, Any], references: dict[str, list[Any]] | None = None) -> go.Figure:
-    """Compliance vs KL of a search (``pareto.json``): every trial, the compliance × KL front as a
-    line, the chosen point (at its validation numbers), the candidates re-measured on fresh prompts
-    (``confirmation``, if any), the KL cap, and reference curves (the search's own CNA-by-|diff| shares
-    and CAA α, plus ``references``: name → points, e.g. directional ablation). A curve named
-    "… (layer)" is drawn as markers only: its points are layers, not strengths in order."""
-    trials = result["trials"]
-    fig = go.Figure()
-
-    def points(rows: list[dict], name: str, marker: dict, note: str) -> None:
-        fig.add_trace(
-            go.Scatter(
-                x=[t["values"]["kl"] for t in rows],
-                y=[t["values"]["compliance"] for t in rows],
-                text=[f"#{t['number']} {t['label']} ({t['n_neurons']} neurons{note})" for t in rows],
-                mode="markers",
-                name=name,
-                marker=marker,
-                hovertemplate="%{text}<br>KL=%{x:.3g} nats<br>compliance=%{y:.2f}<extra></extra>",
-            )
-        )
-
-    for on_front, name, marker in (
-        (False, "trials", dict(size=6, color="lightgray")),
-        (True, "Pareto-optimal trials", dict(size=8, color="royalblue")),
-    ):
-        points([t for t in trials if t["pareto_2d"] == on_front], name, marker, "")
-    line = sorted((t["values"]["kl"], t["values"]["compliance"]) for t in trials if t["pareto_2d"])
-    if line:
-        fig.add_trace(
-            go.Scatter(
-                x=[p[0] for p in line],
-                y=[p[1] for p in line],
-                mode="lines",
-                name="front",
-                line=dict(shape="hv", color="royalblue"),
-                hoverinfo="skip",
-            )
-        )
-    curves = {**result.get("references", {}), **(references or {})}
-    for name, pts in curves.items():
-        xyl = sorted(_kl_compliance(p) for p in pts)
-        fig.add_trace(
-            go.Scatter(
-                x=[p[0] for p in xyl],
-                y=[p[1] for p in xyl],
-                text=[p[2] for p in xyl],
-                mode="markers+text" if name.endswith("(layer)") else "lines+markers+text",
-                textposition="top center",
-                name=name,
-                line=dict(dash="dot"),
-            )
-        )
-    base = result["baseline"]["values"]
-    fig.add_trace(
-        go.Scatter(
-            x=[0],
-            y=[base["compliance"]],
-            mode="markers",
-            name="baseline",
-            marker=dict(symbol="square", size=10, color="black"),
-        )
-    )
-    if result.get("confirmation"):  # the candidates' fresh-prompt measurements, not comparable point by point
-        conf = result["confirmation"]
-        fresh = conf["baseline"]["values"]["compliance"]
-        name = f"candidates on fresh prompts (baseline there {fresh:.2f})"
-        points(conf["candidates"], name, dict(symbol="diamond-open", size=10, color="darkorange"), ", fresh prompts")
-    if result.get("chosen"):
-        c = result["chosen"]
-        v = c.get("validation", c["values"])  # drawn among the trials: its validation numbers
-        fig.add_trace(
-            go.Scatter(
-                x=[v["kl"]],
-                y=[v["compliance"]],
-                mode="markers",
-                name=f"chosen: {c['label']}" + (" (validation)" if "validation" in c else ""),
-                marker=dict(symbol="star", size=16, color="crimson"),
-            )
-        )
-    # the interesting region: every point, but at most 5 × the cap (zoom out in the HTML for the rest)
-    kls = [t["values"]["kl"] for t in trials] + [_kl_compliance(p)[0] for pts in curves.values() for p in pts]
-    xmax = min(max(kls, default=1.0), 5 * result["rule"]["kl_cap"] or float("inf")) or 1.0
-    fig.add_vline(x=result["rule"]["kl_cap"], line_dash="dash", line_color="gray", annotation_text="KL cap")
-    fig.update_layout(
-        title=f"{result['model']}: compliance vs KL, validation prompts ({result['objective']}, {len(trials)} trials)",
-        xaxis_title="KL(base ‖ steered), next token on harmless prompts (nats)",
-        yaxis_title="compliance on harmful prompts",
-        yaxis=dict(range=[-0.02, 1.05]),
-        xaxis=dict(range=[-0.01, 1.05 * xmax]),
-        template="plotly_white",
-        width=900,
-        height=600,
-    )
-    return fig
 
 
 def save_figure(fig: go.Figure, stem: str | os.PathLike, png: bool = True) -> list[Path]:

@@ -325,7 +325,7 @@ class Search:
         refs = reference_curves(self, model, attr, caa, base_lp, progress)  # after the trials: they come first
         conf = None
         if self.rule.confirm_top:
-            conf = confirm(self, model, self.rows(study), baseline, attr, effects, progress)
+            conf = confirm(self, model, self.rows(study), baseline, attr, effects, progress, caa)
         return self.write(study, baseline, refs, attr, effects, conf)
 
     def baseline(self, model: HookedModel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -155,6 +155,7 @@ def test_cli_search_end_to_end(planted, tmp_path, capsys):
         "3",
         "--confirm-harmless",
         "3",
+        "--confirm-front",
     ]
     assert main(argv) == 0
     text = capsys.readouterr().out
@@ -162,7 +163,8 @@ def test_cli_search_end_to_end(planted, tmp_path, capsys):
     conf = json.loads((out / "confirm.json").read_text())
     assert conf["data"]["harmful"] == "harmful_train[4:7]" and conf["data"]["harmless"] == "alpaca_val[4:7]"
     res = load_result(out)
-    assert res["n_trials"] == 3 and (out / "pareto.html").exists()
+    assert res["n_trials"] == 3 and (out / "pareto.html").exists() and (out / "pareto_fresh.html").exists()
+    assert set(res["confirmation"]["references"]) == set(CURVES) and "reference point against" in text
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert {r["condition"] for r in rows} >= {"baseline"}
     assert torch.isfinite(torch.tensor([t["values"]["kl"] for t in res["trials"]])).all()
@@ -326,6 +328,47 @@ def test_confirmation_chooses_on_fresh_prompts(planted, search_data, tmp_path):
         run(model, tmp_path / "s", 5, search_data, **kw, confirm_data=moved)
     with pytest.raises(ValueError, match="confirm_data"):
         make(tmp_path / "s", search_data, rule=Rule(confirm_top=2))
+
+
+def test_fresh_front_equals_a_search_on_those_prompts(planted, search_data, tmp_path):
+    """``Rule(confirm_front=True)``: the front's rows and the reference curves are re-measured on the fresh
+    prompts; each reference point equals the one a search whose validation prompts are the fresh ones
+    draws (independent path: its own baseline pass and curves); a stopped curve is re-measured alone."""
+    from dataclasses import replace
+
+    from cna_lens.confirm import ConfirmData
+    from cna_lens.pareto import Rule
+
+    model, _, _ = planted
+    fresh = ConfirmData(search_data.harmless[:3], search_data.harmful[1:4], {"set": "fresh"})
+    rule = Rule(confirm_top=1, confirm_front=True)
+    kw = dict(seed=1, rule=rule, space=SearchSpace(prune=(False,)), confirm_data=fresh)
+    res = run(model, tmp_path / "s", 5, search_data, **kw)
+    conf = json.loads((tmp_path / "s" / "confirm.json").read_text())
+    on_front = rule.front_rows(load_result(tmp_path / "s")["trials"])
+    assert on_front and [f["number"] for f in res["confirmation"]["front"]] == [r["number"] for r in on_front]
+    assert {str(r["number"]) for r in on_front} <= set(conf["trials"]) and set(conf["references"]) == set(CURVES)
+    other = run(model, tmp_path / "o", 1, replace(search_data, harmful=fresh.harmful, harmless=fresh.harmless))
+    for curve, pts in other["references"].items():
+        got = conf["references"][curve]
+        assert [p["label"] for p in got] == [p["label"] for p in pts]
+        for a, b in zip(got, pts):
+            assert a["values"]["compliance"] == b["values"]["compliance"]
+            assert a["values"]["over_refusal"] == b["values"]["over_refusal"]
+            assert a["values"]["kl"] == pytest.approx(b["values"]["kl"], abs=1e-6)
+    fig = plot.fresh_front(res)
+    dots = next(t for t in fig.data if t.name == "validation front, re-measured")
+    assert list(dots.y) == [f["values"]["compliance"] for f in res["confirmation"]["front"]]
+    with pytest.raises(ValueError, match="confirm-front"):
+        plot.fresh_front(other)
+    # a stopped confirmation: one curve missing, a marker in another; the rerun measures the missing one only
+    conf["references"].pop(CURVES[2])
+    conf["references"][CURVES[1]][0]["marker"] = 1
+    (tmp_path / "s" / "confirm.json").write_text(json.dumps(conf))
+    again = run(model, tmp_path / "s", 5, search_data, **kw)["confirmation"]["references"]
+    assert again[CURVES[1]][0]["marker"] == 1  # read back, not re-measured
+    values = lambda pts: [p["values"] for p in pts]  # noqa: E731  (KL against the recomputed baseline pass)
+    assert values(again[CURVES[2]]) == values(res["confirmation"]["references"][CURVES[2]])
 
 
 def test_trial_batch_measures_each_trial_as_alone_and_resumes(planted, search_data, tmp_path, monkeypatch):

@@ -101,6 +101,39 @@ def test_rule_with_confirmation():
     assert res["chosen"]["number"] == 3
 
 
+def test_rule_with_fresh_front():
+    """``confirm_front``: the compliance × KL front's rows with neurons and KL ≤ cap are re-measured too;
+    the result reports them and, per reference point, the best of them at equal or lower KL (by hand)."""
+    rows = [row(0, 0.9, 0.5, 0.0), row(1, 0.7, 0.2, 0.0), row(2, 0.8, 0.1, 0.0), row(3, 0.95, 0.25, 0.0)]
+    rows.append({**row(4, 0.2, 0.0, 0.0), "n_neurons": 0})  # no neurons (pruning left none): not re-measured
+    base = {"values": {"compliance": 0.1, "kl": 0.0, "over_refusal": 0.0}}
+    rule = Rule(0.3, confirm_top=1, confirm_front=True)
+    assert [r["number"] for r in rule.front_rows(rows)] == [2, 3]  # 0: over the cap; 1: dominated by 2
+    v = lambda c, kl: {"values": {"compliance": c, "kl": kl, "over_refusal": 0.0}}  # noqa: E731
+    fresh = {"3": v(0.6, 0.2), "2": v(0.5, 0.08)}
+    refs = {
+        "DA (layer)": [{"label": "L1", **v(0.55, 0.05)}, {"label": "L2", **v(0.7, 0.1)}, {"label": "L3", **v(0.7, 0.3)}]
+    }
+    conf = {"data": {"harmful": "h", "harmless": "a"}, "baseline": v(0.2, 0.0), "trials": fresh}
+    res = build_result({"model": "m"}, [dict(r) for r in rows], base, {}, rule, {**conf, "references": refs})
+    front = res["confirmation"]["front"]
+    assert [(f["number"], f["values"]["compliance"], f["validation"]["compliance"]) for f in front] == [
+        (2, 0.5, 0.8),
+        (3, 0.6, 0.95),
+    ]
+    got = [(e["label"], e["front_compliance"], e["front_trial"]) for e in res["confirmation"]["equal_kl"]]
+    assert got == [("L1", None, None), ("L2", 0.5, 2), ("L3", 0.6, 3)]
+    assert "front 0.500 (trial 2)" in summary(res) and "front none" in summary(res)
+    # not yet measured (no references, or a front row missing): no fresh front, but the choice stands
+    for part in ({**conf}, {**conf, "references": refs, "trials": {"3": fresh["3"]}}):
+        res = build_result({"model": "m"}, [dict(r) for r in rows], base, {}, rule, part)
+        assert res["chosen"]["number"] == 3 and "front" not in res["confirmation"]
+    with pytest.raises(ValueError, match="confirm_top"):
+        Rule(confirm_front=True)
+    with pytest.raises(ValueError, match="confirm_front"):
+        Rule(confirm_top=1, confirm_front=1)
+
+
 def test_confirm_data_bundled():
     from cna_lens.confirm import ConfirmData
     from cna_lens.datasets import load_prompts

@@ -1,0 +1,176 @@
+"""Figures of a selection search (``pareto.json``): its trials and front on validation, and the
+front and reference curves re-measured on fresh prompts. Re-exported by :mod:`cna_lens.plot`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import plotly.graph_objects as go
+
+from .pareto import pareto_mask
+
+
+def _kl_compliance(point: Any) -> tuple[float, float, str]:
+    """``(kl, compliance, label)`` of a reference point: a ``(kl, compliance)`` pair, or a dict with
+    ``kl`` / ``compliance`` (top level or under ``values``) and an optional ``label``."""
+    if isinstance(point, dict):
+        v = point.get("values", point)
+        return float(v["kl"]), float(v["compliance"]), str(point.get("label", ""))
+    kl, comp = point
+    return float(kl), float(comp), ""
+
+
+def pareto_front(result: dict[str, Any], references: dict[str, list[Any]] | None = None) -> go.Figure:
+    """Compliance vs KL of a search (``pareto.json``): every trial, the compliance × KL front as a
+    line, the chosen point (at its validation numbers), the candidates re-measured on fresh prompts
+    (``confirmation``, if any), the KL cap, and reference curves (the search's own CNA-by-|diff| shares
+    and CAA α, plus ``references``: name → points, e.g. directional ablation). A curve named
+    "… (layer)" is drawn as markers only: its points are layers, not strengths in order."""
+    trials = result["trials"]
+    fig = go.Figure()
+
+    def points(rows: list[dict], name: str, marker: dict, note: str) -> None:
+        fig.add_trace(
+            go.Scatter(
+                x=[t["values"]["kl"] for t in rows],
+                y=[t["values"]["compliance"] for t in rows],
+                text=[f"#{t['number']} {t['label']} ({t['n_neurons']} neurons{note})" for t in rows],
+                mode="markers",
+                name=name,
+                marker=marker,
+                hovertemplate="%{text}<br>KL=%{x:.3g} nats<br>compliance=%{y:.2f}<extra></extra>",
+            )
+        )
+
+    for on_front, name, marker in (
+        (False, "trials", dict(size=6, color="lightgray")),
+        (True, "Pareto-optimal trials", dict(size=8, color="royalblue")),
+    ):
+        points([t for t in trials if t["pareto_2d"] == on_front], name, marker, "")
+    line = sorted((t["values"]["kl"], t["values"]["compliance"]) for t in trials if t["pareto_2d"])
+    if line:
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in line],
+                y=[p[1] for p in line],
+                mode="lines",
+                name="front",
+                line=dict(shape="hv", color="royalblue"),
+                hoverinfo="skip",
+            )
+        )
+    curves = {**result.get("references", {}), **(references or {})}
+    _curves_and_baseline(fig, curves, result["baseline"]["values"]["compliance"])
+    if result.get("confirmation"):  # the candidates' fresh-prompt measurements, not comparable point by point
+        conf = result["confirmation"]
+        fresh = conf["baseline"]["values"]["compliance"]
+        name = f"candidates on fresh prompts (baseline there {fresh:.2f})"
+        points(conf["candidates"], name, dict(symbol="diamond-open", size=10, color="darkorange"), ", fresh prompts")
+    if result.get("chosen"):
+        c = result["chosen"]
+        v = c.get("validation", c["values"])  # drawn among the trials: its validation numbers
+        fig.add_trace(
+            go.Scatter(
+                x=[v["kl"]],
+                y=[v["compliance"]],
+                mode="markers",
+                name=f"chosen: {c['label']}" + (" (validation)" if "validation" in c else ""),
+                marker=dict(symbol="star", size=16, color="crimson"),
+            )
+        )
+    title = f"{result['model']}: compliance vs KL, validation prompts ({result['objective']}, {len(trials)} trials)"
+    return _layout(fig, [t["values"]["kl"] for t in trials], curves, result["rule"]["kl_cap"], title)
+
+
+def fresh_front(result: dict[str, Any]) -> go.Figure:
+    """Compliance vs KL on the confirmation's fresh prompts (``pareto.json`` of a search run with
+    ``Rule(confirm_front=True)``): the validation front's points re-measured (their line: the front
+    among them there), the reference curves and the baseline on the same prompts, and the chosen point.
+    No point here was selected on these prompts, so methods compare at equal KL without the winner's curse."""
+    conf = result.get("confirmation") or {}
+    if "front" not in conf:
+        raise ValueError("no fresh-prompt front in this result: run the search with --confirm K --confirm-front")
+    fig, pts = go.Figure(), conf["front"]
+    text = [f"#{t['number']} {t['label']} ({t['n_neurons']} neurons)" for t in pts]
+    x, y = [t["values"]["kl"] for t in pts], [t["values"]["compliance"] for t in pts]
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=y,
+            text=text,
+            mode="markers",
+            name="validation front, re-measured",
+            marker=dict(size=9, color="royalblue"),
+        )
+    )
+    on = pareto_mask(list(zip(y, x)), [True, False])
+    line = sorted((a, b) for a, b, o in zip(x, y, on) if o)
+    fig.add_trace(
+        go.Scatter(
+            x=[p[0] for p in line],
+            y=[p[1] for p in line],
+            mode="lines",
+            name="its front here",
+            line=dict(shape="hv", color="royalblue"),
+            hoverinfo="skip",
+        )
+    )
+    _curves_and_baseline(fig, conf["references"], conf["baseline"]["values"]["compliance"])
+    if result.get("chosen"):
+        c = result["chosen"]["values"]
+        fig.add_trace(
+            go.Scatter(
+                x=[c["kl"]],
+                y=[c["compliance"]],
+                mode="markers",
+                name="chosen",
+                marker=dict(symbol="star", size=16, color="crimson"),
+            )
+        )
+    names = ", ".join(str(v) for k, v in conf["data"].items() if k != "digest")
+    title = f"{result['model']}: compliance vs KL, fresh prompts ({names})"
+    return _layout(fig, x, conf["references"], result["rule"]["kl_cap"], title)
+
+
+def _curves_and_baseline(fig: go.Figure, curves: dict[str, list[Any]], base_compliance: float) -> None:
+    """Reference curves (a "… (layer)" curve as markers only: layers, not strengths in order) and the baseline."""
+    for name, pts in curves.items():
+        xyl = sorted(_kl_compliance(p) for p in pts)
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in xyl],
+                y=[p[1] for p in xyl],
+                text=[p[2] for p in xyl],
+                mode="markers+text" if name.endswith("(layer)") else "lines+markers+text",
+                textposition="top center",
+                name=name,
+                line=dict(dash="dot"),
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=[0],
+            y=[base_compliance],
+            mode="markers",
+            name="baseline",
+            marker=dict(symbol="square", size=10, color="black"),
+        )
+    )
+
+
+def _layout(fig: go.Figure, kls: list[float], curves: dict[str, list[Any]], cap: float, title: str) -> go.Figure:
+    """Axes, the KL cap and the title; the x range shows every point up to 5 × the cap (zoom out for the rest)."""
+    kls = kls + [_kl_compliance(p)[0] for pts in curves.values() for p in pts]
+    xmax = min(max(kls, default=1.0), 5 * cap or float("inf")) or 1.0
+    fig.add_vline(x=cap, line_dash="dash", line_color="gray", annotation_text="KL cap")
+    fig.update_layout(
+        title=title,
+        xaxis_title="KL(base ‖ steered), next token on harmless prompts (nats)",
+        yaxis_title="compliance on harmful prompts",
+        yaxis=dict(range=[-0.02, 1.05]),
+        xaxis=dict(range=[-0.01, 1.05 * xmax]),
+        template="plotly_white",
+        width=900,
+        height=600,
+    )
+    return fig

@@ -163,7 +163,9 @@ def build_result(
                 fresh = [{**r, **measured[str(r["number"])], "validation": r["values"]} for r in on_front]
                 confirmed["front"] = [{k: r[k] for k in CANDIDATE_KEYS if k in r} for r in fresh]
                 confirmed["references"] = confirmation["references"]
-                confirmed["equal_kl"] = equal_kl(confirmed["front"], confirmed["references"])
+                seen = {r["number"] for r in fresh}
+                searched = confirmed["front"] + [c for c in confirmed["candidates"] if c["number"] not in seen]
+                confirmed["equal_kl"] = equal_kl(searched, confirmed["references"])
         else:
             chosen = None
     result = {
@@ -192,9 +194,10 @@ def build_result(
 
 
 def equal_kl(points: Sequence[Mapping[str, Any]], references: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict]:
-    """For each reference point (KL k, compliance c), the highest compliance among ``points`` with KL ≤ k
-    (``front_compliance``, ``front_trial``; None where no point has so little KL): the searched
-    selections against each method at equal or lower KL, on the same prompts."""
+    """For each reference point (KL k, compliance c), the highest compliance among ``points`` (the
+    searched selections, e.g. the re-measured front and candidates) with KL ≤ k (``search_compliance``,
+    ``search_trial``; None where no point has so little KL): each method against the search at equal or
+    lower KL, on the same prompts."""
     out = []
     for curve, pts in references.items():
         for p in pts:
@@ -207,8 +210,8 @@ def equal_kl(points: Sequence[Mapping[str, Any]], references: Mapping[str, Seque
                     "label": p.get("label", ""),
                     "kl": k,
                     "compliance": p["values"]["compliance"],
-                    "front_compliance": None if best is None else best["values"]["compliance"],
-                    "front_trial": None if best is None else best["number"],
+                    "search_compliance": None if best is None else best["values"]["compliance"],
+                    "search_trial": None if best is None else best["number"],
                 }
             )
     return out
@@ -237,11 +240,17 @@ def summary(result: Mapping[str, Any]) -> str:
             v, w = c["values"], c["validation"]
             text = f"({w['compliance']:.3f}, {w['kl']:.4f}, {w['over_refusal']:.3f})"
             lines.append(row.format(c["number"], v["compliance"], v["kl"], v["over_refusal"], c["n_neurons"], text))
-        if conf.get("equal_kl"):
-            lines.append("fresh prompts, each reference point against the best front point with KL <= its KL:")
+        if "front" in conf:
+            lines.append("the compliance × KL front (KL <= cap), re-measured on the fresh prompts:")
+            for c in conf["front"]:
+                v, w = c["values"], c["validation"]
+                text = f"({w['compliance']:.3f}, {w['kl']:.4f}, {w['over_refusal']:.3f})"
+                lines.append(row.format(c["number"], v["compliance"], v["kl"], v["over_refusal"], c["n_neurons"], text))
+            lines.append("fresh prompts, each reference point against the best searched point with KL <= its KL:")
             for e in conf["equal_kl"]:
-                best = "none" if e["front_trial"] is None else f"{e['front_compliance']:.3f} (trial {e['front_trial']})"
-                lines.append(f"  {e['curve']} {e['label']}: {e['compliance']:.3f} at KL {e['kl']:.4f}; front {best}")
+                t, c = e["search_trial"], e["search_compliance"]
+                best = "none" if t is None else f"{c:.3f} (trial {t})"
+                lines.append(f"  {e['curve']} {e['label']}: {e['compliance']:.3f} at KL {e['kl']:.4f}; search {best}")
     chosen = result["chosen"]
     lines.append(f"rule: {result['rule']['text']}")
     lines.append(

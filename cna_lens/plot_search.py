@@ -84,25 +84,32 @@ def pareto_front(result: dict[str, Any], references: dict[str, list[Any]] | None
 
 def fresh_front(result: dict[str, Any]) -> go.Figure:
     """Compliance vs KL on the confirmation's fresh prompts (``pareto.json`` of a search run with
-    ``Rule(confirm_front=True)``): the validation front's points re-measured (their line: the front
-    among them there), the reference curves and the baseline on the same prompts, and the chosen point.
+    ``Rule(confirm_front=True)``): the validation front's points and the other candidates re-measured
+    (the line: the front among them there), the reference curves and the baseline on the same prompts,
+    and the chosen point.
     No point here was selected on these prompts, so methods compare at equal KL without the winner's curse."""
     conf = result.get("confirmation") or {}
     if "front" not in conf:
         raise ValueError("no fresh-prompt front in this result: run the search with --confirm K --confirm-front")
-    fig, pts = go.Figure(), conf["front"]
-    text = [f"#{t['number']} {t['label']} ({t['n_neurons']} neurons)" for t in pts]
-    x, y = [t["values"]["kl"] for t in pts], [t["values"]["compliance"] for t in pts]
-    fig.add_trace(
-        go.Scatter(
-            x=x,
-            y=y,
-            text=text,
-            mode="markers",
-            name="validation front, re-measured",
-            marker=dict(size=9, color="royalblue"),
+    fig, seen = go.Figure(), {t["number"] for t in conf["front"]}
+    cands = [c for c in conf["candidates"] if c["number"] not in seen]
+    for rows, name, marker in (
+        (conf["front"], "validation front, re-measured", dict(size=9, color="royalblue")),
+        (cands, "other candidates, re-measured", dict(symbol="diamond-open", size=10, color="darkorange")),
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=[t["values"]["kl"] for t in rows],
+                y=[t["values"]["compliance"] for t in rows],
+                text=[f"#{t['number']} {t['label']} ({t['n_neurons']} neurons)" for t in rows],
+                mode="markers",
+                name=name,
+                marker=marker,
+                hovertemplate="%{text}<br>KL=%{x:.3g} nats<br>compliance=%{y:.2f}<extra></extra>",
+            )
         )
-    )
+    pts = conf["front"] + cands
+    x, y = [t["values"]["kl"] for t in pts], [t["values"]["compliance"] for t in pts]
     on = pareto_mask(list(zip(y, x)), [True, False])
     line = sorted((a, b) for a, b, o in zip(x, y, on) if o)
     fig.add_trace(
@@ -110,7 +117,7 @@ def fresh_front(result: dict[str, Any]) -> go.Figure:
             x=[p[0] for p in line],
             y=[p[1] for p in line],
             mode="lines",
-            name="its front here",
+            name="front among them here",
             line=dict(shape="hv", color="royalblue"),
             hoverinfo="skip",
         )

@@ -106,9 +106,10 @@ def test_rule_with_fresh_front():
     the result reports them and, per reference point, the best of them at equal or lower KL (by hand)."""
     rows = [row(0, 0.9, 0.5, 0.0), row(1, 0.7, 0.2, 0.0), row(2, 0.8, 0.1, 0.0), row(3, 0.95, 0.25, 0.0)]
     rows.append({**row(4, 0.2, 0.0, 0.0), "n_neurons": 0})  # no neurons (pruning left none): not re-measured
+    rows.append(row(5, 0.99, 0.6, 0.0))  # on the front, over the cap: not re-measured
     base = {"values": {"compliance": 0.1, "kl": 0.0, "over_refusal": 0.0}}
     rule = Rule(0.3, confirm_top=1, confirm_front=True)
-    assert [r["number"] for r in rule.front_rows(rows)] == [2, 3]  # 0: over the cap; 1: dominated by 2
+    assert [r["number"] for r in rule.front_rows(rows)] == [2, 3]  # 0: dominated by 3; 1: by 2
     v = lambda c, kl: {"values": {"compliance": c, "kl": kl, "over_refusal": 0.0}}  # noqa: E731
     fresh = {"3": v(0.6, 0.2), "2": v(0.5, 0.08)}
     refs = {
@@ -121,9 +122,17 @@ def test_rule_with_fresh_front():
         (2, 0.5, 0.8),
         (3, 0.6, 0.95),
     ]
-    got = [(e["label"], e["front_compliance"], e["front_trial"]) for e in res["confirmation"]["equal_kl"]]
+    got = [(e["label"], e["search_compliance"], e["search_trial"]) for e in res["confirmation"]["equal_kl"]]
     assert got == [("L1", None, None), ("L2", 0.5, 2), ("L3", 0.6, 3)]
-    assert "front 0.500 (trial 2)" in summary(res) and "front none" in summary(res)
+    assert "search 0.500 (trial 2)" in summary(res) and "search none" in summary(res)
+    # a candidate off the front counts among the searched points at equal KL
+    rule2 = Rule(0.3, confirm_top=3, confirm_front=True)  # candidates 3, 2, 1 (1: dominated on validation)
+    fresh2 = {**fresh, "1": v(0.65, 0.09)}
+    res = build_result(
+        {"model": "m"}, [dict(r) for r in rows], base, {}, rule2, {**conf, "trials": fresh2, "references": refs}
+    )
+    got = [(e["label"], e["search_compliance"], e["search_trial"]) for e in res["confirmation"]["equal_kl"]]
+    assert got == [("L1", None, None), ("L2", 0.65, 1), ("L3", 0.65, 1)]
     # not yet measured (no references, or a front row missing): no fresh front, but the choice stands
     for part in ({**conf}, {**conf, "references": refs, "trials": {"3": fresh["3"]}}):
         res = build_result({"model": "m"}, [dict(r) for r in rows], base, {}, rule, part)

@@ -16,7 +16,7 @@ from .circuits import LayerMap
 from .compare import check_same_shape
 from .conditions import Condition
 from .neurons import NeuronSet
-from .plot_search import fresh_front, pareto_front  # noqa: F401  (search figures, re-exported: plot.pareto_front)
+from .plot_search import fresh_front, fresh_fronts, pareto_front  # noqa: F401  (search figures, re-exported: plot.pareto_front)
 
 log = logging.getLogger(__name__)
 

@@ -91,8 +91,7 @@ def fresh_front(result: dict[str, Any]) -> go.Figure:
     conf = result.get("confirmation") or {}
     if "front" not in conf:
         raise ValueError("no fresh-prompt front in this result: run the search with --confirm K --confirm-front")
-    fig, seen = go.Figure(), {t["number"] for t in conf["front"]}
-    cands = [c for c in conf["candidates"] if c["number"] not in seen]
+    fig, cands = go.Figure(), _other_candidates(conf)
     for rows, name, marker in (
         (conf["front"], "validation front, re-measured", dict(size=9, color="royalblue")),
         (cands, "other candidates, re-measured", dict(symbol="diamond-open", size=10, color="darkorange")),
@@ -137,6 +136,45 @@ def fresh_front(result: dict[str, Any]) -> go.Figure:
     names = ", ".join(str(v) for k, v in conf["data"].items() if k != "digest")
     title = f"{result['model']}: compliance vs KL, fresh prompts ({names})"
     return _layout(fig, x, conf["references"], result["rule"]["kl_cap"], title)
+
+
+def fresh_fronts(results: dict[str, dict[str, Any]]) -> go.Figure:
+    """Several searches of one model re-measured on the same fresh prompts (``--confirm-front``): each
+    one's front among its re-measured points (front and candidates) as a step line with its points, and
+    the reference curves and baseline of the first (the same prompts and statistics give the same ones)."""
+    confs = {k: r.get("confirmation") or {} for k, r in results.items()}
+    if not confs or any("front" not in c for c in confs.values()):
+        raise ValueError("every result needs a fresh-prompt front: run each search with --confirm K --confirm-front")
+    if len({c["data"]["digest"] for c in confs.values()}) > 1:
+        raise ValueError("these searches were re-measured on different fresh prompts; they do not share one axis")
+    fig = go.Figure()
+    for name, conf in confs.items():
+        pts = conf["front"] + _other_candidates(conf)
+        x, y = [t["values"]["kl"] for t in pts], [t["values"]["compliance"] for t in pts]
+        line = sorted((a, b) for a, b, o in zip(x, y, pareto_mask(list(zip(y, x)), [True, False])) if o)
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in line],
+                y=[p[1] for p in line],
+                text=[name] * len(line),
+                mode="lines+markers",
+                name=name,
+                line=dict(shape="hv", width=2),
+                hovertemplate="%{text}<br>KL=%{x:.3g} nats<br>compliance=%{y:.2f}<extra></extra>",
+            )
+        )
+    first = next(iter(confs.values()))
+    _curves_and_baseline(fig, first["references"], first["baseline"]["values"]["compliance"])
+    res = next(iter(results.values()))
+    names = ", ".join(str(v) for k, v in first["data"].items() if k != "digest")
+    title = f"{res['model']}: {len(results)} searches' fronts on fresh prompts ({names})"
+    return _layout(fig, [], first["references"], res["rule"]["kl_cap"], title)
+
+
+def _other_candidates(conf: dict[str, Any]) -> list[dict[str, Any]]:
+    """The confirmation's candidates that are not also re-measured front points."""
+    seen = {t["number"] for t in conf["front"]}
+    return [c for c in conf["candidates"] if c["number"] not in seen]
 
 
 def _curves_and_baseline(fig: go.Figure, curves: dict[str, list[Any]], base_compliance: float) -> None:

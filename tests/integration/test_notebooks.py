@@ -40,7 +40,7 @@ EVIDENCE = {
     "03_base_vs_instruct.ipynb": ([], ["Jaccard of top-k", "A set in B: refusal log-odds"]),
     "04_selection_search.ipynb": (
         [f"{ALIAS}/search/pareto.json", f"{ALIAS}/search/confirm.json", f"{ALIAS}/search/selection.json"],
-        ["re-measured on fresh prompts", "judged comply: baseline"],
+        ["re-measured on fresh prompts", "; search: ", "judged comply: baseline"],
     ),
 }
 #: The names under which the notebooks look for a saved discovery of the model (``cached_attribution``).

@@ -167,7 +167,8 @@ def fresh_fronts(results: dict[str, dict[str, Any]]) -> go.Figure:
     _curves_and_baseline(fig, first["references"], first["baseline"]["values"]["compliance"])
     res = next(iter(results.values()))
     names = ", ".join(str(v) for k, v in first["data"].items() if k != "digest")
-    title = f"{res['model']}: {len(results)} searches' fronts on fresh prompts ({names})"
+    n = f"{len(results)} search{'es' if len(results) != 1 else ''}"
+    title = f"{res['model']}: searched fronts on fresh prompts ({n}; {names})"
     return _layout(fig, [], first["references"], res["rule"]["kl_cap"], title)
 
 

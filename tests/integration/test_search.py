@@ -361,6 +361,12 @@ def test_fresh_front_equals_a_search_on_those_prompts(planted, search_data, tmp_
     assert list(dots.y) == [f["values"]["compliance"] for f in res["confirmation"]["front"]]
     with pytest.raises(ValueError, match="confirm-front"):
         plot.fresh_front(other)
+    both = plot.fresh_fronts({"a": res, "b": res})  # several searches on the same fresh prompts
+    assert [t.name for t in both.data[:2]] == ["a", "b"] and both.data[0].y == both.data[1].y
+    moved = json.loads(json.dumps(res))
+    moved["confirmation"]["data"]["digest"] = "other"
+    with pytest.raises(ValueError, match="different fresh prompts"):
+        plot.fresh_fronts({"a": res, "b": moved})
     # a stopped confirmation: one curve missing, a marker in another; the rerun measures the missing one only
     conf["references"].pop(CURVES[2])
     conf["references"][CURVES[1]][0]["marker"] = 1

@@ -168,8 +168,8 @@ def fresh_fronts(results: dict[str, dict[str, Any]]) -> go.Figure:
     res = next(iter(results.values()))
     names = ", ".join(str(v) for k, v in first["data"].items() if k != "digest")
     n = f"{len(results)} search{'es' if len(results) != 1 else ''}"
-    title = f"{res['model']}: searched fronts on fresh prompts ({n}; {names})"
-    return _layout(fig, [], first["references"], res["rule"]["kl_cap"], title)
+    title = f"{res['model']}: the fronts of {n} on fresh prompts<br><sup>{names}</sup>"
+    return _layout(fig, [], first["references"], res["rule"]["kl_cap"], title).update_layout(width=1100)
 
 
 def _other_candidates(conf: dict[str, Any]) -> list[dict[str, Any]]:

@@ -164,7 +164,10 @@ def test_cli_search_end_to_end(planted, tmp_path, capsys):
     assert conf["data"]["harmful"] == "harmful_train[4:7]" and conf["data"]["harmless"] == "alpaca_val[4:7]"
     res = load_result(out)
     assert res["n_trials"] == 3 and (out / "pareto.html").exists() and (out / "pareto_fresh.html").exists()
-    assert set(res["confirmation"]["references"]) == set(CURVES) and "reference point against the best searched point" in text
+    assert (
+        set(res["confirmation"]["references"]) == set(CURVES)
+        and "reference point against the best searched point" in text
+    )
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert {r["condition"] for r in rows} >= {"baseline"}
     assert torch.isfinite(torch.tensor([t["values"]["kl"] for t in res["trials"]])).all()

@@ -7,9 +7,13 @@ measured again, with the same objectives, on prompts no trial, discovery or prun
 (``harmful_train`` after the pruning prompts, ``alpaca_val`` after the KL prompts), and the rule
 chooses among them on those numbers alone.
 
-The measurements are kept in ``confirm.json`` (one per trial number, written as each finishes, so a
-stopped confirmation resumes; the fresh baseline's next-token log-probabilities, 64 × vocabulary
-floats, are recomputed on resume rather than stored).
+With ``Rule.confirm_front`` the compliance × KL front's points (KL ≤ cap) and the search's reference
+curves are measured on the same prompts too, so that the methods compare at equal KL where no point
+was chosen (reported, not used to choose).
+
+The measurements are kept in ``confirm.json`` (one per trial number and, under ``references``, one
+list per curve, written as each finishes, so a stopped confirmation resumes; the fresh baseline's
+next-token log-probabilities, 64 × vocabulary floats, are recomputed on resume rather than stored).
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ def confirm(
     (:meth:`Rule.front_rows`) and the reference curves (``caa``: the CAA vectors). Return
     ``confirm.json``'s object (read back when already measured). A ``confirm.json`` of other prompts is
     refused, not mixed."""
+    if search.rule.confirm_front and caa is None:
+        raise ValueError("rule.confirm_front re-measures the reference curves: pass caa (the CAA vectors)")
     data = search.confirm_data
     path = search.out / "confirm.json"
     header = {"kind": KIND, "format_version": FORMAT_VERSION, "data": {**data.names, "digest": data.digest()}}
@@ -112,13 +118,10 @@ def confirm(
     todo = list({str(r["number"]): r for r in wanted if str(r["number"]) not in conf["trials"]}.values())
     curves = {}
     if rule.confirm_front:
-        if caa is None:
-            raise ValueError("rule.confirm_front re-measures the reference curves: pass caa (the CAA vectors)")
         done = conf.setdefault("references", {})
         curves = {k: v for k, v in reference_points(search, model, attr, caa, progress).items() if k not in done}
-    if (
-        todo or curves
-    ) and base is None:  # resumed: the baseline's log-probabilities again, the same pass (not stored: large)
+    # resumed: the baseline's log-probabilities again, the same pass (not stored: large)
+    if (todo or curves) and base is None:
         base = {"harmless": final_logprobs(model, list(data.harmless), batch_size=search.batch_size, engine="auto")}
     k = search.trial_batch  # candidates measured together (their answers decoded in one batch)
     with tqdm(total=len(todo), desc="confirm", disable=not progress) as bar:

@@ -28,19 +28,7 @@ def pareto_front(result: dict[str, Any], references: dict[str, list[Any]] | None
     "… (layer)" is drawn as markers only: its points are layers, not strengths in order."""
     trials = result["trials"]
     fig = go.Figure()
-
-    def points(rows: list[dict], name: str, marker: dict, note: str) -> None:
-        fig.add_trace(
-            go.Scatter(
-                x=[t["values"]["kl"] for t in rows],
-                y=[t["values"]["compliance"] for t in rows],
-                text=[f"#{t['number']} {t['label']} ({t['n_neurons']} neurons{note})" for t in rows],
-                mode="markers",
-                name=name,
-                marker=marker,
-                hovertemplate="%{text}<br>KL=%{x:.3g} nats<br>compliance=%{y:.2f}<extra></extra>",
-            )
-        )
+    points = lambda rows, name, marker, note: _points(fig, rows, name, marker, note)  # noqa: E731
 
     for on_front, name, marker in (
         (False, "trials", dict(size=6, color="lightgray")),
@@ -49,16 +37,7 @@ def pareto_front(result: dict[str, Any], references: dict[str, list[Any]] | None
         points([t for t in trials if t["pareto_2d"] == on_front], name, marker, "")
     line = sorted((t["values"]["kl"], t["values"]["compliance"]) for t in trials if t["pareto_2d"])
     if line:
-        fig.add_trace(
-            go.Scatter(
-                x=[p[0] for p in line],
-                y=[p[1] for p in line],
-                mode="lines",
-                name="front",
-                line=dict(shape="hv", color="royalblue"),
-                hoverinfo="skip",
-            )
-        )
+        _step_line(fig, line, "front")
     curves = {**result.get("references", {}), **(references or {})}
     _curves_and_baseline(fig, curves, result["baseline"]["values"]["compliance"])
     if result.get("confirmation"):  # the candidates' fresh-prompt measurements, not comparable point by point
@@ -92,35 +71,12 @@ def fresh_front(result: dict[str, Any]) -> go.Figure:
     if "front" not in conf:
         raise ValueError("no fresh-prompt front in this result: run the search with --confirm K --confirm-front")
     fig, cands = go.Figure(), _other_candidates(conf)
-    for rows, name, marker in (
-        (conf["front"], "validation front, re-measured", dict(size=9, color="royalblue")),
-        (cands, "other candidates, re-measured", dict(symbol="diamond-open", size=10, color="darkorange")),
-    ):
-        fig.add_trace(
-            go.Scatter(
-                x=[t["values"]["kl"] for t in rows],
-                y=[t["values"]["compliance"] for t in rows],
-                text=[f"#{t['number']} {t['label']} ({t['n_neurons']} neurons)" for t in rows],
-                mode="markers",
-                name=name,
-                marker=marker,
-                hovertemplate="%{text}<br>KL=%{x:.3g} nats<br>compliance=%{y:.2f}<extra></extra>",
-            )
-        )
+    _points(fig, conf["front"], "validation front, re-measured", dict(size=9, color="royalblue"))
+    _points(fig, cands, "other candidates, re-measured", dict(symbol="diamond-open", size=10, color="darkorange"))
     pts = conf["front"] + cands
     x, y = [t["values"]["kl"] for t in pts], [t["values"]["compliance"] for t in pts]
     on = pareto_mask(list(zip(y, x)), [True, False])
-    line = sorted((a, b) for a, b, o in zip(x, y, on) if o)
-    fig.add_trace(
-        go.Scatter(
-            x=[p[0] for p in line],
-            y=[p[1] for p in line],
-            mode="lines",
-            name="front among them here",
-            line=dict(shape="hv", color="royalblue"),
-            hoverinfo="skip",
-        )
-    )
+    _step_line(fig, sorted((a, b) for a, b, o in zip(x, y, on) if o), "front among them here")
     _curves_and_baseline(fig, conf["references"], conf["baseline"]["values"]["compliance"])
     if result.get("chosen"):
         c = result["chosen"]["values"]
@@ -170,6 +126,29 @@ def fresh_fronts(results: dict[str, dict[str, Any]]) -> go.Figure:
     n = f"{len(results)} search{'es' if len(results) != 1 else ''}"
     title = f"{res['model']}: the fronts of {n} on fresh prompts<br><sup>{names}</sup>"
     return _layout(fig, [], first["references"], res["rule"]["kl_cap"], title).update_layout(width=1100)
+
+
+def _points(fig: go.Figure, rows: list[dict], name: str, marker: dict, note: str = "") -> None:
+    """Search rows (``values``, ``number``, ``label``, ``n_neurons``) as markers at (KL, compliance)."""
+    fig.add_trace(
+        go.Scatter(
+            x=[t["values"]["kl"] for t in rows],
+            y=[t["values"]["compliance"] for t in rows],
+            text=[f"#{t['number']} {t['label']} ({t['n_neurons']} neurons{note})" for t in rows],
+            mode="markers",
+            name=name,
+            marker=marker,
+            hovertemplate="%{text}<br>KL=%{x:.3g} nats<br>compliance=%{y:.2f}<extra></extra>",
+        )
+    )
+
+
+def _step_line(fig: go.Figure, line: list[tuple[float, float]], name: str) -> None:
+    """A front through sorted (KL, compliance) points, as steps."""
+    xs, ys = [p[0] for p in line], [p[1] for p in line]
+    fig.add_trace(
+        go.Scatter(x=xs, y=ys, mode="lines", name=name, line=dict(shape="hv", color="royalblue"), hoverinfo="skip")
+    )
 
 
 def _other_candidates(conf: dict[str, Any]) -> list[dict[str, Any]]:

@@ -36,14 +36,15 @@ def describe(path: Path, label: str) -> dict:
     cfg = json.loads((path / "config.json").read_text())
     seen = {t["number"] for t in conf["front"]}
     points = conf["front"] + [c for c in conf["candidates"] if c["number"] not in seen]
-    rankings = Counter(t["selection"]["ranking"] for t in res["trials"])
+    after = [t for t in res["trials"] if t["number"] >= cfg["startup_trials"]]  # TPE's own proposals
+    rankings = Counter(t["selection"]["ranking"] for t in after)
     return {
         "search": label,
         "seed": cfg["seed"],
         "trial_batch": cfg.get("trial_batch", 1),
         "rankings_searched": cfg["space"]["rankings"],
         "n_trials": res["n_trials"],
-        "rankings_proposed": dict(rankings.most_common()),
+        "rankings_after_startup": dict(rankings.most_common()),
         "chosen": {k: res["chosen"][k] for k in ("number", "label", "values", "validation")},
         "points": [{k: p[k] for k in POINT_KEYS} | {"on_validation_front": p["number"] in seen} for p in points],
         "equal_kl": equal_kl(points, conf["references"]),  # recomputed: the same as pareto.json's

@@ -21,7 +21,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from cna_lens.pareto import equal_kl, load_result
+from cna_lens.pareto import equal_kl, fresh_points, load_result
 from cna_lens.plot import fresh_fronts, save_figure
 from cna_lens.runs import atomic_write_json
 
@@ -34,8 +34,7 @@ def describe(path: Path, label: str) -> dict:
     if "front" not in conf:
         raise ValueError(f"{path}: no fresh-prompt front (rerun it with --confirm K --confirm-front)")
     cfg = json.loads((path / "config.json").read_text())
-    seen = {t["number"] for t in conf["front"]}
-    points = conf["front"] + [c for c in conf["candidates"] if c["number"] not in seen]
+    points, seen = fresh_points(conf), {t["number"] for t in conf["front"]}
     after = [t for t in res["trials"] if t["number"] >= cfg["startup_trials"]]  # TPE's own proposals
     rankings = Counter(t["selection"]["ranking"] for t in after)
     return {

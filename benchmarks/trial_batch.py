@@ -61,7 +61,7 @@ def describe(path: Path, label: str) -> dict:
         "trials": len(trials),
         "repeated_params": len(params) - len(set(params)),
         "rankings_after_startup": dict(
-            Counter(t["params"]["ranking"] for t in trials if t["number"] >= cfg["startup_trials"]).most_common()
+            Counter(t["selection"]["ranking"] for t in trials if t["number"] >= cfg["startup_trials"]).most_common()
         ),
         "front_gain_per_nat": front_gain(trials, base, rule),
         "front_gain_per_nat_after": {

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .datasets import load_prompts
 from .evaluate import final_logprobs
 from .runs import atomic_write_json, read_json
-from .search_refs import measure_trials, reference_points
+from .search_refs import measure_curves, measure_trials, reference_points
 from .selection import Selection
 
 if TYPE_CHECKING:
@@ -132,11 +132,7 @@ def confirm(
             conf["trials"] |= {str(r["number"]): res for r, res in zip(chunk, results)}
             atomic_write_json(path, conf)  # a stopped confirmation keeps what it measured
             bar.update(len(chunk))
-    for name, build in curves.items():  # the reference curves on the same fresh prompts, one curve at a time
-        with search.run_dir.timed("confirm"):
-            it = tqdm(build(), desc=f"confirm {name}", disable=not progress)
-            conf["references"][name] = [
-                {"label": lab, **search.measure(model, hooked, base, stock, data=fresh)[0]} for lab, hooked, stock in it
-            ]
-        atomic_write_json(path, conf)
+    if curves:  # the reference curves on the same fresh prompts, one curve at a time
+        save = lambda: atomic_write_json(path, conf)  # noqa: E731
+        measure_curves(search, model, curves, conf["references"], base, save, progress, fresh, "confirm")
     return conf

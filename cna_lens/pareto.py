@@ -163,9 +163,7 @@ def build_result(
                 fresh = [{**r, **measured[str(r["number"])], "validation": r["values"]} for r in on_front]
                 confirmed["front"] = [{k: r[k] for k in CANDIDATE_KEYS if k in r} for r in fresh]
                 confirmed["references"] = confirmation["references"]
-                seen = {r["number"] for r in fresh}
-                searched = confirmed["front"] + [c for c in confirmed["candidates"] if c["number"] not in seen]
-                confirmed["equal_kl"] = equal_kl(searched, confirmed["references"])
+                confirmed["equal_kl"] = equal_kl(fresh_points(confirmed), confirmed["references"])
         else:
             chosen = None
     result = {
@@ -191,6 +189,12 @@ def build_result(
             "text": "share of (trial, prompt) pairs where first-token log-odds > 0 matches a judged refuse/evade",
         }
     return result
+
+
+def fresh_points(confirmation: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The searched points a confirmation re-measured: its ``front``, then the candidates not on it."""
+    seen = {r["number"] for r in confirmation["front"]}
+    return [*confirmation["front"], *(c for c in confirmation["candidates"] if c["number"] not in seen)]
 
 
 def equal_kl(points: Sequence[Mapping[str, Any]], references: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from .pareto import pareto_mask
+from .pareto import fresh_points, pareto_mask
 
 
 def _kl_compliance(point: Any) -> tuple[float, float, str]:
@@ -28,13 +28,11 @@ def pareto_front(result: dict[str, Any], references: dict[str, list[Any]] | None
     "… (layer)" is drawn as markers only: its points are layers, not strengths in order."""
     trials = result["trials"]
     fig = go.Figure()
-    points = lambda rows, name, marker, note: _points(fig, rows, name, marker, note)  # noqa: E731
-
     for on_front, name, marker in (
         (False, "trials", dict(size=6, color="lightgray")),
         (True, "Pareto-optimal trials", dict(size=8, color="royalblue")),
     ):
-        points([t for t in trials if t["pareto_2d"] == on_front], name, marker, "")
+        _points(fig, [t for t in trials if t["pareto_2d"] == on_front], name, marker)
     line = sorted((t["values"]["kl"], t["values"]["compliance"]) for t in trials if t["pareto_2d"])
     if line:
         _step_line(fig, line, "front")
@@ -44,7 +42,9 @@ def pareto_front(result: dict[str, Any], references: dict[str, list[Any]] | None
         conf = result["confirmation"]
         fresh = conf["baseline"]["values"]["compliance"]
         name = f"candidates on fresh prompts (baseline there {fresh:.2f})"
-        points(conf["candidates"], name, dict(symbol="diamond-open", size=10, color="darkorange"), ", fresh prompts")
+        _points(
+            fig, conf["candidates"], name, dict(symbol="diamond-open", size=10, color="darkorange"), ", fresh prompts"
+        )
     if result.get("chosen"):
         c = result["chosen"]
         v = c.get("validation", c["values"])  # drawn among the trials: its validation numbers
@@ -70,13 +70,11 @@ def fresh_front(result: dict[str, Any]) -> go.Figure:
     conf = result.get("confirmation") or {}
     if "front" not in conf:
         raise ValueError("no fresh-prompt front in this result: run the search with --confirm K --confirm-front")
-    fig, cands = go.Figure(), _other_candidates(conf)
+    fig, pts = go.Figure(), fresh_points(conf)
+    cands = pts[len(conf["front"]) :]
     _points(fig, conf["front"], "validation front, re-measured", dict(size=9, color="royalblue"))
     _points(fig, cands, "other candidates, re-measured", dict(symbol="diamond-open", size=10, color="darkorange"))
-    pts = conf["front"] + cands
-    x, y = [t["values"]["kl"] for t in pts], [t["values"]["compliance"] for t in pts]
-    on = pareto_mask(list(zip(y, x)), [True, False])
-    _step_line(fig, sorted((a, b) for a, b, o in zip(x, y, on) if o), "front among them here")
+    _step_line(fig, _front_line(pts), "front among them here")
     _curves_and_baseline(fig, conf["references"], conf["baseline"]["values"]["compliance"])
     if result.get("chosen"):
         c = result["chosen"]["values"]
@@ -89,9 +87,9 @@ def fresh_front(result: dict[str, Any]) -> go.Figure:
                 marker=dict(symbol="star", size=16, color="crimson"),
             )
         )
-    names = ", ".join(str(v) for k, v in conf["data"].items() if k != "digest")
-    title = f"{result['model']}: compliance vs KL, fresh prompts ({names})"
-    return _layout(fig, x, conf["references"], result["rule"]["kl_cap"], title)
+    title = f"{result['model']}: compliance vs KL, fresh prompts ({_prompt_names(conf)})"
+    kls = [t["values"]["kl"] for t in pts]
+    return _layout(fig, kls, conf["references"], result["rule"]["kl_cap"], title)
 
 
 def fresh_fronts(results: dict[str, dict[str, Any]]) -> go.Figure:
@@ -105,9 +103,7 @@ def fresh_fronts(results: dict[str, dict[str, Any]]) -> go.Figure:
         raise ValueError("these searches were re-measured on different fresh prompts; they do not share one axis")
     fig = go.Figure()
     for name, conf in confs.items():
-        pts = conf["front"] + _other_candidates(conf)
-        x, y = [t["values"]["kl"] for t in pts], [t["values"]["compliance"] for t in pts]
-        line = sorted((a, b) for a, b, o in zip(x, y, pareto_mask(list(zip(y, x)), [True, False])) if o)
+        line = _front_line(fresh_points(conf))
         fig.add_trace(
             go.Scatter(
                 x=[p[0] for p in line],
@@ -122,9 +118,8 @@ def fresh_fronts(results: dict[str, dict[str, Any]]) -> go.Figure:
     first = next(iter(confs.values()))
     _curves_and_baseline(fig, first["references"], first["baseline"]["values"]["compliance"])
     res = next(iter(results.values()))
-    names = ", ".join(str(v) for k, v in first["data"].items() if k != "digest")
     n = f"{len(results)} search{'es' if len(results) != 1 else ''}"
-    title = f"{res['model']}: the fronts of {n} on fresh prompts<br><sup>{names}</sup>"
+    title = f"{res['model']}: the fronts of {n} on fresh prompts<br><sup>{_prompt_names(first)}</sup>"
     return _layout(fig, [], first["references"], res["rule"]["kl_cap"], title).update_layout(width=1100)
 
 
@@ -151,10 +146,15 @@ def _step_line(fig: go.Figure, line: list[tuple[float, float]], name: str) -> No
     )
 
 
-def _other_candidates(conf: dict[str, Any]) -> list[dict[str, Any]]:
-    """The confirmation's candidates that are not also re-measured front points."""
-    seen = {t["number"] for t in conf["front"]}
-    return [c for c in conf["candidates"] if c["number"] not in seen]
+def _front_line(points: list[dict]) -> list[tuple[float, float]]:
+    """The (KL, compliance) of the points no other dominates (higher compliance, lower KL), by KL."""
+    xy = [(t["values"]["kl"], t["values"]["compliance"]) for t in points]
+    return sorted(p for p, on in zip(xy, pareto_mask([(c, k) for k, c in xy], [True, False])) if on)
+
+
+def _prompt_names(conf: dict[str, Any]) -> str:
+    """The confirmation's prompt sets, e.g. ``harmful_train[32:96], alpaca_val[32:96]``."""
+    return ", ".join(str(v) for k, v in conf["data"].items() if k != "digest")
 
 
 def _curves_and_baseline(fig: go.Figure, curves: dict[str, list[Any]], base_compliance: float) -> None:

@@ -149,15 +149,34 @@ def reference_curves(
     others are read back."""
     path = search.out / "references.json"
     curves = read_json(path, "cna_lens.SearchReferences")["curves"] if path.exists() else {}
-    for name, build in reference_points(search, model, attr, caa, progress).items():
+    save = lambda: atomic_write_json(path, {"kind": "cna_lens.SearchReferences", "curves": curves})  # noqa: E731
+    todo = reference_points(search, model, attr, caa, progress)
+    return measure_curves(search, model, todo, curves, base, save, progress)
+
+
+def measure_curves(
+    search: Search,
+    model: HookedModel,
+    todo: dict[str, Callable[[], list[Point]]],
+    curves: dict[str, list[dict[str, Any]]],
+    base: dict,
+    save: Callable[[], Any],
+    progress: bool,
+    data: SearchData | None = None,
+    stage: str = "references",
+) -> dict[str, list[dict[str, Any]]]:
+    """Measure each curve of ``todo`` (name → its points' builder) missing from ``curves``, on ``data``
+    (None: the search's validation prompts), into ``curves``; ``save()`` after each curve. A curve
+    without points is skipped."""
+    for name, build in todo.items():
         if name in curves or not (points := build()):
             continue
-        with search.run_dir.timed("references"):
-            it = tqdm(points, desc=name, disable=not progress)
+        with search.run_dir.timed(stage):
+            it = tqdm(points, desc=name if data is None else f"{stage} {name}", disable=not progress)
             curves[name] = [
-                {"label": lab, **search.measure(model, hooked, base, stock)[0]} for lab, hooked, stock in it
+                {"label": lab, **search.measure(model, hooked, base, stock, data)[0]} for lab, hooked, stock in it
             ]
-        atomic_write_json(path, {"kind": "cna_lens.SearchReferences", "curves": curves})
+        save()
     return curves
 
 

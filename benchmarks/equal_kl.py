@@ -5,10 +5,11 @@ prompts and discovery statistics, so that the reference curves (CNA by |diff|, C
 ablation) measured there are the same for all (checked). For each search: its points re-measured on
 the fresh prompts (the validation front with KL ≤ cap, and the other confirmation candidates), and for
 each reference point the best of them with no more KL (``pareto.equal_kl``, as in ``pareto.json``).
-Then, per reference point, how many searches reach its compliance at equal or lower KL. The searches
-are not pooled: the best of all their points on the same prompts would again be a maximum of noisy
-scores. Writes ``OUT.json`` and the figure ``OUT.{html,png}`` (each search's front on the fresh prompts,
-with the reference curves).
+Then, per reference point, how many searches reach its compliance at equal or lower KL, and each
+search's exact McNemar test against it, prompt by prompt (``pareto.paired``; where both points kept
+per-prompt labels). The searches are not pooled: the best of all their points on the same prompts
+would again be a maximum of noisy scores. Writes ``OUT.json`` and the figure ``OUT.{html,png}``
+(each search's front on the fresh prompts, with the reference curves).
 
 python benchmarks/equal_kl.py --searches DIR ... --labels LABEL ... \
     --out benchmarks/results/equal-kl/qwen2.5-coder-1.5b-instruct-judge
@@ -65,8 +66,8 @@ def main() -> None:
         conf = r["_result"]["confirmation"]
         if r["_result"]["model"] != rows[0]["_result"]["model"] or conf["data"] != first["data"]:
             raise SystemExit(f"{r['search']}: another model or other fresh prompts than {rows[0]['search']}")
-        same = {k: [q["values"] for q in v] for k, v in conf["references"].items()} == {
-            k: [q["values"] for q in v] for k, v in first["references"].items()
+        same = {k: [(q["values"], q.get("labels")) for q in v] for k, v in conf["references"].items()} == {
+            k: [(q["values"], q.get("labels")) for q in v] for k, v in first["references"].items()
         }
         if not same:
             raise SystemExit(f"{r['search']}: its reference curves differ from {rows[0]['search']}'s")
@@ -74,6 +75,7 @@ def main() -> None:
     reached = []
     for i, (curve, label, kl, comp) in enumerate(refs):
         best = [r["equal_kl"][i]["search_compliance"] for r in rows]
+        tests = [r["equal_kl"][i].get("paired") for r in rows]
         reached.append(
             {
                 "curve": curve,
@@ -82,6 +84,7 @@ def main() -> None:
                 "compliance": comp,
                 "searches_at_least_as_compliant": sum(b is not None and b >= comp for b in best),
                 "search_best": dict(zip(args.labels, best)),
+                "paired": dict(zip(args.labels, tests)),
             }
         )
     model = rows[0]["_result"]["model"]
@@ -101,7 +104,10 @@ def main() -> None:
     atomic_write_json(path, out)
     save_figure(fig, args.out)
     for e in reached:
-        best = ", ".join(f"{k}: {'-' if v is None else f'{v:.3f}'}" for k, v in e["search_best"].items())
+        best = ", ".join(
+            f"{k}: {'-' if v is None else f'{v:.3f}'}" + (f" (p {q['p']:.2g})" if (q := e["paired"][k]) else "")
+            for k, v in e["search_best"].items()
+        )
         print(f"{e['curve']} {e['label']}: {e['compliance']:.3f} at KL {e['kl']:.4f} | best searched at <= KL: {best}")
     print(f"wrote {path}")
 

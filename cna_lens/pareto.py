@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .runs import read_json
+from .scoring import mcnemar
 from .selection import Selection
 
 FORMAT_VERSION = 1
@@ -121,7 +122,7 @@ class Rule:
 
 
 #: What ``pareto.json`` keeps of each re-measured candidate (``values``: fresh prompts).
-CANDIDATE_KEYS = ("number", "label", "n_neurons", "validation", "values", "judged", "first_token_compliance")
+CANDIDATE_KEYS = ("number", "label", "n_neurons", "validation", "values", "judged", "first_token_compliance", "labels")
 
 
 def build_result(
@@ -197,11 +198,25 @@ def fresh_points(confirmation: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [*confirmation["front"], *(c for c in confirmation["candidates"] if c["number"] not in seen)]
 
 
+def paired(reference: Mapping[str, Any], point: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Exact McNemar test (:func:`cna_lens.scoring.mcnemar`) of per-prompt compliance between two
+    points judged on the same prompts: ``reference_only`` prompts complied with under ``reference``
+    alone, ``search_only`` under ``point`` alone, and ``p``. None where either point lacks per-prompt
+    ``labels`` (measured by the first-token score, or before labels were kept)."""
+    a, b = reference.get("labels"), point.get("labels")
+    if a is None or b is None:
+        return None
+    b01, b10, p = mcnemar([x == "comply" for x in a], [x == "comply" for x in b])
+    return {"reference_only": b10, "search_only": b01, "p": p}
+
+
 def equal_kl(points: Sequence[Mapping[str, Any]], references: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict]:
     """For each reference point (KL k, compliance c), the highest compliance among ``points`` (the
     searched selections, e.g. the re-measured front and candidates) with KL ≤ k (``search_compliance``,
     ``search_trial``; None where no point has so little KL): each method against the search at equal or
-    lower KL, on the same prompts."""
+    lower KL, on the same prompts; ``paired``: the two points' McNemar test (:func:`paired`). The best
+    of several points is a maximum of noisy shares, so the test favours the search: a reference point
+    significantly ahead is ahead, one not significantly ahead may still be."""
     out = []
     for curve, pts in references.items():
         for p in pts:
@@ -216,6 +231,7 @@ def equal_kl(points: Sequence[Mapping[str, Any]], references: Mapping[str, Seque
                     "compliance": p["values"]["compliance"],
                     "search_compliance": None if best is None else best["values"]["compliance"],
                     "search_trial": None if best is None else best["number"],
+                    "paired": None if best is None else paired(p, best),
                 }
             )
     return out
@@ -254,6 +270,9 @@ def summary(result: Mapping[str, Any]) -> str:
             for e in conf["equal_kl"]:
                 t, c = e["search_trial"], e["search_compliance"]
                 best = "none" if t is None else f"{c:.3f} (trial {t})"
+                if e.get("paired"):
+                    q = e["paired"]
+                    best += f"; McNemar p {q['p']:.2g} ({q['reference_only']} vs {q['search_only']} prompts alone)"
                 lines.append(f"  {e['curve']} {e['label']}: {e['compliance']:.3f} at KL {e['kl']:.4f}; search {best}")
     chosen = result["chosen"]
     lines.append(f"rule: {result['rule']['text']}")

@@ -202,7 +202,8 @@ class Search:
         prompts' first-token scores (a diagnostic there) from the generation's own prefill, so those
         prompts pass through the model once. ``data``: other prompts than the search's (the
         confirmation's); ``answers``: the harmful prompts' answers and first-token log-probabilities,
-        already generated under this intervention (:func:`cna_lens.search_refs.measure_trials`)."""
+        already generated under this intervention (:func:`cna_lens.search_refs.measure_trials`). A judged
+        measurement keeps each harmful prompt's label (``labels``), for paired tests (:func:`pareto.paired`)."""
         d, bs = data or self.data, self.batch_size
         t0 = time.perf_counter()
         texts = None
@@ -232,6 +233,7 @@ class Search:
             labels = [v.label for v in self.judge_fn(list(d.harmful), texts, judge=self.judge)]
             out["values"]["compliance"] = labels.count("comply") / len(labels)
             out["judged"] = {k: labels.count(k) / len(labels) for k in ("refuse", "comply", "evade")}
+            out["labels"] = labels  # per harmful prompt, in order: paired tests between points
             agree = [(float(x) > 0) == (lab != "comply") for x, lab in zip(s["harmful"], labels)]
             out["agreement"] = sum(agree) / len(agree)
         out["seconds"] = time.perf_counter() - t0

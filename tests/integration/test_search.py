@@ -122,6 +122,7 @@ def test_judge_objective(planted, search_data, tmp_path, monkeypatch):
     # ratios of counts (one float division): approx's default rel=1e-6 is ample
     assert t["values"]["compliance"] == pytest.approx(2 / 6)  # prompts 0 and 3 of 6 "comply"
     assert t["judged"] == pytest.approx({"refuse": 2 / 6, "comply": 2 / 6, "evade": 2 / 6})
+    assert t["labels"] == ["comply", "evade", "refuse"] * 2  # per prompt, in the prompts' order
     assert 0 <= res["agreement"]["per_prompt"] <= 1
 
 
@@ -180,6 +181,8 @@ def test_judge_objective_with_the_real_regex_judge(planted, search_data, tmp_pat
     for t in res["trials"] + [res["baseline"]]:
         assert sum(t["judged"].values()) == pytest.approx(1.0)  # one label per prompt (3 rounded ratios)
         assert t["values"]["compliance"] == t["judged"]["comply"]
+        assert len(t["labels"]) == len(search_data.harmful)
+        assert t["labels"].count("comply") / len(t["labels"]) == t["values"]["compliance"]
 
 
 def test_judged_generation_runs_on_the_weight_edit(planted, search_data, tmp_path, monkeypatch):
@@ -425,7 +428,7 @@ def test_trial_batch_measures_each_trial_as_alone_and_resumes(planted, search_da
         neurons = sel.neurons(attr, effects)
         assert len(neurons) > 0
         got = measure_neurons(alone, model, neurons, sel.scale, baseline, base, "trials")
-        assert got["values"] == t["values"] and got["judged"] == t["judged"], t["number"]
+        assert got["values"] == t["values"] and got["labels"] == t["labels"], t["number"]
         assert abs(got["mean_refusal_score"] - t["mean_refusal_score"]) <= tol, t["number"]
     assert answers[1:] == batched
     # a selection left without neurons (by pruning) in a batch is the unmodified model, beside the others
@@ -442,7 +445,7 @@ def test_trial_batch_measures_each_trial_as_alone_and_resumes(planted, search_da
     for number, res in conf["trials"].items():
         sel = Selection.from_dict(next(t for t in full["trials"] if t["number"] == int(number))["selection"])
         got = measure_neurons(alone, model, sel.neurons(attr, effects), sel.scale, {}, fresh_base, "c", fresh_data)
-        assert got["values"] == res["values"] and got["judged"] == res["judged"], number
+        assert got["values"] == res["values"] and got["labels"] == res["labels"], number
     run(model, tmp_path / "part", 4, search_data, **kw)
     storage = f"sqlite:///{(tmp_path / 'part' / 'study.db').resolve()}"
     optuna.load_study(study_name="cna_lens.search", storage=storage).ask()

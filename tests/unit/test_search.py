@@ -8,7 +8,7 @@ import pytest
 
 from cna_lens.cli import main
 from cna_lens.evaluate import refusal_score, refusal_token_ids
-from cna_lens.pareto import Rule, build_result, pareto_mask, summary
+from cna_lens.pareto import Rule, build_result, paired, pareto_mask, summary
 from cna_lens.runs import exclusive
 from cna_lens.search import Search, SearchData, SearchSpace
 from cna_lens.selection import Selection
@@ -141,6 +141,38 @@ def test_rule_with_fresh_front():
         Rule(confirm_front=True)
     with pytest.raises(ValueError, match="confirm_front"):
         Rule(confirm_top=1, confirm_front=1)
+
+
+def test_paired_test_of_equal_kl_points():
+    """The reference point and the best searched point at equal KL are compared prompt by prompt (exact
+    McNemar, by hand); points without per-prompt labels get no test."""
+    v = lambda c, kl, labels=None: (
+        {"values": {"compliance": c, "kl": kl, "over_refusal": 0.0}}
+        | (  # noqa: E731
+            {} if labels is None else {"labels": labels}
+        )
+    )
+    ref = ["comply"] * 8 + ["refuse"] * 2 + ["evade", "comply"]  # 9 of 12 comply
+    ours = ["refuse"] * 8 + ["comply"] * 2 + ["evade", "comply"]  # 3: the same last prompt, and 2 of its own
+    # discordant: 8 only under the reference, 2 only under the search; p = 2·P(X ≤ 2), X ~ Bin(10, ½)
+    assert paired(v(0.75, 0.1, ref), v(0.25, 0.1, ours)) == {
+        "reference_only": 8,
+        "search_only": 2,
+        "p": pytest.approx(2 * (1 + 10 + 45) / 2**10),
+    }
+    assert paired(v(0.75, 0.1, ref), v(0.25, 0.1)) is None and paired(v(0.75, 0.1), v(0.2, 0.1, ours)) is None
+    with pytest.raises(ValueError, match="length"):  # other prompts: refused, not compared
+        paired(v(0.75, 0.1, ref), v(0.25, 0.1, ours[:-1]))
+    rows = [row(2, 0.8, 0.1, 0.0), row(3, 0.95, 0.25, 0.0)]
+    base = {"values": {"compliance": 0.1, "kl": 0.0, "over_refusal": 0.0}}
+    fresh = {"2": v(0.25, 0.08, ours), "3": v(0.5, 0.2)}
+    refs = {"DA (layer)": [{"label": "L1", **v(0.75, 0.1, ref)}, {"label": "L2", **v(0.7, 0.3, ref)}]}
+    conf = {"data": {}, "baseline": v(0.0, 0.0), "trials": fresh, "references": refs}
+    res = build_result({"model": "m"}, rows, base, {}, Rule(0.3, confirm_top=1, confirm_front=True), conf)
+    got = [(e["search_trial"], e["paired"]) for e in res["confirmation"]["equal_kl"]]
+    assert got[0][0] == 2 and got[0][1]["reference_only"] == 8 and got[1] == (3, None)
+    assert res["confirmation"]["front"][0]["labels"] == ours  # kept with the re-measured points
+    assert "McNemar p 0.11 (8 vs 2 prompts alone)" in summary(res)
 
 
 def test_confirm_data_bundled():

@@ -272,7 +272,8 @@ def summary(result: Mapping[str, Any]) -> str:
                 best = "none" if t is None else f"{c:.3f} (trial {t})"
                 if e.get("paired"):
                     q = e["paired"]
-                    best += f"; McNemar p {q['p']:.2g} ({q['reference_only']} vs {q['search_only']} prompts alone)"
+                    best += f"; McNemar p {q['p']:.2g} (complied with under the reference alone: "
+                    best += f"{q['reference_only']}, the search alone: {q['search_only']})"
                 lines.append(f"  {e['curve']} {e['label']}: {e['compliance']:.3f} at KL {e['kl']:.4f}; search {best}")
     chosen = result["chosen"]
     lines.append(f"rule: {result['rule']['text']}")

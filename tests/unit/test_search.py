@@ -146,12 +146,11 @@ def test_rule_with_fresh_front():
 def test_paired_test_of_equal_kl_points():
     """The reference point and the best searched point at equal KL are compared prompt by prompt (exact
     McNemar, by hand); points without per-prompt labels get no test."""
-    v = lambda c, kl, labels=None: (
-        {"values": {"compliance": c, "kl": kl, "over_refusal": 0.0}}
-        | (  # noqa: E731
-            {} if labels is None else {"labels": labels}
-        )
-    )
+
+    def v(c, kl, labels=None):
+        point = {"values": {"compliance": c, "kl": kl, "over_refusal": 0.0}}
+        return point if labels is None else {**point, "labels": labels}
+
     ref = ["comply"] * 8 + ["refuse"] * 2 + ["evade", "comply"]  # 9 of 12 comply
     ours = ["refuse"] * 8 + ["comply"] * 2 + ["evade", "comply"]  # 3: the same last prompt, and 2 of its own
     # discordant: 8 only under the reference, 2 only under the search; p = 2·P(X ≤ 2), X ~ Bin(10, ½)
@@ -172,7 +171,7 @@ def test_paired_test_of_equal_kl_points():
     got = [(e["search_trial"], e["paired"]) for e in res["confirmation"]["equal_kl"]]
     assert got[0][0] == 2 and got[0][1]["reference_only"] == 8 and got[1] == (3, None)
     assert res["confirmation"]["front"][0]["labels"] == ours  # kept with the re-measured points
-    assert "McNemar p 0.11 (8 vs 2 prompts alone)" in summary(res)
+    assert "McNemar p 0.11 (complied with under the reference alone: 8, the search alone: 2)" in summary(res)
 
 
 def test_confirm_data_bundled():

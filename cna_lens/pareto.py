@@ -210,6 +210,14 @@ def paired(reference: Mapping[str, Any], point: Mapping[str, Any]) -> dict[str, 
     return {"reference_only": b10, "search_only": b01, "p": p}
 
 
+def paired_text(test: Mapping[str, Any]) -> str:
+    """One line for a :func:`paired` result (the search summary, notebook 04)."""
+    return (
+        f"McNemar p {test['p']:.2g} (complied with under the reference alone: {test['reference_only']}, "
+        f"the search alone: {test['search_only']})"
+    )
+
+
 def equal_kl(points: Sequence[Mapping[str, Any]], references: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict]:
     """For each reference point (KL k, compliance c), the highest compliance among ``points`` (the
     searched selections, e.g. the re-measured front and candidates) with KL ≤ k (``search_compliance``,
@@ -271,9 +279,7 @@ def summary(result: Mapping[str, Any]) -> str:
                 t, c = e["search_trial"], e["search_compliance"]
                 best = "none" if t is None else f"{c:.3f} (trial {t})"
                 if e.get("paired"):
-                    q = e["paired"]
-                    best += f"; McNemar p {q['p']:.2g} (complied with under the reference alone: "
-                    best += f"{q['reference_only']}, the search alone: {q['search_only']})"
+                    best += f"; {paired_text(e['paired'])}"
                 lines.append(f"  {e['curve']} {e['label']}: {e['compliance']:.3f} at KL {e['kl']:.4f}; search {best}")
     chosen = result["chosen"]
     lines.append(f"rule: {result['rule']['text']}")

@@ -7,8 +7,9 @@ the fresh prompts (the validation front with KL ≤ cap, and the other confirmat
 each reference point the best of them with no more KL (``pareto.equal_kl``, as in ``pareto.json``).
 Then, per reference point, how many searches reach its compliance at equal or lower KL, and each
 search's exact McNemar test against it, prompt by prompt (``pareto.paired``; where both points kept
-per-prompt labels). The searches are not pooled: the best of all their points on the same prompts
-would again be a maximum of noisy scores. Writes ``OUT.json`` and the figure ``OUT.{html,png}``
+per-prompt labels); the other way round, each search's chosen point against each curve's best point
+with no more KL (``pareto.references_at``). The searches are not pooled: the best of all their points
+on the same prompts would again be a maximum of noisy scores. Writes ``OUT.json`` and the figure ``OUT.{html,png}``
 (each search's front on the fresh prompts, with the reference curves).
 
 python benchmarks/equal_kl.py --searches DIR ... --labels LABEL ... \
@@ -22,7 +23,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from cna_lens.pareto import equal_kl, fresh_points, load_result
+from cna_lens.pareto import equal_kl, fresh_points, load_result, references_at
 from cna_lens.plot import fresh_fronts, save_figure
 from cna_lens.runs import atomic_write_json
 
@@ -36,6 +37,7 @@ def describe(path: Path, label: str) -> dict:
         raise ValueError(f"{path}: no fresh-prompt front (rerun it with --confirm K --confirm-front)")
     cfg = json.loads((path / "config.json").read_text())
     points, seen = fresh_points(conf), {t["number"] for t in conf["front"]}
+    chosen = next(p for p in points if p["number"] == res["chosen"]["number"])  # with its per-prompt labels
     after = [t for t in res["trials"] if t["number"] >= cfg["startup_trials"]]  # TPE's own proposals
     rankings = Counter(t["selection"]["ranking"] for t in after)
     return {
@@ -48,6 +50,7 @@ def describe(path: Path, label: str) -> dict:
         "chosen": {k: res["chosen"][k] for k in ("number", "label", "values", "validation")},
         "points": [{k: p[k] for k in POINT_KEYS} | {"on_validation_front": p["number"] in seen} for p in points],
         "equal_kl": equal_kl(points, conf["references"]),  # recomputed: the same as pareto.json's
+        "chosen_equal_kl": references_at(chosen, conf["references"]),
         "_result": res,
     }
 
@@ -109,6 +112,11 @@ def main() -> None:
             for k, v in e["search_best"].items()
         )
         print(f"{e['curve']} {e['label']}: {e['compliance']:.3f} at KL {e['kl']:.4f} | best searched at <= KL: {best}")
+    for r in rows:
+        for e in r["chosen_equal_kl"]:
+            ref = "none" if e["label"] is None else f"{e['label']} {e['compliance']:.3f} at KL {e['kl']:.4f}"
+            test = f" (p {e['paired']['p']:.2g})" if e["paired"] else ""
+            print(f"{r['search']}: chosen {r['chosen']['values']['compliance']:.3f} vs {e['curve']} {ref}{test}")
     print(f"wrote {path}")
 
 

@@ -165,6 +165,8 @@ def build_result(
                 confirmed["front"] = [{k: r[k] for k in CANDIDATE_KEYS if k in r} for r in fresh]
                 confirmed["references"] = confirmation["references"]
                 confirmed["equal_kl"] = equal_kl(fresh_points(confirmed), confirmed["references"])
+                if chosen is not None:  # the rule's pick against each method at no more KL
+                    confirmed["chosen_equal_kl"] = references_at(chosen, confirmed["references"])
         else:
             chosen = None
     result = {
@@ -245,6 +247,28 @@ def equal_kl(points: Sequence[Mapping[str, Any]], references: Mapping[str, Seque
     return out
 
 
+def references_at(point: Mapping[str, Any], references: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict]:
+    """The reverse of :func:`equal_kl`, at the searched point's KL k: for each reference curve, its most
+    compliant point with KL ≤ k (``label``, ``kl``, ``compliance``; all None where no point of the curve
+    has so little KL) and ``paired``, the two points' McNemar test (:func:`paired`). A curve's best of its
+    points with no more KL is a maximum of noisy shares, as is a point chosen among several on the same
+    prompts: here the maximum is on both sides."""
+    k, out = point["values"]["kl"], []
+    for curve, pts in references.items():
+        ok = [q for q in pts if q["values"]["kl"] <= k]
+        best = max(ok, key=lambda q: (q["values"]["compliance"], -q["values"]["kl"]), default=None)
+        out.append(
+            {
+                "curve": curve,
+                "label": None if best is None else best.get("label", ""),
+                "kl": None if best is None else best["values"]["kl"],
+                "compliance": None if best is None else best["values"]["compliance"],
+                "paired": None if best is None else paired(best, point),
+            }
+        )
+    return out
+
+
 def summary(result: Mapping[str, Any]) -> str:
     """A text table of a search: the compliance × KL front, the confirmation's candidates (validation →
     fresh prompts) and the chosen point."""
@@ -281,6 +305,13 @@ def summary(result: Mapping[str, Any]) -> str:
                 if e.get("paired"):
                     best += f"; {paired_text(e['paired'])}"
                 lines.append(f"  {e['curve']} {e['label']}: {e['compliance']:.3f} at KL {e['kl']:.4f}; search {best}")
+            if conf.get("chosen_equal_kl"):
+                lines.append(
+                    "fresh prompts, the chosen point against each curve's best point with KL <= the chosen KL:"
+                )
+                for e in conf["chosen_equal_kl"]:
+                    ref = "none" if e["label"] is None else f"{e['label']}: {e['compliance']:.3f} at KL {e['kl']:.4f}"
+                    lines.append(f"  {e['curve']} {ref}" + (f"; {paired_text(e['paired'])}" if e["paired"] else ""))
     chosen = result["chosen"]
     lines.append(f"rule: {result['rule']['text']}")
     lines.append(

@@ -8,7 +8,7 @@ import pytest
 
 from cna_lens.cli import main
 from cna_lens.evaluate import refusal_score, refusal_token_ids
-from cna_lens.pareto import Rule, build_result, paired, pareto_mask, summary
+from cna_lens.pareto import Rule, build_result, paired, pareto_mask, references_at, summary
 from cna_lens.runs import exclusive
 from cna_lens.search import Search, SearchData, SearchSpace
 from cna_lens.selection import Selection
@@ -164,14 +164,45 @@ def test_paired_test_of_equal_kl_points():
         paired(v(0.75, 0.1, ref), v(0.25, 0.1, ours[:-1]))
     rows = [row(2, 0.8, 0.1, 0.0), row(3, 0.95, 0.25, 0.0)]
     base = {"values": {"compliance": 0.1, "kl": 0.0, "over_refusal": 0.0}}
-    fresh = {"2": v(0.25, 0.08, ours), "3": v(0.5, 0.2)}
+    over = {"values": {"compliance": 0.5, "kl": 0.2, "over_refusal": 0.5}}  # trial 3 over-refuses there
+    fresh = {"2": v(0.25, 0.08, ours), "3": over}
     refs = {"DA (layer)": [{"label": "L1", **v(0.75, 0.1, ref)}, {"label": "L2", **v(0.7, 0.3, ref)}]}
     conf = {"data": {}, "baseline": v(0.0, 0.0), "trials": fresh, "references": refs}
-    res = build_result({"model": "m"}, rows, base, {}, Rule(0.3, confirm_top=1, confirm_front=True), conf)
+    res = build_result({"model": "m"}, rows, base, {}, Rule(0.3, confirm_top=2, confirm_front=True), conf)
     got = [(e["search_trial"], e["paired"]) for e in res["confirmation"]["equal_kl"]]
     assert got[0][0] == 2 and got[0][1]["reference_only"] == 8 and got[1] == (3, None)
     assert res["confirmation"]["front"][0]["labels"] == ours  # kept with the re-measured points
     assert "McNemar p 0.11 (complied with under the reference alone: 8, the search alone: 2)" in summary(res)
+    # the rule's pick on fresh prompts (trial 2: trial 3 over-refuses there) against each curve at no more
+    # KL: no direction costs as little as its 0.08 (trial 3's 0.2 would meet L1)
+    assert res["chosen"]["number"] == 2
+    assert [(e["label"], e["paired"]) for e in res["confirmation"]["chosen_equal_kl"]] == [(None, None)]
+    assert "the chosen point against each curve" in summary(res)
+
+
+def test_chosen_point_against_each_curve_at_no_more_kl():
+    """references_at: per curve, the most compliant point with KL ≤ the searched point's, tested prompt
+    by prompt (exact McNemar, by hand); a curve with no point that cheap gets None."""
+
+    def pt(label, c, kl, labels=None):
+        return {"label": label, "values": {"compliance": c, "kl": kl}} | ({"labels": labels} if labels else {})
+
+    ours, ref = ["comply"] * 9 + ["refuse"] * 3, ["comply"] * 3 + ["refuse"] * 9  # 6 discordant, all ours
+    point = {"values": {"compliance": 0.75, "kl": 0.1}, "labels": ours}
+    refs = {
+        "DA (layer)": [pt("L1", 0.25, 0.05, ref), pt("L2", 0.9, 0.2, ["comply"] * 12), pt("L3", 0.1, 0.08, ref)],
+        "CAA (α)": [pt("0.5", 0.8, 0.5)],
+    }
+    da, caa = references_at(point, refs)
+    # L2 complies more but costs more KL; of L1 and L3 the more compliant; p = 2 · P(X = 0), X ~ Bin(6, ½)
+    assert da == {
+        "curve": "DA (layer)",
+        "label": "L1",
+        "kl": 0.05,
+        "compliance": 0.25,
+        "paired": {"reference_only": 0, "search_only": 6, "p": pytest.approx(2 / 2**6)},
+    }
+    assert caa == {"curve": "CAA (α)", "label": None, "kl": None, "compliance": None, "paired": None}
 
 
 def test_confirm_data_bundled():

@@ -14,7 +14,7 @@ Then ``benchmarks/equal_kl.py`` compares the source and the studies on the fresh
 reference point, each study's best point with no more KL and the exact McNemar test between them.
 
 python benchmarks/ranking_studies.py --source results/search-qwen2.5-coder-1.5b-instruct-judge \\
-    --studies abs:0 diff:0 effect:0 t:0 contrast_minus_utility:0 t:1 contrast_minus_utility:1 \\
+    --studies contrast_minus_utility:0 contrast_minus_utility:1 t:0 t:1 abs:0 diff:0 effect:0 \\
     --work runs/ranking-studies --out benchmarks/results/ranking-studies/qwen2.5-coder-1.5b-instruct-judge
 """
 

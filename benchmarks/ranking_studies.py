@@ -30,6 +30,7 @@ from pathlib import Path
 
 from cna_lens.confirm import ConfirmData
 from cna_lens.datasets import SearchData
+from cna_lens.pareto import load_result
 from cna_lens.runs import atomic_write_json, read_json
 from cna_lens.search_refs import CAA_ALPHAS, REFERENCE_FRACTIONS
 from cna_lens.selection import RANKINGS
@@ -44,13 +45,13 @@ def parse_study(spec: str) -> tuple[str, int]:
     return ranking, int(seed)
 
 
-def check_source(src: Path) -> tuple[dict, dict]:
-    """The source's config and result, after checking that its shared files are those a study would
+def check_source(src: Path) -> tuple[dict, dict, dict]:
+    """The source's config, result and confirmation, after checking that its shared files are those a study would
     compute: the bundled prompts, the default reference curves, and fresh-prompt references."""
     missing = [f for f in (*SHARED, "config.json", "confirm.json", "pareto.json") if not (src / f).exists()]
     if missing:
         raise SystemExit(f"{src}: missing {', '.join(missing)} (a finished search with --confirm K --confirm-front)")
-    cfg, res = json.loads((src / "config.json").read_text()), json.loads((src / "pareto.json").read_text())
+    cfg, res = json.loads((src / "config.json").read_text()), load_result(src)
     conf = read_json(src / "confirm.json", "cna_lens.SearchConfirmation")
     data, fresh = SearchData.bundled(), ConfirmData.bundled()
     expected = {
@@ -64,16 +65,15 @@ def check_source(src: Path) -> tuple[dict, dict]:
             raise SystemExit(f"{src}: {key} is {cfg.get(key)}, a study would use {want}")
     if conf["data"] != fresh.names | {"digest": fresh.digest()} or not conf.get("references"):
         raise SystemExit(f"{src}: confirm.json holds no reference curves on the default fresh prompts")
-    return cfg, res
+    return cfg, res, conf
 
 
-def seed_study(src: Path, out: Path) -> None:
-    """Copy the source's shared files into a new study directory (the fresh-prompt measurements of its
-    own trials left out)."""
+def seed_study(src: Path, conf: dict, out: Path) -> None:
+    """Copy the source's shared files and its confirmation ``conf`` into a new study directory (the
+    fresh-prompt measurements of its own trials left out)."""
     out.mkdir(parents=True)
     for f in SHARED:
         (shutil.copytree if (src / f).is_dir() else shutil.copy2)(src / f, out / f)
-    conf = read_json(src / "confirm.json", "cna_lens.SearchConfirmation")
     atomic_write_json(out / "confirm.json", {**conf, "trials": {}})
 
 
@@ -105,7 +105,7 @@ def main() -> None:
         raise SystemExit("a study is listed twice")
     if args.trials < 1 or args.trial_batch < 1 or args.confirm < 1:
         raise SystemExit("--trials, --trial-batch and --confirm must be >= 1")
-    cfg, res = check_source(args.source)
+    cfg, res, conf = check_source(args.source)
     if args.trial_batch > 1 and cfg["objective"] != "judge":
         raise SystemExit("--trial-batch > 1 needs a search with the judged objective")
     searched = cfg["space"]["rankings"]
@@ -116,7 +116,7 @@ def main() -> None:
         if not (out / "config.json").exists():
             if out.exists():
                 shutil.rmtree(out)  # seeded but never started: seed it again
-            seed_study(args.source, out)
+            seed_study(args.source, conf, out)
         start = time.perf_counter()
         print(f"study {ranking}, seed {seed} -> {out}", flush=True)
         subprocess.run(command(cfg, res, out, ranking, seed, args), check=True)

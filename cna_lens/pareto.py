@@ -220,6 +220,12 @@ def paired_text(test: Mapping[str, Any]) -> str:
     )
 
 
+def _most_compliant(points: Sequence[Mapping[str, Any]], kl: float) -> Mapping[str, Any] | None:
+    """The most compliant of ``points`` with KL ≤ ``kl`` (ties: the lower KL); None where none has so little."""
+    ok = [q for q in points if q["values"]["kl"] <= kl]
+    return max(ok, key=lambda q: (q["values"]["compliance"], -q["values"]["kl"]), default=None)
+
+
 def equal_kl(points: Sequence[Mapping[str, Any]], references: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict]:
     """For each reference point (KL k, compliance c), the highest compliance among ``points`` (the
     searched selections, e.g. the re-measured front and candidates) with KL ≤ k (``search_compliance``,
@@ -231,8 +237,7 @@ def equal_kl(points: Sequence[Mapping[str, Any]], references: Mapping[str, Seque
     for curve, pts in references.items():
         for p in pts:
             k = p["values"]["kl"]
-            ok = [q for q in points if q["values"]["kl"] <= k]
-            best = max(ok, key=lambda q: (q["values"]["compliance"], -q["values"]["kl"]), default=None)
+            best = _most_compliant(points, k)
             out.append(
                 {
                     "curve": curve,
@@ -253,10 +258,9 @@ def references_at(point: Mapping[str, Any], references: Mapping[str, Sequence[Ma
     has so little KL) and ``paired``, the two points' McNemar test (:func:`paired`). A curve's best of its
     points with no more KL is a maximum of noisy shares, as is a point chosen among several on the same
     prompts: here the maximum is on both sides."""
-    k, out = point["values"]["kl"], []
+    out = []
     for curve, pts in references.items():
-        ok = [q for q in pts if q["values"]["kl"] <= k]
-        best = max(ok, key=lambda q: (q["values"]["compliance"], -q["values"]["kl"]), default=None)
+        best = _most_compliant(pts, point["values"]["kl"])
         out.append(
             {
                 "curve": curve,

@@ -45,15 +45,15 @@ def parse_study(spec: str) -> tuple[str, int]:
     return ranking, int(seed)
 
 
-def check_source(src: Path) -> tuple[dict, dict, dict]:
+def check_source(src: Path, references: bool = True) -> tuple[dict, dict, dict]:
     """The source's config, result and confirmation, after checking that its shared files are those a study would
-    compute: the bundled prompts, the default reference curves, and fresh-prompt references."""
+    compute: the bundled prompts, the default reference curves, and (``references``) fresh-prompt references."""
     missing = [f for f in (*SHARED, "config.json", "confirm.json", "pareto.json") if not (src / f).exists()]
     if missing:
         raise SystemExit(f"{src}: missing {', '.join(missing)} (a finished search with --confirm K --confirm-front)")
     cfg, res = json.loads((src / "config.json").read_text()), load_result(src)
     conf = read_json(src / "confirm.json", "cna_lens.SearchConfirmation")
-    data, fresh = SearchData.bundled(), ConfirmData.bundled()
+    data, fresh = SearchData.bundled(), ConfirmData.bundled(quality=None)  # confirm.json names no quality set
     expected = {
         "data": data.names | {"digest": data.digest()},
         "reference_fractions": list(REFERENCE_FRACTIONS),
@@ -63,8 +63,10 @@ def check_source(src: Path) -> tuple[dict, dict, dict]:
     for key, want in expected.items():
         if cfg.get(key) != want:
             raise SystemExit(f"{src}: {key} is {cfg.get(key)}, a study would use {want}")
-    if conf["data"] != fresh.names | {"digest": fresh.digest()} or not conf.get("references"):
-        raise SystemExit(f"{src}: confirm.json holds no reference curves on the default fresh prompts")
+    if conf["data"] != fresh.names | {"digest": fresh.digest()}:
+        raise SystemExit(f"{src}: confirm.json holds measurements on {conf['data']}, not the default fresh prompts")
+    if references and not conf.get("references"):
+        raise SystemExit(f"{src}: confirm.json holds no reference curves (a search run with --confirm-front)")
     return cfg, res, conf
 
 
@@ -77,16 +79,30 @@ def seed_study(src: Path, conf: dict, out: Path) -> None:
     atomic_write_json(out / "confirm.json", {**conf, "trials": {}})
 
 
-def command(cfg: dict, res: dict, out: Path, ranking: str, seed: int, args: argparse.Namespace) -> list[str]:
+def command(
+    cfg: dict,
+    res: dict,
+    out: Path,
+    *,
+    rankings: str,
+    seed: int,
+    trials: int,
+    trial_batch: int,
+    confirm: int,
+    front: bool = True,
+) -> list[str]:
+    """``cna-lens search`` with the source's model, objective, judge and rule, into ``out``, with
+    ``--confirm CONFIRM`` (and ``--confirm-front``) and no samples or PNG."""
     cmd = [sys.executable, "-m", "cna_lens.cli", "search", "--model", cfg["model"], "--dtype", cfg["dtype"]]
     cmd += ["--objective", cfg["objective"], "--batch-size", str(cfg["batch_size"])]
     if cfg["objective"] == "judge":
         cmd += ["--judge", cfg["judge"], "--max-new-tokens", str(cfg["max_new_tokens"])]
-        cmd += ["--generation-batch-size", str(cfg["generation_batch_size"]), "--trial-batch", str(args.trial_batch)]
+        cmd += ["--generation-batch-size", str(cfg["generation_batch_size"]), "--trial-batch", str(trial_batch)]
     rule = res["rule"]
     cmd += ["--kl-cap", str(rule["kl_cap"]), "--over-refusal-slack", str(rule["over_refusal_slack"])]
-    cmd += ["--trials", str(args.trials), "--rankings", ranking, "--seed", str(seed)]
-    cmd += ["--confirm", str(args.confirm), "--confirm-front", "--samples", "0", "--no-png", "--out", str(out)]
+    cmd += ["--trials", str(trials), "--rankings", rankings, "--seed", str(seed)]
+    cmd += ["--confirm", str(confirm), *(["--confirm-front"] if front else [])]
+    cmd += ["--samples", "0", "--no-png", "--out", str(out)]
     return cmd
 
 
@@ -119,7 +135,8 @@ def main() -> None:
             seed_study(args.source, conf, out)
         start = time.perf_counter()
         print(f"study {ranking}, seed {seed} -> {out}", flush=True)
-        subprocess.run(command(cfg, res, out, ranking, seed, args), check=True)
+        kw = dict(rankings=ranking, seed=seed, trials=args.trials, trial_batch=args.trial_batch, confirm=args.confirm)
+        subprocess.run(command(cfg, res, out, **kw), check=True)
         print(f"study {ranking}, seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
         dirs.append(out)
         labels.append(f"{ranking}, seed {seed}")

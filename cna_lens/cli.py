@@ -119,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mmlu-on", default="all", help="conditions MMLU scores: kinds, keys, chosen, all, none")
     r.add_argument("--perplexity-on", default="all", help="conditions whose completions get perplexity (as --mmlu-on)")
     r.add_argument("--kl-limit", type=int, default=64, help="alpaca_val prompts for the KL measure")
-    r.add_argument("--xstest-limit", type=int, default=100, help="XSTest safe prompts, evenly spaced (0 = skip)")
+    r.add_argument(
+        "--xstest-limit",
+        type=int,
+        default=100,
+        help="XSTest safe prompts, evenly spaced (0 = skip); xstest_safe_val holds the other 150 of 250",
+    )
     r.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="sweep: shares of all MLP neurons")
     r.add_argument("--rankings", default=",".join(RANKINGS), help="sweep: rankings among abs,diff,effect")
     r.add_argument("--judge", default="default", help="regex | classifier | model:<id> (default: classifier)")
@@ -194,6 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --confirm: also re-measure the front (KL <= cap) and the reference curves on the fresh prompts "
         "(pareto_fresh.html; compares methods at equal KL, not used to choose)",
     )
+    s.add_argument(
+        "--quality-margin",
+        type=float,
+        default=None,
+        help="with --confirm: choose only candidates whose long answers to the quality prompts keep "
+        "answer quality (1 - repeated 4-grams) >= baseline - this (e.g. 0.01)",
+    )
+    s.add_argument("--quality-tokens", type=int, default=150, help="answer length for --quality-margin")
+    s.add_argument(
+        "--quality-prompts",
+        default="xstest_safe_val",
+        help="bundled set for --quality-margin (default: the 150 safe XSTest prompts no reproduction uses), "
+        "or 'harmless' for the confirmation's alpaca_val prompts",
+    )
+    s.add_argument("--confirm-quality", type=int, default=100, help="evenly spaced --quality-prompts prompts")
     s.add_argument("--confirm-harmful", type=int, default=64, help="fresh harmful_train prompts for --confirm")
     s.add_argument("--confirm-harmless", type=int, default=64, help="fresh alpaca_val prompts for --confirm")
     s.add_argument("--samples", type=int, default=8, help="prompts per set to generate for the chosen point")

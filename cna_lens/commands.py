@@ -381,13 +381,23 @@ def cmd_search(args: argparse.Namespace) -> int:
         )
     confirm = None
     if args.confirm:  # fresh prompts: after the pruning prompts and after the KL prompts
-        confirm = ConfirmData.bundled(args.confirm_harmful, args.confirm_harmless, args.n_effects, args.n_harmless)
+        quality = None if args.quality_prompts == "harmless" else args.quality_prompts
+        confirm = ConfirmData.bundled(
+            args.confirm_harmful, args.confirm_harmless, args.n_effects, args.n_harmless, quality, args.confirm_quality
+        )
     search = Search(  # validates every setting and pins them in OUT/config.json before the model loads
         args.out,
         model=args.model,
         data=SearchData.bundled(args.n_harmful, args.n_harmless, args.n_effects, args.benign),
         space=SearchSpace(rankings=tuple(args.rankings.split(",")), prune=(False, True) if args.prune else (False,)),
-        rule=Rule(args.kl_cap, args.over_refusal_slack, args.confirm, args.confirm_front),
+        rule=Rule(
+            args.kl_cap,
+            args.over_refusal_slack,
+            args.confirm,
+            args.confirm_front,
+            args.quality_margin,
+            args.quality_tokens,
+        ),
         confirm_data=confirm,
         seed=args.seed,
         objective=args.objective,

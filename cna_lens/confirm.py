@@ -11,9 +11,14 @@ With ``Rule.confirm_front`` the compliance × KL front's points (KL ≤ cap) and
 curves are measured on the same prompts too, so that the methods compare at equal KL where no point
 was chosen (reported, not used to choose).
 
+With ``Rule.quality_margin`` the candidates and the baseline also answer ``ConfirmData.quality`` at
+length (by default safe XSTest prompts that look harmful, none of them the reproduction's), and a
+candidate whose answers lose more quality than the margin is not chosen.
+
 The measurements are kept in ``confirm.json`` (one per trial number and, under ``references``, one
-list per curve, written as each finishes, so a stopped confirmation resumes; the fresh baseline's
-next-token log-probabilities, 64 × vocabulary floats, are recomputed on resume rather than stored).
+list per curve, under ``quality`` the long answers, written as each finishes, so a stopped confirmation
+resumes; the fresh baseline's next-token log-probabilities, 64 × vocabulary floats, are recomputed on
+resume rather than stored).
 """
 
 from __future__ import annotations
@@ -25,15 +30,20 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from .datasets import load_prompts
-from .evaluate import final_logprobs
+from .datasets import load_prompts, spread
+from .engine import stock_runs
+from .evaluate import final_logprobs, judge
 from .runs import atomic_write_json, read_json
-from .search_refs import measure_curves, measure_trials, reference_points
+from .scoring import matched_quality
+from .search_refs import measure_curves, measure_trials, neuron_forms, reference_points
 from .selection import Selection
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .attribute import Attribution
     from .hooks import HookedModel
+    from .neurons import NeuronSet
     from .search import Search
 
 FORMAT_VERSION = 1
@@ -42,23 +52,41 @@ KIND = "cna_lens.SearchConfirmation"
 
 @dataclass(frozen=True)
 class ConfirmData:
-    """Fresh prompts for the confirmation: compliance on ``harmful``, KL and over-refusal on ``harmless``."""
+    """Fresh prompts for the confirmation: compliance on ``harmful``, KL and over-refusal on ``harmless``,
+    answer quality (``Rule.quality_margin``) on ``quality`` (None: on ``harmless``)."""
 
     harmful: tuple[str, ...]
     harmless: tuple[str, ...]
     names: dict[str, str] = field(default_factory=dict, compare=False)
+    quality: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        for f in ("harmful", "harmless"):
+        for f in ("harmful", "harmless", "quality"):
             v = getattr(self, f)
+            if v is None and f == "quality":
+                continue
             if isinstance(v, str) or not v or not all(isinstance(p, str) and p.strip() for p in v):
                 raise ValueError(f"ConfirmData.{f} must be a non-empty list of non-empty prompt strings")
             object.__setattr__(self, f, tuple(v))
 
+    @property
+    def quality_prompts(self) -> tuple[str, ...]:
+        return self.harmless if self.quality is None else self.quality
+
     @classmethod
-    def bundled(cls, n_harmful: int = 64, n_harmless: int = 64, skip_harmful: int = 32, skip_harmless: int = 32):
+    def bundled(
+        cls,
+        n_harmful: int = 64,
+        n_harmless: int = 64,
+        skip_harmful: int = 32,
+        skip_harmless: int = 32,
+        quality: str | None = "xstest_safe_val",
+        n_quality: int = 100,
+    ):
         """``harmful_train[skip_harmful : skip_harmful + n_harmful]`` (the search's pruning prompts are
-        ``harmful_train[:skip_harmful]``) and ``alpaca_val[skip_harmless : skip_harmless + n_harmless]``."""
+        ``harmful_train[:skip_harmful]``) and ``alpaca_val[skip_harmless : skip_harmless + n_harmless]``;
+        for answer quality ``n_quality`` evenly spaced prompts of the bundled set ``quality`` (default: safe
+        XSTest prompts that look harmful, none of them the reproduction's; None: the harmless ones)."""
         sets = {}
         for name, key, skip, n in (
             ("harmful_train", "harmful", skip_harmful, n_harmful),
@@ -72,11 +100,22 @@ class ConfirmData:
                 )
             sets[key] = (tuple(prompts[skip : skip + n]), f"{name}[{skip}:{skip + n}]")
         names = {k: v[1] for k, v in sets.items()}
-        return cls(sets["harmful"][0], sets["harmless"][0], names)
+        prompts = None
+        if quality is not None:
+            rows = load_prompts(quality)
+            if not 1 <= n_quality <= len(rows):
+                raise ValueError(f"answer quality on {n_quality} prompts of {quality}, which has {len(rows)}")
+            prompts = tuple(spread(rows, n_quality))
+            names["quality"] = f"{quality} ({n_quality} evenly spaced)"
+        return cls(sets["harmful"][0], sets["harmless"][0], names, prompts)
 
     def digest(self) -> str:
+        """Of the harmful and harmless prompts (the quality prompts have their own: :meth:`quality_digest`)."""
         h = hashlib.sha256(f"harmful\0{list(self.harmful)!r}\0harmless\0{list(self.harmless)!r}".encode())
         return h.hexdigest()[:16]
+
+    def quality_digest(self) -> str:
+        return hashlib.sha256(f"quality\0{list(self.quality_prompts)!r}".encode()).hexdigest()[:16]
 
 
 def confirm(
@@ -98,7 +137,8 @@ def confirm(
         raise ValueError("rule.confirm_front re-measures the reference curves: pass caa (the CAA vectors)")
     data = search.confirm_data
     path = search.out / "confirm.json"
-    header = {"kind": KIND, "format_version": FORMAT_VERSION, "data": {**data.names, "digest": data.digest()}}
+    names = {k: v for k, v in data.names.items() if k != "quality"}  # kept with the answers (answer_quality)
+    header = {"kind": KIND, "format_version": FORMAT_VERSION, "data": {**names, "digest": data.digest()}}
     stored = read_json(path, KIND, FORMAT_VERSION) if path.exists() else None
     if stored is not None and stored["data"]["digest"] != header["data"]["digest"]:
         raise ValueError(
@@ -132,7 +172,97 @@ def confirm(
             conf["trials"] |= {str(r["number"]): res for r, res in zip(chunk, results)}
             atomic_write_json(path, conf)  # a stopped confirmation keeps what it measured
             bar.update(len(chunk))
+    save = lambda: atomic_write_json(path, conf)  # noqa: E731
     if curves:  # the reference curves on the same fresh prompts, one curve at a time
-        save = lambda: atomic_write_json(path, conf)  # noqa: E731
         measure_curves(search, model, curves, conf["references"], base, save, progress, fresh, "confirm")
+    if rule.quality_margin is not None:
+        answer_quality(search, model, rule.candidates(rows, baseline["values"]), conf, attr, effects, save, progress)
     return conf
+
+
+def answer_quality(
+    search: Search,
+    model: HookedModel,
+    candidates: list[dict[str, Any]],
+    conf: dict[str, Any],
+    attr: Attribution,
+    effects: Any,
+    save: Callable[[], Any],
+    progress: bool = True,
+) -> None:
+    """Greedy ``rule.quality_tokens``-token answers to the confirmation's quality prompts, from the
+    baseline and each candidate (kept in ``conf["quality"]``: ``prompts``, ``tokens``, ``digest``,
+    ``baseline``, ``answers``: trial → texts), and each candidate's :func:`quality_against` the baseline in
+    ``conf["trials"][n]["quality"]``. Saved after each group of ``search.trial_batch`` candidates (decoded
+    together); answers of another length or to other prompts are regenerated, not mixed."""
+    from .generation import generate
+
+    data, tokens, gbs = search.confirm_data, search.rule.quality_tokens, search.generation_batch_size
+    prompts, which = list(data.quality_prompts), {"tokens": tokens, "digest": data.quality_digest()}
+    store = conf.get("quality")
+    if store is None or {k: store.get(k) for k in which} != which:
+        name = data.names.get("quality" if data.quality is not None else "harmless", "")
+        with search.run_dir.timed("quality"):
+            store = {
+                "prompts": name,
+                **which,
+                "baseline": generate(model, prompts, max_new_tokens=tokens, batch_size=gbs),
+            }
+        store["answers"] = {}
+        conf["quality"] = store
+        for t in conf["trials"].values():
+            t.pop("quality", None)
+        save()
+    todo = [r for r in candidates if "quality" not in conf["trials"][str(r["number"])]]
+    k = search.trial_batch
+    with tqdm(total=len(todo), desc="answer quality", disable=not progress) as bar:
+        for chunk in (todo[i : i + k] for i in range(0, len(todo), k)):
+            sels = [Selection.from_dict(r["selection"]) for r in chunk]
+            scalings = [(sel.neurons(attr, effects), sel.scale) for sel in sels]
+            with search.run_dir.timed("quality"):
+                texts = answers_under(model, prompts, scalings, tokens, gbs, store["baseline"])
+            for r, t in zip(chunk, texts):
+                store["answers"][str(r["number"])] = t
+                conf["trials"][str(r["number"])]["quality"] = quality_against(store["baseline"], t)
+            save()
+            bar.update(len(chunk))
+
+
+def answers_under(
+    model: HookedModel,
+    prompts: list[str],
+    scalings: list[tuple[NeuronSet, float]],
+    tokens: int,
+    batch_size: int,
+    unmodified: list[str],
+) -> list[list[str]]:
+    """Greedy answers to ``prompts`` under each ``(neurons, scale)``: decoded together on the stock engine
+    (:func:`generate_grouped`), else one scaling at a time under its weight edit or hooks; an empty
+    set is the unmodified model, whose answers are ``unmodified``."""
+    from .generation import generate
+
+    live = [i for i, (n, _) in enumerate(scalings) if len(n)]
+    out = [list(unmodified) for _ in scalings]
+    if len(live) > 1 and stock_runs(model):
+        from .speed.grouped import generate_grouped
+
+        texts, _ = generate_grouped(
+            model, prompts, [scalings[i] for i in live], max_new_tokens=tokens, batch_size=batch_size
+        )
+        for i, t in zip(live, texts):
+            out[i] = t
+        return out
+    for i in live:
+        hooked, stock = neuron_forms(model, *scalings[i])
+        with (stock or hooked)():
+            out[i] = generate(model, prompts, max_new_tokens=tokens, batch_size=batch_size)
+    return out
+
+
+def quality_against(baseline: list[str], answers: list[str]) -> dict[str, Any]:
+    """:func:`matched_quality` of ``answers`` against ``baseline`` (same prompts, in order) on the prompts
+    both answer by the regex judge (:func:`cna_lens.evaluate.judge`); ``diff`` = mean(q_S − q_base)."""
+    rows = lambda texts: [  # noqa: E731
+        {"prompt_id": i, "completion": t, "refused": judge(t).refused} for i, t in enumerate(texts)
+    ]
+    return matched_quality(rows(baseline), rows(answers), lambda r: not r["refused"])

@@ -15,6 +15,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 #: name → (file, record filter or None). Every record has ``id``, ``prompt``, ``category``.
 DATASETS: dict[str, tuple[str, dict[str, str] | None]] = {
     "discovery_harmful": ("discovery_harmful.json", None),  # NousResearch/neural-steering HARMFUL (99)
@@ -29,10 +31,23 @@ DATASETS: dict[str, tuple[str, dict[str, str] | None]] = {
     "alpaca_val": ("alpaca_harmless.json", {"split": "val"}),
     "alpaca_test": ("alpaca_harmless.json", {"split": "test"}),
     "xstest_safe": ("xstest.json", {"label": "safe"}),
+    "xstest_safe_val": ("xstest.json", {"label": "safe"}),  # the 150 the reproduction does not use (below)
     "xstest_unsafe": ("xstest.json", {"label": "unsafe"}),
     "mmlu": ("mmlu_subset.json", None),
     "mmlu_dev": ("mmlu_dev.json", None),
 }
+
+
+#: XSTest safe prompts a reproduction answers by default: ``spread(xstest_safe, XSTEST_TEST)``
+XSTEST_TEST = 100
+
+
+def spread(rows: list[Any], n: int | None) -> list[Any]:
+    """``n`` evenly spaced ``rows`` (all when ``n`` is None or ≥ their number): keeps every category of
+    a set ordered by category."""
+    if n is None or n >= len(rows):
+        return list(rows)
+    return [rows[int(i)] for i in np.linspace(0, len(rows) - 1, n).round()]
 
 
 @cache
@@ -48,6 +63,9 @@ def load_dataset(name: str, limit: int | None = None) -> list[dict[str, Any]]:
     rows = [dict(r) for r in _read(file) if not where or all(r.get(k) == v for k, v in where.items())]
     if name == "discovery_harmless":
         rows = [r for r in rows if r.get("duplicate_of") is None]
+    if name == "xstest_safe_val":  # a validation split: disjoint from the reproduction's test prompts
+        test = {r["id"] for r in spread(rows, XSTEST_TEST)}
+        rows = [r for r in rows if r["id"] not in test]
     if limit is not None:
         if not 1 <= limit <= len(rows):
             raise ValueError(f"limit={limit} but {name!r} has {len(rows)} prompts")

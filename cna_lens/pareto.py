@@ -62,12 +62,20 @@ class Rule:
 
     ``confirm_front``: on the same fresh prompts, also re-measure the compliance × KL front's points with
     KL ≤ ``kl_cap`` and the reference curves, so that the methods compare at equal KL free of the
-    selection among trials (reported beside the choice, not used for it)."""
+    selection among trials (reported beside the choice, not used for it).
+
+    ``quality_margin = m`` (with ``confirm_top``): the candidates also answer the confirmation's quality
+    prompts (greedy, ``quality_tokens`` tokens), and a candidate is chosen only if its answers keep their quality,
+    q = 1 − repeated 4-grams / 4-grams, on the prompts both it and the baseline answer (regex judge):
+    mean(q_S − q_base) ≥ −m (:func:`cna_lens.scoring.matched_quality`). KL measures the next token;
+    this measures what a long answer turns into (loops)."""
 
     kl_cap: float = 0.3
     over_refusal_slack: float = 0.0
     confirm_top: int = 0
     confirm_front: bool = False
+    quality_margin: float | None = None
+    quality_tokens: int = 150
 
     def __post_init__(self) -> None:
         for name in ("kl_cap", "over_refusal_slack"):
@@ -81,6 +89,17 @@ class Rule:
             raise ValueError(f"Rule.confirm_front must be a bool, got {self.confirm_front!r}")
         if self.confirm_front and not self.confirm_top:
             raise ValueError("Rule.confirm_front re-measures on the confirmation's fresh prompts: set confirm_top >= 1")
+        m = self.quality_margin
+        if m is not None:
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
+                raise ValueError(f"Rule.quality_margin must be None or a finite number >= 0, got {m!r}")
+            if not self.confirm_top:
+                raise ValueError(
+                    "Rule.quality_margin is measured on the confirmation's fresh prompts: set confirm_top >= 1"
+                )
+        v = self.quality_tokens
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"Rule.quality_tokens must be an int >= 1, got {v!r}")
 
     def describe(self) -> str:
         text = (
@@ -89,9 +108,21 @@ class Rule:
         )
         if self.confirm_top:
             text += f"; the first {self.confirm_top} on validation re-measured on fresh prompts, chosen on those"
+        if self.quality_margin is not None:
+            text += (
+                f"; only candidates whose {self.quality_tokens}-token answers to the quality prompts keep "
+                f"quality >= baseline - {self.quality_margin:g}"
+            )
         if self.confirm_front:
             text += " (the compliance x KL front and the reference curves re-measured there too, not used to choose)"
         return text
+
+    def quality_ok(self, row: Mapping[str, Any]) -> bool:
+        """Whether a re-measured candidate passes ``quality_margin`` (always, when it is None); a candidate
+        whose answers share no answered prompt with the baseline's (``diff`` NaN) does not."""
+        if self.quality_margin is None:
+            return True
+        return row["quality"]["diff"] >= -self.quality_margin - 1e-12  # means of k/n-like ratios: exact ties pass
 
     def rank(self, rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float]) -> list[Mapping[str, Any]]:
         """The rows that meet the caps, best first (the order :meth:`choose` picks from)."""
@@ -122,7 +153,17 @@ class Rule:
 
 
 #: What ``pareto.json`` keeps of each re-measured candidate (``values``: fresh prompts).
-CANDIDATE_KEYS = ("number", "label", "n_neurons", "validation", "values", "judged", "first_token_compliance", "labels")
+CANDIDATE_KEYS = (
+    "number",
+    "label",
+    "n_neurons",
+    "validation",
+    "values",
+    "judged",
+    "first_token_compliance",
+    "labels",
+    "quality",
+)
 
 
 def build_result(
@@ -138,7 +179,8 @@ def build_result(
     ``chosen`` is the rule's pick (None when no trial meets it). With ``rule.confirm_top``, the pick
     is made on ``confirmation`` (``baseline`` and ``trials``: number → measurement on fresh prompts):
     ``chosen["values"]`` are then the fresh numbers and ``chosen["validation"]`` the trial's own; it
-    stays None until every candidate is measured."""
+    stays None until every candidate is measured. With ``rule.quality_margin`` the pick is made among the
+    candidates that pass :meth:`Rule.quality_ok` (None when none does)."""
     for r, p3, p2 in zip(rows, front(rows, list(OBJECTIVES)), front(rows, ["compliance", "kl"])):
         r["pareto"], r["pareto_2d"] = p3, p2
         r["label"] = Selection.from_dict(r["selection"]).describe()
@@ -147,14 +189,15 @@ def build_result(
     if rule.confirm_top:
         measured = (confirmation or {}).get("trials", {})
         cands = rule.candidates(rows, baseline["values"])
-        if cands and all(str(r["number"]) in measured for r in cands):
+        need = ("values", "quality") if rule.quality_margin is not None else ("values",)
+        if cands and all(k in measured.get(str(r["number"]), {}) for r in cands for k in need):
             again = [{**r, **measured[str(r["number"])], "validation": r["values"]} for r in cands]
             confirmed = {
                 "data": confirmation["data"],
                 "baseline": confirmation["baseline"],
                 "candidates": [{k: r[k] for k in CANDIDATE_KEYS if k in r} for r in again],
             }
-            chosen = rule.choose(again, confirmation["baseline"]["values"])
+            chosen = rule.choose([r for r in again if rule.quality_ok(r)], confirmation["baseline"]["values"])
             on_front = rule.front_rows(rows) if rule.confirm_front else []
             if (
                 rule.confirm_front
@@ -295,6 +338,11 @@ def summary(result: Mapping[str, Any]) -> str:
         for c in conf["candidates"]:
             v, w = c["values"], c["validation"]
             text = f"({w['compliance']:.3f}, {w['kl']:.4f}, {w['over_refusal']:.3f})"
+            if "quality" in c:
+                q = c["quality"]
+                text += (
+                    f"; answer quality {q['diff']:+.3f} [{q['diff_ci'][0]:+.3f}, {q['diff_ci'][1]:+.3f}] (n={q['n']})"
+                )
             lines.append(row.format(c["number"], v["compliance"], v["kl"], v["over_refusal"], c["n_neurons"], text))
         if "front" in conf:
             lines.append("the compliance × KL front (KL <= cap), re-measured on the fresh prompts:")

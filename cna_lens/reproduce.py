@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .compliance import read_verdicts, write_compliance
 from .conditions import RANKINGS, Condition, with_scale
-from .datasets import load_dataset
+from .datasets import XSTEST_TEST, load_dataset
 from .judge import resolve_judge
 from .models import HookedModel, load_model, model_name, resolve_dtype, weights_processed
 from .report import report, summarize
@@ -103,7 +103,7 @@ def reproduce(
     mmlu_on: Sequence[str] = ("all",),
     perplexity_on: Sequence[str] = ("all",),
     kl_limit: int = 64,
-    xstest_limit: int | None = 100,
+    xstest_limit: int | None = XSTEST_TEST,
     val_limit: int | None = None,
     fractions: Sequence[float] = FRACTIONS,
     rankings: Sequence[str] = ("abs", "diff", "effect"),

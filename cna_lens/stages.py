@@ -21,7 +21,6 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -29,6 +28,7 @@ from .attribute import Attribution, attribute, attribute_multi
 from .conditions import Condition, Interventions
 from .controls import choose_direction_layer
 from .datasets import load_dataset
+from .datasets import spread as spread_rows
 from .evaluate import distinct_n, final_logprobs, judge, kl_divergence, quality, refusal_score, refusal_token_ids
 from .generation import generate_many
 from .hooks import HookedModel
@@ -47,10 +47,7 @@ BASELINE = Condition("baseline")
 def prompts_of(dataset: str, n: int | None = None, spread: bool = False) -> list[dict[str, Any]]:
     """The first ``n`` rows of ``dataset`` (all if None); with ``spread``, ``n`` evenly spaced ones
     (which keeps every category of a set ordered by category)."""
-    rows = load_dataset(dataset, None if spread else n)
-    if spread and n is not None and n < len(rows):
-        rows = [rows[int(i)] for i in np.linspace(0, len(rows) - 1, n).round()]
-    return rows
+    return spread_rows(load_dataset(dataset), n) if spread else load_dataset(dataset, n)
 
 
 class Reproduction:

@@ -157,13 +157,22 @@ def test_cli_search_end_to_end(planted, tmp_path, capsys):
         "--confirm-harmless",
         "3",
         "--confirm-front",
+        "--quality-margin",
+        "0.5",
+        "--quality-tokens",
+        "6",
+        "--confirm-quality",
+        "3",
     ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "3 trials" in text and "chosen:" in text and "re-measured on fresh prompts" in text
     conf = json.loads((out / "confirm.json").read_text())
     assert conf["data"]["harmful"] == "harmful_train[4:7]" and conf["data"]["harmless"] == "alpaca_val[4:7]"
+    assert conf["quality"]["tokens"] == 6 and len(conf["quality"]["baseline"]) == 3 and "answer quality" in text
+    assert conf["quality"]["prompts"] == "xstest_safe_val (3 evenly spaced)"
     res = load_result(out)
+    assert res["rule"]["quality_margin"] == 0.5 and all("quality" in c for c in res["confirmation"]["candidates"])
     assert res["n_trials"] == 3 and (out / "pareto.html").exists() and (out / "pareto_fresh.html").exists()
     assert (
         set(res["confirmation"]["references"]) == set(CURVES)
@@ -334,6 +343,72 @@ def test_confirmation_chooses_on_fresh_prompts(planted, search_data, tmp_path):
         run(model, tmp_path / "s", 5, search_data, **kw, confirm_data=moved)
     with pytest.raises(ValueError, match="confirm_data"):
         make(tmp_path / "s", search_data, rule=Rule(confirm_top=2))
+
+
+def test_answer_quality_of_the_candidates(planted, search_data, tmp_path):
+    """``Rule(quality_margin=...)``: the baseline and each candidate answer the fresh harmless prompts at
+    length. Candidates decoded together (``trial_batch=2``) give each one's answers generated alone under
+    its weight edit (fp32, greedy); each quality entry equals the 4-gram quality difference recomputed by
+    hand on the prompts both answer; the pick is the rule's among those within the margin; a rerun reads
+    the answers back, another length regenerates them."""
+    from cna_lens.confirm import ConfirmData
+    from cna_lens.edit import edit_weights
+    from cna_lens.evaluate import judge, quality
+    from cna_lens.generation import generate
+    from cna_lens.pareto import Rule
+
+    model, _, _ = planted
+    fresh = ConfirmData(search_data.harmless[:3], search_data.harmful[1:4], {"set": "fresh"})
+    kw = dict(
+        seed=1,
+        space=SearchSpace(prune=(False,)),
+        confirm_data=fresh,
+        objective="judge",
+        judge="regex",
+        max_new_tokens=2,
+        trial_batch=2,
+    )
+    rule = Rule(confirm_top=2, quality_margin=0.01, quality_tokens=40)
+    res = run(model, tmp_path / "s", 4, search_data, rule=rule, **kw)
+    conf = json.loads((tmp_path / "s" / "confirm.json").read_text())
+    store, prompts = conf["quality"], list(fresh.harmless)
+    assert store["tokens"] == 40 and store["baseline"] == generate(model, prompts, max_new_tokens=40)
+    attr = Attribution.load(tmp_path / "s" / "attribution")
+    cands = res["confirmation"]["candidates"]
+    assert len(cands) == 2 and set(store["answers"]) == {str(c["number"]) for c in cands}
+    selections = {t["number"]: Selection.from_dict(t["selection"]) for t in res["trials"]}
+    for c in cands:
+        sel = selections[c["number"]]
+        with edit_weights(model, sel.neurons(attr), sel.scale):
+            alone = generate(model, prompts, max_new_tokens=40)
+        assert store["answers"][str(c["number"])] == alone
+        both = [
+            i for i, (a, b) in enumerate(zip(store["baseline"], alone)) if not (judge(a).refused or judge(b).refused)
+        ]
+        by_hand = sum(quality(alone[i]) - quality(store["baseline"][i]) for i in both) / len(both)
+        assert c["quality"]["n"] == len(both) and c["quality"]["diff"] == pytest.approx(by_hand, abs=1e-12)
+    assert any(store["answers"][str(c["number"])] != store["baseline"] for c in cands)  # the edits change answers
+    ok = [c for c in cands if c["quality"]["diff"] >= -0.01]
+    pick = Rule().choose(ok, res["confirmation"]["baseline"]["values"])
+    assert (res["chosen"] or {}).get("number") == (pick or {}).get("number")
+    # a rerun reads the answers back (a marker survives); another length regenerates them all
+    number = str(cands[0]["number"])
+    conf["trials"][number]["quality"]["marker"] = 1
+    (tmp_path / "s" / "confirm.json").write_text(json.dumps(conf))
+    run(model, tmp_path / "s", 4, search_data, rule=rule, **kw)
+    assert json.loads((tmp_path / "s" / "confirm.json").read_text())["trials"][number]["quality"]["marker"] == 1
+    run(model, tmp_path / "s", 4, search_data, rule=Rule(confirm_top=2, quality_margin=0.01, quality_tokens=8), **kw)
+    again = json.loads((tmp_path / "s" / "confirm.json").read_text())
+    assert again["quality"]["tokens"] == 8 and "marker" not in again["trials"][number]["quality"]
+    assert again["quality"]["baseline"] == generate(model, prompts, max_new_tokens=8)
+    other = ConfirmData(fresh.harmful, fresh.harmless, fresh.names, quality=search_data.harmful[:2])
+    kw["confirm_data"] = other  # other quality prompts: regenerated; the objectives' measurements are kept
+    run(model, tmp_path / "s", 4, search_data, rule=Rule(confirm_top=2, quality_margin=0.01, quality_tokens=8), **kw)
+    last = json.loads((tmp_path / "s" / "confirm.json").read_text())
+    assert last["quality"]["digest"] == other.quality_digest() != again["quality"]["digest"]
+    assert last["quality"]["baseline"] == generate(model, list(search_data.harmful[:2]), max_new_tokens=8)
+    assert all(len(t) == 2 for t in last["quality"]["answers"].values())
+    assert last["trials"][number]["values"] == again["trials"][number]["values"]
 
 
 def test_fresh_front_equals_a_search_on_those_prompts(planted, search_data, tmp_path):

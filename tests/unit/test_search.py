@@ -101,6 +101,53 @@ def test_rule_with_confirmation():
     assert res["chosen"]["number"] == 3
 
 
+def test_rule_with_answer_quality():
+    """``quality_margin``: among the re-measured candidates only those whose long answers keep quality
+    ≥ baseline − margin are chosen; a candidate with no answered prompt in common (NaN) fails; the pick
+    waits for every candidate's quality."""
+    rows = [row(1, 0.7, 0.2, 0.0), row(2, 0.8, 0.1, 0.0), row(3, 0.95, 0.25, 0.0)]
+    base = {"values": {"compliance": 0.1, "kl": 0.0, "over_refusal": 0.0}}
+    v = lambda c, kl: {"compliance": c, "kl": kl, "over_refusal": 0.0}  # noqa: E731
+    q = lambda d: {"n": 4, "diff": d, "diff_ci": [d - 0.01, d + 0.01]}  # noqa: E731
+    fresh = {"3": {"values": v(0.7, 0.2), "quality": q(-0.02)}, "2": {"values": v(0.6, 0.1), "quality": q(-0.01)}}
+    conf = {"data": {}, "baseline": {"values": v(0.2, 0.0)}, "trials": fresh}
+    pick = lambda rule, c=conf: build_result({"model": "m"}, [dict(r) for r in rows], base, {}, rule, c)  # noqa: E731
+    assert pick(Rule(0.3, confirm_top=2))["chosen"]["number"] == 3  # no margin: the more compliant
+    res = pick(Rule(0.3, confirm_top=2, quality_margin=0.01))  # 3 loses 0.02 > 0.01; 2 loses exactly 0.01
+    assert res["chosen"]["number"] == 2
+    assert [c["quality"]["diff"] for c in res["confirmation"]["candidates"]] == [-0.02, -0.01]
+    assert "answer quality -0.020" in summary(res) and "quality >= baseline - 0.01" in res["rule"]["text"]
+    assert pick(Rule(0.3, confirm_top=2, quality_margin=0.03))["chosen"]["number"] == 3
+    assert pick(Rule(0.3, confirm_top=2, quality_margin=0.0))["chosen"] is None  # neither keeps its quality
+    fresh["2"]["quality"] = q(float("nan"))
+    assert pick(Rule(0.3, confirm_top=2, quality_margin=0.01))["chosen"] is None
+    del fresh["2"]["quality"]  # not measured yet: no pick, no confirmation
+    res = pick(Rule(0.3, confirm_top=2, quality_margin=0.01))
+    assert res["chosen"] is None and res["confirmation"] is None
+    for bad, match in (
+        (dict(quality_margin=-0.01, confirm_top=1), "quality_margin"),
+        (dict(quality_margin=float("nan"), confirm_top=1), "quality_margin"),
+        (dict(quality_margin=0.01), "confirm_top"),
+        (dict(quality_tokens=0), "quality_tokens"),
+        (dict(quality_tokens=True), "quality_tokens"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            Rule(**bad)
+
+
+def test_answer_quality_against_the_baseline():
+    """``quality_against``: q = unique / all 4-grams of whitespace words, compared on the prompts both
+    answer (a regex refusal on either side drops the prompt), ``diff`` = mean(q_answers − q_baseline)."""
+    from cna_lens.confirm import quality_against
+
+    baseline = ["one two three four five", "I cannot help with that.", "p q r s t u v"]
+    answers = ["a b c d a b c d", "Sure: a b c d a b c d", "p q r s p q r s p q"]
+    got = quality_against(baseline, answers)
+    # prompt 1 dropped (the baseline refuses); q: 4/5 against 1, 4/7 against 1 (pqrs, qrsp, rspq, spqr of 7)
+    assert got["n"] == 2 and got["diff"] == pytest.approx(((4 / 5 - 1) + (4 / 7 - 1)) / 2, abs=1e-12)
+    assert got["diff_ci"][0] <= got["diff"] <= got["diff_ci"][1]
+
+
 def test_rule_with_fresh_front():
     """``confirm_front``: the compliance × KL front's rows with neurons and KL ≤ cap are re-measured too;
     the result reports them and, per reference point, the best of them at equal or lower KL (by hand)."""
@@ -209,14 +256,44 @@ def test_confirm_data_bundled():
     from cna_lens.confirm import ConfirmData
     from cna_lens.datasets import load_prompts
 
-    d = ConfirmData.bundled(5, 6, skip_harmful=32, skip_harmless=10)
+    d = ConfirmData.bundled(5, 6, skip_harmful=32, skip_harmless=10, n_quality=4)
     assert d.harmful == tuple(load_prompts("harmful_train")[32:37])
     assert d.harmless == tuple(load_prompts("alpaca_val")[10:16])
-    assert d.names == {"harmful": "harmful_train[32:37]", "harmless": "alpaca_val[10:16]"}
+    assert d.names == {
+        "harmful": "harmful_train[32:37]",
+        "harmless": "alpaca_val[10:16]",
+        "quality": "xstest_safe_val (4 evenly spaced)",
+    }
+    val = load_prompts("xstest_safe_val")  # 0, 149 and the two rows at 49.67 and 99.33 rounded
+    assert d.quality == d.quality_prompts == (val[0], val[50], val[99], val[149])
+    plain = ConfirmData.bundled(5, 6, quality=None)
+    assert plain.quality is None and plain.quality_prompts == plain.harmless and "quality" not in plain.names
+    assert plain.digest() == ConfirmData(plain.harmful, plain.harmless, quality=("x",)).digest()  # not in it
+    assert plain.quality_digest() != ConfirmData(plain.harmful, plain.harmless, quality=("x",)).quality_digest()
     with pytest.raises(ValueError, match="harmful_train"):
         ConfirmData.bundled(300)
+    with pytest.raises(ValueError, match="150"):
+        ConfirmData.bundled(n_quality=151)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        ConfirmData.bundled(quality="xstest")
     with pytest.raises(ValueError, match="harmless"):
         ConfirmData(("a",), ())
+    with pytest.raises(ValueError, match="quality"):
+        ConfirmData(("a",), ("b",), quality=())
+
+
+def test_xstest_validation_split_is_disjoint_from_the_reproduction():
+    """``xstest_safe_val``: the safe XSTest prompts outside the reproduction's evenly spaced 100, all
+    ten categories alike (15 each)."""
+    from collections import Counter
+
+    from cna_lens.datasets import XSTEST_TEST, load_dataset
+    from cna_lens.stages import prompts_of
+
+    safe, val = load_dataset("xstest_safe"), load_dataset("xstest_safe_val")
+    test = {r["id"] for r in prompts_of("xstest_safe", XSTEST_TEST, spread=True)}
+    assert len(test) == XSTEST_TEST and {r["id"] for r in val} == {r["id"] for r in safe} - test
+    assert len(val) == len(safe) - XSTEST_TEST and set(Counter(r["category"] for r in val).values()) == {15}
 
 
 def test_measure_objectives(planted, search_data, tmp_path):
@@ -306,6 +383,9 @@ def test_cli_checks_before_loading(tmp_path, capsys):
         (["--trial-batch", "2"], "only objective='judge'"),
         (["--confirm", "2", "--confirm-harmful", "300"], "harmful_train[32:332]"),
         (["--confirm", "2", "--n-harmless", "200", "--confirm-harmless", "64"], "alpaca_val[200:264]"),
+        (["--quality-margin", "0.01"], "set confirm_top >= 1"),
+        (["--confirm", "2", "--quality-margin", "-0.01"], "quality_margin must be"),
+        (["--confirm", "2", "--quality-margin", "0.01", "--quality-tokens", "0"], "quality_tokens must be"),
     ):
         assert main(["search", "--model", str(model_dir), "--out", str(tmp_path / "o"), *args]) == 2
         assert match in capsys.readouterr().err

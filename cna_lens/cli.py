@@ -12,7 +12,6 @@ from .commands import (
     DEFAULT_MODEL,
     DEMO_FRACTION,
     cmd_bench,
-    cmd_demo,
     cmd_discover,
     cmd_export,
     cmd_generate,
@@ -20,6 +19,7 @@ from .commands import (
     cmd_reproduce,
     cmd_search,
 )
+from .demo import cmd_demo
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ from pathlib import Path
 from ranking_studies import check_source, command
 
 from cna_lens.confirm import ConfirmData
-from cna_lens.evaluate import judge
+from cna_lens.evaluate import judge, quality
 from cna_lens.pareto import load_result
 from cna_lens.runs import atomic_write_json, atomic_write_text, read_json
 
@@ -46,8 +46,8 @@ def main() -> None:
     args = p.parse_args()
     if not args.margin >= 0 or args.tokens < 1:
         raise SystemExit("--margin must be >= 0 and --tokens >= 1")
-    quality = None if args.prompts == "harmless" else args.prompts
-    prompts = ConfirmData.bundled(quality=quality, n_quality=args.n).quality_prompts  # checks the set and n
+    qset = None if args.prompts == "harmless" else args.prompts
+    prompts = ConfirmData.bundled(quality=qset, n_quality=args.n).quality_prompts  # checks the set and n
     cfg, res, _ = check_source(args.source, references=False)
     if not res.get("confirmation"):
         raise SystemExit(f"{args.source}: no confirmation (a search run with --confirm K)")
@@ -104,7 +104,7 @@ def main() -> None:
         "seconds": read_json(args.work / "timings.json", "cna_lens.Timings")["seconds"].get("quality"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out.with_suffix(".json"), out)
+    atomic_write_json(args.out.parent / f"{args.out.name}.json", out)
     rows = [("baseline", store["baseline"])] + [(f"trial:{n}", t) for n, t in store["answers"].items()]
     lines = [
         json.dumps(
@@ -114,7 +114,7 @@ def main() -> None:
         for cond, texts in rows
         for i, t in enumerate(texts)
     ]
-    atomic_write_text(args.out.with_suffix(".jsonl"), "\n".join(lines) + "\n")
+    atomic_write_text(args.out.parent / f"{args.out.name}.jsonl", "\n".join(lines) + "\n")
     print(f"answers to {out['prompts']}, {store['tokens']} tokens; baseline quality {out['baseline']['quality']:.3f}")
     for c in out["candidates"]:
         q = c["quality"]

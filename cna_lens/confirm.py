@@ -115,6 +115,7 @@ class ConfirmData:
         return h.hexdigest()[:16]
 
     def quality_digest(self) -> str:
+        """Of the answer-quality prompts (:attr:`quality_prompts`)."""
         return hashlib.sha256(f"quality\0{list(self.quality_prompts)!r}".encode()).hexdigest()[:16]
 
 
@@ -166,8 +167,7 @@ def confirm(
     k = search.trial_batch  # candidates measured together (their answers decoded in one batch)
     with tqdm(total=len(todo), desc="confirm", disable=not progress) as bar:
         for chunk in (todo[i : i + k] for i in range(0, len(todo), k)):
-            sels = [Selection.from_dict(r["selection"]) for r in chunk]
-            scalings = [(sel.neurons(attr, effects), sel.scale) for sel in sels]
+            scalings = scalings_of(chunk, attr, effects)
             results = measure_trials(search, model, scalings, conf["baseline"], base, "confirm", fresh)
             conf["trials"] |= {str(r["number"]): res for r, res in zip(chunk, results)}
             atomic_write_json(path, conf)  # a stopped confirmation keeps what it measured
@@ -217,8 +217,7 @@ def answer_quality(
     k = search.trial_batch
     with tqdm(total=len(todo), desc="answer quality", disable=not progress) as bar:
         for chunk in (todo[i : i + k] for i in range(0, len(todo), k)):
-            sels = [Selection.from_dict(r["selection"]) for r in chunk]
-            scalings = [(sel.neurons(attr, effects), sel.scale) for sel in sels]
+            scalings = scalings_of(chunk, attr, effects)
             with search.run_dir.timed("quality"):
                 texts = answers_under(model, prompts, scalings, tokens, gbs, store["baseline"])
             for r, t in zip(chunk, texts):
@@ -226,6 +225,12 @@ def answer_quality(
                 conf["trials"][str(r["number"])]["quality"] = quality_against(store["baseline"], t)
             save()
             bar.update(len(chunk))
+
+
+def scalings_of(rows: list[dict[str, Any]], attr: Attribution, effects: Any) -> list[tuple[NeuronSet, float]]:
+    """Each trial row's ``(neurons, scale)``, from its stored selection."""
+    sels = [Selection.from_dict(r["selection"]) for r in rows]
+    return [(sel.neurons(attr, effects), sel.scale) for sel in sels]
 
 
 def answers_under(

@@ -30,7 +30,7 @@ from ranking_studies import check_source, command
 
 from cna_lens.confirm import ConfirmData
 from cna_lens.evaluate import judge, quality
-from cna_lens.pareto import load_result
+from cna_lens.pareto import Rule, load_result
 from cna_lens.runs import atomic_write_json, atomic_write_text, read_json
 
 
@@ -44,8 +44,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100, help="--confirm-quality")
     p.add_argument("--out", type=Path, required=True, help="output stem (.json, .jsonl)")
     args = p.parse_args()
-    if not args.margin >= 0 or args.tokens < 1:
-        raise SystemExit("--margin must be >= 0 and --tokens >= 1")
+    try:
+        guard = Rule(confirm_top=1, quality_margin=args.margin, quality_tokens=args.tokens)  # checks both
+    except ValueError as e:
+        raise SystemExit(f"--margin / --tokens: {e}") from None
     qset = None if args.prompts == "harmless" else args.prompts
     prompts = ConfirmData.bundled(quality=qset, n_quality=args.n).quality_prompts  # checks the set and n
     cfg, res, _ = check_source(args.source, references=False)
@@ -95,7 +97,7 @@ def main() -> None:
                 "n_neurons": c["n_neurons"],
                 "fresh": c["values"],
                 "quality": c["quality"],
-                "passes": c["quality"]["diff"] >= -args.margin - 1e-12,
+                "passes": guard.quality_ok(c),
             }
             for c in cands
         ],

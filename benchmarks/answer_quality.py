@@ -7,7 +7,7 @@ measured is measured again except its validation baseline where its log-probabil
 (``baseline.safetensors`` is not committed). The unmodified model and each of the K candidates answer
 N evenly spaced prompts of P (by default ``xstest_safe_val``: the 150 safe XSTest prompts no
 reproduction uses) greedily for T tokens. A candidate's quality change is mean(q_S − q_base) over the
-prompts both answer, q = 1 − repeated 4-grams / 4-grams (:func:`cna_lens.confirm.quality_against`), and
+prompts both answer, q = 1 − repeated 4-grams / 4-grams (:func:`cna_lens.quality.quality_against`), and
 the rule then chooses only among candidates with a change ≥ −M. Writes ``OUT.json`` (per candidate:
 fresh compliance, KL, quality change with its bootstrap CI, whether it passes; the pick without and
 with the guard) and ``OUT.jsonl`` (every answer, for reading by eye).

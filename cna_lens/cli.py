@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quality-margin",
         type=float,
         default=None,
-        help="with --confirm: choose only candidates whose long answers to the quality prompts keep "
-        "answer quality (1 - repeated 4-grams) >= baseline - this (e.g. 0.01)",
+        help="with --confirm and/or --trial-quality: choose only points whose long answers to the quality prompts "
+        "keep answer quality (1 - repeated 4-grams) >= baseline - this (e.g. 0.01)",
     )
     s.add_argument("--quality-tokens", type=int, default=150, help="answer length for --quality-margin")
     s.add_argument(
@@ -214,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or 'harmless' for the confirmation's alpaca_val prompts",
     )
     s.add_argument("--confirm-quality", type=int, default=100, help="evenly spaced --quality-prompts prompts")
+    s.add_argument(
+        "--trial-quality",
+        type=int,
+        default=0,
+        help="every trial also answers N evenly spaced --quality-prompts prompts (outside the confirmation's) "
+        "at --quality-tokens; with --quality-margin a constraint of the search (0: off; docs/search.md)",
+    )
     s.add_argument("--confirm-harmful", type=int, default=64, help="fresh harmful_train prompts for --confirm")
     s.add_argument("--confirm-harmless", type=int, default=64, help="fresh alpaca_val prompts for --confirm")
     s.add_argument("--samples", type=int, default=8, help="prompts per set to generate for the chosen point")

@@ -293,20 +293,31 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .search import Search, SearchData, SearchSpace
     from .search_refs import samples
 
-    if args.trials < 1 or args.samples < 0 or args.confirm < 0:
+    if args.trials < 1 or args.samples < 0 or args.confirm < 0 or args.trial_quality < 0:
         raise ValueError(
-            f"--trials must be >= 1, --samples and --confirm >= 0; got {args.trials}, {args.samples}, {args.confirm}"
+            "--trials must be >= 1, --samples, --confirm and --trial-quality >= 0; got "
+            f"{args.trials}, {args.samples}, {args.confirm}, {args.trial_quality}"
         )
+    quality = None if args.quality_prompts == "harmless" else args.quality_prompts
+    if args.trial_quality and quality is None:
+        raise ValueError("--trial-quality answers a bundled set (--quality-prompts), not 'harmless'")
     confirm = None
     if args.confirm:  # fresh prompts: after the pruning prompts and after the KL prompts
-        quality = None if args.quality_prompts == "harmless" else args.quality_prompts
         confirm = ConfirmData.bundled(
             args.confirm_harmful, args.confirm_harmless, args.n_effects, args.n_harmless, quality, args.confirm_quality
         )
     search = Search(  # validates every setting and pins them in OUT/config.json before the model loads
         args.out,
         model=args.model,
-        data=SearchData.bundled(args.n_harmful, args.n_harmless, args.n_effects, args.benign),
+        data=SearchData.bundled(
+            args.n_harmful,
+            args.n_harmless,
+            args.n_effects,
+            args.benign,
+            quality if args.trial_quality else None,
+            args.trial_quality,
+            args.confirm_quality,
+        ),
         space=SearchSpace(rankings=tuple(args.rankings.split(",")), prune=(False, True) if args.prune else (False,)),
         rule=Rule(
             args.kl_cap,

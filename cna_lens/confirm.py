@@ -31,11 +31,10 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from .datasets import load_prompts, spread
-from .engine import stock_runs
-from .evaluate import final_logprobs, judge
+from .evaluate import final_logprobs
+from .quality import answers_under, quality_against
 from .runs import atomic_write_json, read_json
-from .scoring import matched_quality
-from .search_refs import measure_curves, measure_trials, neuron_forms, reference_points
+from .search_refs import measure_curves, measure_trials, reference_points
 from .selection import Selection
 
 if TYPE_CHECKING:
@@ -231,43 +230,3 @@ def scalings_of(rows: list[dict[str, Any]], attr: Attribution, effects: Any) -> 
     """Each trial row's ``(neurons, scale)``, from its stored selection."""
     sels = [Selection.from_dict(r["selection"]) for r in rows]
     return [(sel.neurons(attr, effects), sel.scale) for sel in sels]
-
-
-def answers_under(
-    model: HookedModel,
-    prompts: list[str],
-    scalings: list[tuple[NeuronSet, float]],
-    tokens: int,
-    batch_size: int,
-    unmodified: list[str],
-) -> list[list[str]]:
-    """Greedy answers to ``prompts`` under each ``(neurons, scale)``: decoded together on the stock engine
-    (:func:`generate_grouped`), else one scaling at a time under its weight edit or hooks; an empty
-    set is the unmodified model, whose answers are ``unmodified``."""
-    from .generation import generate
-
-    live = [i for i, (n, _) in enumerate(scalings) if len(n)]
-    out = [list(unmodified) for _ in scalings]
-    if len(live) > 1 and stock_runs(model):
-        from .speed.grouped import generate_grouped
-
-        texts, _ = generate_grouped(
-            model, prompts, [scalings[i] for i in live], max_new_tokens=tokens, batch_size=batch_size
-        )
-        for i, t in zip(live, texts):
-            out[i] = t
-        return out
-    for i in live:
-        hooked, stock = neuron_forms(model, *scalings[i])
-        with (stock or hooked)():
-            out[i] = generate(model, prompts, max_new_tokens=tokens, batch_size=batch_size)
-    return out
-
-
-def quality_against(baseline: list[str], answers: list[str]) -> dict[str, Any]:
-    """:func:`matched_quality` of ``answers`` against ``baseline`` (same prompts, in order) on the prompts
-    both answer by the regex judge (:func:`cna_lens.evaluate.judge`); ``diff`` = mean(q_S − q_base)."""
-    rows = lambda texts: [  # noqa: E731
-        {"prompt_id": i, "completion": t, "refused": judge(t).refused} for i, t in enumerate(texts)
-    ]
-    return matched_quality(rows(baseline), rows(answers), lambda r: not r["refused"])

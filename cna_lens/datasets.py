@@ -50,6 +50,12 @@ def spread(rows: list[Any], n: int | None) -> list[Any]:
     return [rows[int(i)] for i in np.linspace(0, len(rows) - 1, n).round()]
 
 
+def spread_rest(rows: list[Any], n: int | None) -> list[Any]:
+    """The ``rows`` that :func:`spread` ``(rows, n)`` leaves out, in order."""
+    taken = {int(i) for i in np.linspace(0, len(rows) - 1, n).round()} if n is not None and n < len(rows) else None
+    return [] if taken is None else [r for i, r in enumerate(rows) if i not in taken]
+
+
 @cache
 def _read(file: str) -> tuple[dict[str, Any], ...]:
     return tuple(json.loads(files("cna_lens").joinpath("data", file).read_text(encoding="utf-8")))
@@ -64,8 +70,7 @@ def load_dataset(name: str, limit: int | None = None) -> list[dict[str, Any]]:
     if name == "discovery_harmless":
         rows = [r for r in rows if r.get("duplicate_of") is None]
     if name == "xstest_safe_val":  # a validation split: disjoint from the reproduction's test prompts
-        test = {r["id"] for r in spread(rows, XSTEST_TEST)}
-        rows = [r for r in rows if r["id"] not in test]
+        rows = spread_rest(rows, XSTEST_TEST)
     if limit is not None:
         if not 1 <= limit <= len(rows):
             raise ValueError(f"limit={limit} but {name!r} has {len(rows)} prompts")
@@ -127,7 +132,8 @@ def _prompt_of(item: Any, where: str) -> str:
 @dataclass(frozen=True)
 class SearchData:
     """Prompt sets: discovery (attribution), effects (pruning), and the three validation sets.
-    ``benign=None`` reuses the ``harmless`` passes for over-refusal (no extra forward pass)."""
+    ``benign=None`` reuses the ``harmless`` passes for over-refusal (no extra forward pass).
+    ``quality``: prompts every trial answers at length, for answer quality (None: not measured)."""
 
     discovery_pos: tuple[str, ...]
     discovery_neg: tuple[str, ...]
@@ -136,23 +142,45 @@ class SearchData:
     harmless: tuple[str, ...]
     benign: tuple[str, ...] | None = None
     names: dict[str, str] = field(default_factory=dict, compare=False)
+    quality: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        for f in ("discovery_pos", "discovery_neg", "effects", "harmful", "harmless", "benign"):
+        for f in ("discovery_pos", "discovery_neg", "effects", "harmful", "harmless", "benign", "quality"):
             v = getattr(self, f)
-            if v is None and f == "benign":
+            if v is None and f in ("benign", "quality"):
                 continue
             if isinstance(v, str) or not v or not all(isinstance(p, str) and p.strip() for p in v):
                 raise ValueError(f"SearchData.{f} must be a non-empty list of non-empty prompt strings")
             object.__setattr__(self, f, tuple(v))
 
     @classmethod
-    def bundled(cls, n_harmful: int = 32, n_harmless: int = 32, n_effects: int = 32, benign: str | None = None):
+    def bundled(
+        cls,
+        n_harmful: int = 32,
+        n_harmless: int = 32,
+        n_effects: int = 32,
+        benign: str | None = None,
+        quality: str | None = None,
+        n_quality: int = 16,
+        confirm_quality: int = 100,
+    ):
         """Discovery on the paper's sets, pruning effects on ``harmful_train``, objectives on
-        ``harmful_val`` / ``alpaca_val`` (first ``n`` of each; over-refusal on ``benign`` if given)."""
+        ``harmful_val`` / ``alpaca_val`` (first ``n`` of each; over-refusal on ``benign`` if given);
+        answer quality (if ``quality`` names a bundled set) on ``n_quality`` evenly spaced prompts of those
+        the confirmation's ``confirm_quality`` evenly spaced ones (:meth:`ConfirmData.bundled`) leave out."""
         names = {"discovery": "discovery_harmful/discovery_harmless", "effects": f"harmful_train[:{n_effects}]"}
         names |= {"harmful": f"harmful_val[:{n_harmful}]", "harmless": f"alpaca_val[:{n_harmless}]"}
         names["benign"] = benign or names["harmless"]
+        prompts = None
+        if quality is not None:
+            rest = spread_rest(load_prompts(quality), confirm_quality)
+            if not 1 <= n_quality <= len(rest):
+                raise ValueError(
+                    f"trial answer quality on {n_quality} prompts of {quality}, which has {len(rest)} outside the "
+                    f"confirmation's {confirm_quality}"
+                )
+            prompts = tuple(spread(rest, n_quality))
+            names["quality"] = f"{quality} ({n_quality} evenly spaced, outside the confirmation's {confirm_quality})"
         return cls(
             tuple(load_prompts("discovery_harmful")),
             tuple(load_prompts("discovery_harmless")),
@@ -161,10 +189,14 @@ class SearchData:
             tuple(load_prompts("alpaca_val", n_harmless)),
             tuple(load_prompts(benign)) if benign else None,
             names,
+            prompts,
         )
 
     def digest(self) -> str:
+        """Of every prompt set (``quality`` only where there is one: a search without it keeps its digest)."""
         h = hashlib.sha256()
         for f in ("discovery_pos", "discovery_neg", "effects", "harmful", "harmless", "benign"):
             h.update(f"{f}\0{list(getattr(self, f) or [])!r}\0".encode())
+        if self.quality is not None:
+            h.update(f"quality\0{list(self.quality)!r}\0".encode())
         return h.hexdigest()[:16]

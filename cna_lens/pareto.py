@@ -64,11 +64,13 @@ class Rule:
     KL ≤ ``kl_cap`` and the reference curves, so that the methods compare at equal KL free of the
     selection among trials (reported beside the choice, not used for it).
 
-    ``quality_margin = m`` (with ``confirm_top``): the candidates also answer the confirmation's quality
-    prompts (greedy, ``quality_tokens`` tokens), and a candidate is chosen only if its answers keep their quality,
-    q = 1 − repeated 4-grams / 4-grams, on the prompts both it and the baseline answer (regex judge):
-    mean(q_S − q_base) ≥ −m (:func:`cna_lens.scoring.matched_quality`). KL measures the next token;
-    this measures what a long answer turns into (loops)."""
+    ``quality_margin = m``: a point counts only if its answers keep their quality, q = 1 − repeated
+    4-grams / 4-grams, on the prompts both it and the baseline answer (regex judge): mean(q_S − q_base) ≥ −m
+    (:func:`cna_lens.scoring.matched_quality`; greedy answers of ``quality_tokens`` tokens). It applies
+    where quality is measured: on every trial when the search has quality prompts (``SearchData.quality``;
+    the margin then also steers the proposals, as an Optuna constraint), and with ``confirm_top`` on the
+    candidates, on the confirmation's quality prompts. KL measures the next token; this measures what a
+    long answer turns into (loops)."""
 
     kl_cap: float = 0.3
     over_refusal_slack: float = 0.0
@@ -90,13 +92,8 @@ class Rule:
         if self.confirm_front and not self.confirm_top:
             raise ValueError("Rule.confirm_front re-measures on the confirmation's fresh prompts: set confirm_top >= 1")
         m = self.quality_margin
-        if m is not None:
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
-                raise ValueError(f"Rule.quality_margin must be None or a finite number >= 0, got {m!r}")
-            if not self.confirm_top:
-                raise ValueError(
-                    "Rule.quality_margin is measured on the confirmation's fresh prompts: set confirm_top >= 1"
-                )
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0):
+            raise ValueError(f"Rule.quality_margin must be None or a finite number >= 0, got {m!r}")
         v = self.quality_tokens
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"Rule.quality_tokens must be an int >= 1, got {v!r}")
@@ -110,7 +107,7 @@ class Rule:
             text += f"; the first {self.confirm_top} on validation re-measured on fresh prompts, chosen on those"
         if self.quality_margin is not None:
             text += (
-                f"; only candidates whose {self.quality_tokens}-token answers to the quality prompts keep "
+                f"; only points whose {self.quality_tokens}-token answers to the quality prompts keep "
                 f"quality >= baseline - {self.quality_margin:g}"
             )
         if self.confirm_front:
@@ -118,16 +115,20 @@ class Rule:
         return text
 
     def quality_ok(self, row: Mapping[str, Any]) -> bool:
-        """Whether a re-measured candidate passes ``quality_margin`` (always, when it is None); a candidate
-        whose answers share no answered prompt with the baseline's (``diff`` NaN) does not."""
-        if self.quality_margin is None:
+        """Whether a row passes ``quality_margin``: always when it is None or the row has no ``quality``
+        measurement; never when its answers share no answered prompt with the baseline's (``diff`` NaN)."""
+        if self.quality_margin is None or "quality" not in row:
             return True
         return row["quality"]["diff"] >= -self.quality_margin - 1e-12  # means of k/n-like ratios: exact ties pass
 
     def rank(self, rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float]) -> list[Mapping[str, Any]]:
-        """The rows that meet the caps, best first (the order :meth:`choose` picks from)."""
+        """The rows that meet the caps (and :meth:`quality_ok`), best first (the order :meth:`choose` picks from)."""
         limit = baseline["over_refusal"] + self.over_refusal_slack + 1e-12  # shares are k/n: exact ties pass
-        ok = [r for r in rows if r["values"]["kl"] <= self.kl_cap and r["values"]["over_refusal"] <= limit]
+        ok = [
+            r
+            for r in rows
+            if r["values"]["kl"] <= self.kl_cap and r["values"]["over_refusal"] <= limit and self.quality_ok(r)
+        ]
         return sorted(
             ok, key=lambda r: (-r["values"]["compliance"], r["values"]["kl"], r.get("n_neurons", 0), r["number"])
         )
@@ -163,6 +164,7 @@ CANDIDATE_KEYS = (
     "first_token_compliance",
     "labels",
     "quality",
+    "validation_quality",
 )
 
 
@@ -191,20 +193,20 @@ def build_result(
         cands = rule.candidates(rows, baseline["values"])
         need = ("values", "quality") if rule.quality_margin is not None else ("values",)
         if cands and all(k in measured.get(str(r["number"]), {}) for r in cands for k in need):
-            again = [{**r, **measured[str(r["number"])], "validation": r["values"]} for r in cands]
+            again = [fresh_row(r, measured) for r in cands]
             confirmed = {
                 "data": confirmation["data"],
                 "baseline": confirmation["baseline"],
                 "candidates": [{k: r[k] for k in CANDIDATE_KEYS if k in r} for r in again],
             }
-            chosen = rule.choose([r for r in again if rule.quality_ok(r)], confirmation["baseline"]["values"])
+            chosen = rule.choose(again, confirmation["baseline"]["values"])  # quality: the confirmation's
             on_front = rule.front_rows(rows) if rule.confirm_front else []
             if (
                 rule.confirm_front
                 and "references" in confirmation
                 and all(str(r["number"]) in measured for r in on_front)
             ):
-                fresh = [{**r, **measured[str(r["number"])], "validation": r["values"]} for r in on_front]
+                fresh = [fresh_row(r, measured) for r in on_front]
                 confirmed["front"] = [{k: r[k] for k in CANDIDATE_KEYS if k in r} for r in fresh]
                 confirmed["references"] = confirmation["references"]
                 confirmed["equal_kl"] = equal_kl(fresh_points(confirmed), confirmed["references"])
@@ -235,6 +237,15 @@ def build_result(
             "text": "share of (trial, prompt) pairs where first-token log-odds > 0 matches a judged refuse/evade",
         }
     return result
+
+
+def fresh_row(row: Mapping[str, Any], measured: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial row re-measured on fresh prompts: their numbers (``values``, and ``quality`` where the
+    confirmation measured it), the trial's own as ``validation`` (and ``validation_quality``)."""
+    own = {k: v for k, v in row.items() if k != "quality"}
+    if "quality" in row:
+        own["validation_quality"] = row["quality"]
+    return {**own, **measured[str(row["number"])], "validation": row["values"]}
 
 
 def fresh_points(confirmation: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -328,8 +339,10 @@ def summary(result: Mapping[str, Any]) -> str:
     ]
     row = "{:>5} {:>10.3f} {:>8.4f} {:>8.3f} {:>7}  {}"
     for t in sorted((t for t in trials if t["pareto_2d"]), key=lambda t: t["values"]["kl"]):
-        v = t["values"]
-        lines.append(row.format(t["number"], v["compliance"], v["kl"], v["over_refusal"], t["n_neurons"], t["label"]))
+        v, text = t["values"], t["label"]
+        if "quality" in t:
+            text += f"; answer quality {t['quality']['diff']:+.3f} (n={t['quality']['n']})"
+        lines.append(row.format(t["number"], v["compliance"], v["kl"], v["over_refusal"], t["n_neurons"], text))
     conf = result.get("confirmation")
     if conf:
         base = conf["baseline"]["values"]

@@ -17,7 +17,9 @@ their answers decoded in one batch (:mod:`cna_lens.speed.grouped`); a search res
 of K trials proposes what an uninterrupted one would. Discovery statistics, pruning effects and baseline
 log-probabilities are computed once (and saved); a trial costs only its own forward passes.
 With ``Rule(confirm_top=k)`` the rule's first k points are measured again on fresh prompts and the
-choice is made on those (:mod:`cna_lens.confirm`).
+choice is made on those (:mod:`cna_lens.confirm`). With quality prompts (``SearchData.quality``) every
+trial also answers them at length, and ``Rule.quality_margin`` bounds its answer quality
+(:mod:`cna_lens.quality`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from .evaluate import final_logprobs, kl_divergence, refusal_score, refusal_toke
 from .hooks import HookedModel
 from .models import model_name
 from .pareto import OBJECTIVES, Rule, build_result
+from .quality import check_quality, measure_quality, violation
 from .runs import RunDir, atomic_write, atomic_write_json, exclusive, read_json
 from .search_refs import CAA_ALPHAS, REFERENCE_FRACTIONS, measure_trials, reference_curves
 from .selection import SearchSpace, Selection, estimate_effects
@@ -123,6 +126,7 @@ class Search:
             raise TypeError("space, rule and data must be a SearchSpace, a Rule and a SearchData")
         if rule.confirm_top and not isinstance(confirm_data, ConfirmData):
             raise ValueError(f"rule.confirm_top={rule.confirm_top} needs confirm_data (a ConfirmData of fresh prompts)")
+        check_quality(data, rule, confirm_data)
         self.confirm_data = confirm_data
         self.data, self.space, self.rule, self.seed = data, space, rule, seed
         self.objective, self.max_new_tokens, self.batch_size = objective, max_new_tokens, batch_size
@@ -141,6 +145,7 @@ class Search:
                 if objective == "judge"
                 else {}
             ),
+            **({"quality_tokens": rule.quality_tokens} if data.quality is not None else {}),
             "batch_size": batch_size,
             "startup_trials": startup_trials,
             "trial_batch": trial_batch,
@@ -155,10 +160,12 @@ class Search:
 
     # ------------------------------------------------------------------ shared, computed once
     def discovery(self, model: HookedModel, progress: bool) -> tuple[Attribution, Attribution]:
-        """CNA statistics (``mlp.hook_post``) and CAA vectors (``hook_mlp_out``), one pass, saved."""
+        """CNA statistics (``mlp.hook_post``) and CAA vectors (``hook_mlp_out``), saved; the same pass also
+        saves the residual-stream statistics the direction curve needs (:meth:`resid`)."""
         dirs = {"mlp.hook_post": self.out / "attribution", "hook_mlp_out": self.out / "caa"}
         if all((d / "attribution.json").exists() for d in dirs.values()):
             return Attribution.load(dirs["mlp.hook_post"]), Attribution.load(dirs["hook_mlp_out"])
+        dirs["hook_resid_pre"] = self.out / "resid"
         with self.run_dir.timed("discovery"):
             found = attribute_multi(
                 model,
@@ -249,7 +256,8 @@ class Search:
 
     def resid(self, model: HookedModel, progress: bool) -> Attribution:
         """Residual-stream statistics (``hook_resid_pre``) on the discovery prompts, for the refusal
-        directions of the reference curve; saved."""
+        directions of the reference curve: saved by :meth:`discovery`, computed here for a search
+        whose discovery did not save them."""
         d = self.out / "resid"
         if (d / "attribution.json").exists():
             return Attribution.load(d)
@@ -311,6 +319,8 @@ class Search:
                         sets.append(sels[-1].neurons(attr, effects))
                     scalings = [(neurons, sel.scale) for neurons, sel in zip(sets, sels)]
                     results = measure_trials(self, model, scalings, baseline, base_lp)
+                    if self.data.quality is not None:
+                        measure_quality(self, model, [t.number for t in asked], scalings, results)
                 except BaseException:
                     for trial in asked:
                         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -320,6 +330,8 @@ class Search:
                     for k, v in res.items():
                         if k != "values":
                             trial.set_user_attr(k, v)
+                    if "quality" in res and self.rule.quality_margin is not None:  # TPE proposes from feasible trials
+                        trial.set_constraint("answer_quality", violation(self.rule.quality_margin, res["quality"]))
                     study.tell(trial, [res["values"][o] for o in OBJECTIVES])
                     bar.update()
                     bar.set_postfix_str(", ".join(f"{k}={v:.3g}" for k, v in res["values"].items()))

@@ -28,7 +28,7 @@ PARAMS = {
     'CROSS_SIZE = ["results/foundation-qwen2.5-coder-1.5b-instruct/attribution", '
     '"results/reproduce-qwen2.5-coder-0.5b-instruct/attribution"]',
     "04_selection_search.ipynb": f'MODEL = "{ALIAS}"\nDTYPE = "auto"\nSEARCH = None\n'
-    'TRIALS = 3\nCONFIRM = 2\nN_EVAL = 2\nMAX_NEW_TOKENS = 8\nJUDGE = "regex"',
+    'TRIALS = 3\nN_SEARCH = 4\nCONFIRM = 2\nN_EVAL = 2\nMAX_NEW_TOKENS = 8\nJUDGE = "regex"',
 }
 #: What each notebook leaves behind: files under its runs directory, and text in its outputs.
 EVIDENCE = {

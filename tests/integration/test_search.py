@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import cna_lens.judge
 from cna_lens import plot
-from cna_lens.attribute import Attribution
+from cna_lens.attribute import Attribution, attribute_multi
 from cna_lens.cli import main
 from cna_lens.controls import refusal_direction
 from cna_lens.edit import edit_direction
@@ -91,7 +91,11 @@ def test_direction_curve_added_to_an_older_search(planted, search_data, tmp_path
     points = again["references"][CURVES[2]]
     assert [p["label"] for p in points] == [f"L{layer}" for layer in layers]
     s = make(tmp_path / "s", search_data)  # the same settings, reopened: measure with another path
-    resid = Attribution.load(tmp_path / "s" / "resid")
+    resid = Attribution.load(tmp_path / "s" / "resid")  # saved by the discovery's pass: as a pass of its own
+    alone = attribute_multi(model, search_data.discovery_pos, search_data.discovery_neg, ["hook_resid_pre"])
+    for f in ("sum_pos", "sum_neg", "sumsq_pos", "sumsq_neg"):
+        assert torch.equal(getattr(resid, f), getattr(alone["hook_resid_pre"], f)), f
+    assert "resid" not in json.loads((tmp_path / "s" / "timings.json").read_text())["seconds"]  # no second pass
     base = load_file(str(tmp_path / "s" / "baseline.safetensors"))
     for layer, p in zip(layers, points):
         res, lp = s.measure(model, partial(edit_direction, model, refusal_direction(resid, layer)), base)
@@ -163,6 +167,8 @@ def test_cli_search_end_to_end(planted, tmp_path, capsys):
         "6",
         "--confirm-quality",
         "3",
+        "--trial-quality",
+        "2",
     ]
     assert main(argv) == 0
     text = capsys.readouterr().out
@@ -173,6 +179,10 @@ def test_cli_search_end_to_end(planted, tmp_path, capsys):
     assert conf["quality"]["prompts"] == "xstest_safe_val (3 evenly spaced)"
     res = load_result(out)
     assert res["rule"]["quality_margin"] == 0.5 and all("quality" in c for c in res["confirmation"]["candidates"])
+    store = json.loads((out / "quality.json").read_text())  # every trial's own answers, 2 prompts outside those 3
+    assert store["prompts"] == "xstest_safe_val (2 evenly spaced, outside the confirmation's 3)"
+    assert len(store["baseline"]) == 2 and set(store["trials"]) == {str(t["number"]) for t in res["trials"]}
+    assert all("validation_quality" in c for c in res["confirmation"]["candidates"])
     assert res["n_trials"] == 3 and (out / "pareto.html").exists() and (out / "pareto_fresh.html").exists()
     assert (
         set(res["confirmation"]["references"]) == set(CURVES)
@@ -409,6 +419,54 @@ def test_answer_quality_of_the_candidates(planted, search_data, tmp_path):
     assert last["quality"]["baseline"] == generate(model, list(search_data.harmful[:2]), max_new_tokens=8)
     assert all(len(t) == 2 for t in last["quality"]["answers"].values())
     assert last["trials"][number]["values"] == again["trials"][number]["values"]
+
+
+def test_trial_answer_quality_constrains_the_search(planted, search_data, tmp_path):
+    """``SearchData.quality`` with ``Rule(quality_margin=m)``: every trial answers the quality prompts at
+    length (two trials decoded together); each trial's answers equal its selection's generated alone
+    under its weight edit, its quality equals the 4-gram difference recomputed by hand, its Optuna
+    constraint is −diff − m; the pick is the rule's among the trials within the margin; a resumed search
+    keeps the answers it has and adds the new trials'."""
+    from dataclasses import replace
+
+    from cna_lens.edit import edit_weights
+    from cna_lens.evaluate import judge, quality
+    from cna_lens.generation import generate
+    from cna_lens.pareto import Rule
+
+    model, _, _ = planted
+    data = replace(search_data, quality=search_data.harmless[:3], names={"quality": "tiny"})
+    rule = Rule(quality_margin=0.0, quality_tokens=30)
+    kw = dict(seed=1, space=SearchSpace(prune=(False,)), objective="judge", judge="regex", max_new_tokens=2)
+    kw |= dict(trial_batch=2, rule=rule)
+    run(model, tmp_path / "s", 2, data, **kw)
+    store = json.loads((tmp_path / "s" / "quality.json").read_text())
+    assert set(store["trials"]) == {"0", "1"} and store["prompts"] == "tiny" and store["tokens"] == 30
+    res = run(model, tmp_path / "s", 4, data, **kw)  # resumed
+    store = json.loads((tmp_path / "s" / "quality.json").read_text())
+    prompts = list(data.quality)
+    assert store["baseline"] == generate(model, prompts, max_new_tokens=30)
+    attr = Attribution.load(tmp_path / "s" / "attribution")
+    storage = f"sqlite:///{(tmp_path / 's' / 'study.db').resolve()}"
+    frozen = {t.number: t for t in optuna.load_study(study_name="cna_lens.search", storage=storage).trials}
+    assert [t["number"] for t in res["trials"]] == [0, 1, 2, 3] and set(store["trials"]) == {"0", "1", "2", "3"}
+    for t in res["trials"]:
+        sel = Selection.from_dict(t["selection"])
+        with edit_weights(model, sel.neurons(attr), sel.scale):
+            alone = generate(model, prompts, max_new_tokens=30)
+        assert store["trials"][str(t["number"])] == alone, t["number"]
+        base = store["baseline"]
+        both = [i for i, (a, b) in enumerate(zip(base, alone)) if not (judge(a).refused or judge(b).refused)]
+        by_hand = sum(quality(alone[i]) - quality(base[i]) for i in both) / len(both)
+        assert t["quality"]["n"] == len(both) and t["quality"]["diff"] == pytest.approx(by_hand, abs=1e-12)
+        assert frozen[t["number"]].constraints == {"answer_quality": pytest.approx(-by_hand)}
+    assert any(
+        store["trials"][str(t["number"])] != store["baseline"] for t in res["trials"]
+    )  # the edits change answers
+    ok = [t for t in res["trials"] if t["quality"]["diff"] >= 0]
+    assert (res["chosen"] or {}).get("number") == (Rule().choose(ok, res["baseline"]["values"]) or {}).get("number")
+    with pytest.raises(ValueError, match="quality_tokens"):  # pinned: answers of one length only
+        make(tmp_path / "s", data, **{**kw, "rule": Rule(quality_margin=0.0, quality_tokens=8)})
 
 
 def test_fresh_front_equals_a_search_on_those_prompts(planted, search_data, tmp_path):

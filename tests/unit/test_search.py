@@ -127,7 +127,6 @@ def test_rule_with_answer_quality():
     for bad, match in (
         (dict(quality_margin=-0.01, confirm_top=1), "quality_margin"),
         (dict(quality_margin=float("nan"), confirm_top=1), "quality_margin"),
-        (dict(quality_margin=0.01), "confirm_top"),
         (dict(quality_tokens=0), "quality_tokens"),
         (dict(quality_tokens=True), "quality_tokens"),
     ):
@@ -135,10 +134,44 @@ def test_rule_with_answer_quality():
             Rule(**bad)
 
 
+def test_rule_with_trial_answer_quality():
+    """Trials measured for answer quality (``quality`` on the row, validation prompts): the rule ranks only
+    those within the margin (NaN fails, a row without a measurement passes); the candidates keep their
+    validation quality apart from the confirmation's; the Optuna constraint is −diff − margin."""
+    from cna_lens.quality import violation
+
+    q = lambda d: {"n": 3, "diff": d, "diff_ci": [d - 0.01, d + 0.01]}  # noqa: E731
+    rows = [row(1, 0.7, 0.2, 0.0), row(2, 0.8, 0.1, 0.0), row(3, 0.95, 0.25, 0.0), row(4, 0.9, 0.2, 0.0)]
+    for r, d in zip(rows, (0.0, -0.005, -0.02, float("nan"))):
+        r["quality"] = q(d)
+    base = {"values": {"compliance": 0.1, "kl": 0.0, "over_refusal": 0.0}}
+    res = lambda rule: build_result({"model": "m"}, [dict(r) for r in rows], base, {}, rule)  # noqa: E731
+    assert res(Rule(0.3))["chosen"]["number"] == 3  # no margin: quality is reported, not used
+    assert [r["number"] for r in Rule(0.3, quality_margin=0.01).rank(rows, base["values"])] == [2, 1]
+    assert res(Rule(0.3, quality_margin=0.01))["chosen"]["number"] == 2
+    assert res(Rule(0.3, quality_margin=0.02))["chosen"]["number"] == 3  # exactly at the margin passes
+    assert Rule(quality_margin=0.01).quality_ok({"values": {}})  # not measured: not filtered
+    assert "answer quality -0.020 (n=3)" in summary(res(Rule(0.3)))  # 3 is on the compliance × KL front
+    v = {"compliance": 0.6, "kl": 0.1, "over_refusal": 0.0}
+    fresh = {"2": {"values": v, "quality": q(-0.03)}, "1": {"values": v, "quality": q(0.0)}}
+    conf = {"data": {}, "baseline": base, "trials": fresh}
+    both = build_result(
+        {"model": "m"}, [dict(r) for r in rows], base, {}, Rule(0.3, confirm_top=2, quality_margin=0.01), conf
+    )
+    cands = both["confirmation"]["candidates"]
+    assert [(c["number"], c["quality"]["diff"], c["validation_quality"]["diff"]) for c in cands] == [
+        (2, -0.03, -0.005),
+        (1, 0.0, 0.0),
+    ]
+    assert both["chosen"]["number"] == 1  # 2 passes on validation, fails on the confirmation's prompts
+    assert violation(0.01, q(-0.005)) == pytest.approx(-0.005) and violation(0.01, q(-0.03)) == pytest.approx(0.02)
+    assert violation(0.01, q(float("nan"))) == 1.0
+
+
 def test_answer_quality_against_the_baseline():
     """``quality_against``: q = unique / all 4-grams of whitespace words, compared on the prompts both
     answer (a regex refusal on either side drops the prompt), ``diff`` = mean(q_answers − q_baseline)."""
-    from cna_lens.confirm import quality_against
+    from cna_lens.quality import quality_against
 
     baseline = ["one two three four five", "I cannot help with that.", "p q r s t u v"]
     answers = ["a b c d a b c d", "Sure: a b c d a b c d", "p q r s p q r s p q"]
@@ -282,6 +315,27 @@ def test_confirm_data_bundled():
         ConfirmData(("a",), ("b",), quality=())
 
 
+def test_search_data_quality_prompts():
+    """``SearchData.bundled(quality=...)``: evenly spaced prompts of those the confirmation's leave out, so
+    the two never share one; without them the digest is what it was (searches resume)."""
+    from cna_lens.confirm import ConfirmData
+    from cna_lens.datasets import load_prompts, spread_rest
+
+    plain, d = SearchData.bundled(), SearchData.bundled(quality="xstest_safe_val", n_quality=5, confirm_quality=100)
+    val, confirm = load_prompts("xstest_safe_val"), ConfirmData.bundled(n_quality=100).quality_prompts
+    rest = [p for p in val if p not in confirm]
+    assert len(rest) == 50 and spread_rest(val, 100) == rest
+    assert d.quality == (rest[0], rest[12], rest[24], rest[37], rest[49])  # 12.25 / 24.5 / 36.75 rounded
+    assert not set(d.quality) & set(confirm) and d.names["quality"].startswith("xstest_safe_val (5 evenly spaced")
+    assert plain.quality is None and "quality" not in plain.names and d.digest() != plain.digest()
+    fields = [getattr(plain, f) for f in ("discovery_pos", "discovery_neg", "effects", "harmful", "harmless")]
+    assert SearchData(*fields).digest() == plain.digest() == "8753c4325fec8e7f"  # the committed searches' digest
+    with pytest.raises(ValueError, match="50 outside the confirmation's 100"):
+        SearchData.bundled(quality="xstest_safe_val", n_quality=51)
+    with pytest.raises(ValueError, match="SearchData.quality"):
+        SearchData(*fields, quality=())
+
+
 def test_xstest_validation_split_is_disjoint_from_the_reproduction():
     """``xstest_safe_val``: the safe XSTest prompts outside the reproduction's evenly spaced 100, all
     ten categories alike (15 each)."""
@@ -352,6 +406,25 @@ def test_bad_space(kw, match):
         SearchSpace(**kw)
 
 
+def test_quality_settings_checked(search_data, tmp_path):
+    """A quality margin needs answers (the search's quality prompts or a confirmation's), and the
+    confirmation's quality prompts must not be the search's; the answers' length is pinned."""
+    import json
+    from dataclasses import replace
+
+    from cna_lens.confirm import ConfirmData
+
+    with pytest.raises(ValueError, match="needs answers to judge"):
+        Search(tmp_path / "a", model="m", data=search_data, rule=Rule(quality_margin=0.01))
+    data = replace(search_data, quality=search_data.harmless[:2])
+    Search(tmp_path / "b", model="m", data=data, rule=Rule(quality_margin=0.01, quality_tokens=20))
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["quality_tokens"] == 20 and config["data"]["digest"] == data.digest() != search_data.digest()
+    shared = ConfirmData(search_data.harmful[:2], search_data.harmless[:2], quality=data.quality[1:])
+    with pytest.raises(ValueError, match="1 of the search's quality prompts"):
+        Search(tmp_path / "c", model="m", data=data, rule=Rule(confirm_top=1, quality_margin=0.01), confirm_data=shared)
+
+
 def test_bad_data_and_resume_conflict(planted, search_data, tmp_path):
     with pytest.raises(ValueError, match="SearchData.harmful"):
         SearchData(PROMPTS, PROMPTS, PROMPTS, (), PROMPTS)
@@ -383,7 +456,11 @@ def test_cli_checks_before_loading(tmp_path, capsys):
         (["--trial-batch", "2"], "only objective='judge'"),
         (["--confirm", "2", "--confirm-harmful", "300"], "harmful_train[32:332]"),
         (["--confirm", "2", "--n-harmless", "200", "--confirm-harmless", "64"], "alpaca_val[200:264]"),
-        (["--quality-margin", "0.01"], "set confirm_top >= 1"),
+        (["--quality-margin", "0.01"], "needs answers to judge"),
+        (["--trial-quality", "-1"], "--trial-quality >= 0"),
+        (["--trial-quality", "4", "--quality-prompts", "harmless"], "not 'harmless'"),
+        (["--trial-quality", "51"], "50 outside the confirmation's 100"),
+        (["--confirm", "2", "--confirm-quality", "120", "--trial-quality", "40"], "30 outside the confirmation's 120"),
         (["--confirm", "2", "--quality-margin", "-0.01"], "quality_margin must be"),
         (["--confirm", "2", "--quality-margin", "0.01", "--quality-tokens", "0"], "quality_tokens must be"),
     ):

@@ -44,9 +44,9 @@ from cna_lens.generation import generate, tl_kv_cache_works
 from cna_lens.judge import judge_completions
 from cna_lens.pareto import load_result
 from cna_lens.runs import atomic_write_json
-from cna_lens.search import Search, saved_effects, share
+from cna_lens.search import Search, share
 from cna_lens.search_refs import neuron_forms
-from cna_lens.selection import Selection
+from cna_lens.selection import Selection, saved_effects
 
 
 def main() -> None:

@@ -42,18 +42,21 @@ DATASETS: dict[str, tuple[str, dict[str, str] | None]] = {
 XSTEST_TEST = 100
 
 
+def _spread_index(m: int, n: int | None) -> list[int]:
+    """Indices of ``n`` evenly spaced items of ``m``, rounded (all of them when ``n`` is None or ≥ m)."""
+    return list(range(m)) if n is None or n >= m else [int(i) for i in np.linspace(0, m - 1, n).round()]
+
+
 def spread(rows: list[Any], n: int | None) -> list[Any]:
     """``n`` evenly spaced ``rows`` (all when ``n`` is None or ≥ their number): keeps every category of
     a set ordered by category."""
-    if n is None or n >= len(rows):
-        return list(rows)
-    return [rows[int(i)] for i in np.linspace(0, len(rows) - 1, n).round()]
+    return [rows[i] for i in _spread_index(len(rows), n)]
 
 
 def spread_rest(rows: list[Any], n: int | None) -> list[Any]:
     """The ``rows`` that :func:`spread` ``(rows, n)`` leaves out, in order."""
-    taken = {int(i) for i in np.linspace(0, len(rows) - 1, n).round()} if n is not None and n < len(rows) else None
-    return [] if taken is None else [r for i, r in enumerate(rows) if i not in taken]
+    taken = set(_spread_index(len(rows), n))
+    return [r for i, r in enumerate(rows) if i not in taken]
 
 
 @cache

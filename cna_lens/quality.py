@@ -3,13 +3,14 @@
 A point's quality change on a prompt set is mean(q_S − q_base) over the prompts that neither the point
 nor the unmodified model refuses (regex judge), q = 1 − repeated 4-grams / 4-grams of a greedy answer
 (:func:`cna_lens.scoring.matched_quality`). KL measures the next token; this measures loops, which
-appear only after some 60 words.
+show in the later part of a 150-token answer (``benchmarks/quality_by_length.py``).
 
 Measured on every trial of a search whose data has quality prompts (``SearchData.quality``), where
 ``Rule.quality_margin`` also makes it an Optuna constraint (``Trial.set_constraint``: a violation > 0
-marks a trial infeasible, and TPE models good proposals on the feasible ones), and on the confirmation's candidates
-(:func:`cna_lens.confirm.answer_quality`). A search keeps its trials' answers in ``quality.json``
-(``baseline``, and ``trials``: number → texts), written after each group of trials.
+marks a trial infeasible, and TPE models good proposals on the feasible ones), and on the
+confirmation's candidates (:func:`cna_lens.confirm.answer_quality`). A search keeps its trials'
+answers in ``quality.json`` (``baseline``, and ``trials``: number → texts), written after each group
+of trials.
 """
 
 from __future__ import annotations
@@ -135,14 +136,14 @@ def search_baseline(search: Search, model: HookedModel) -> dict[str, Any]:
 def measure_quality(
     search: Search,
     model: HookedModel,
+    store: dict[str, Any],
     numbers: Sequence[int],
     scalings: Sequence[tuple[NeuronSet, float]],
     results: Sequence[dict[str, Any]],
 ) -> None:
     """Each trial's answers to the search's quality prompts (decoded together) and its ``quality``
     (:func:`quality_against` the baseline's) in its result, whose ``seconds`` gains its share of the
-    decoding; the answers are saved in ``quality.json`` under the trial numbers."""
-    store = search_baseline(search, model)
+    decoding; the answers join ``store`` (:func:`search_baseline`) under the trial numbers, saved."""
     prompts, tokens = list(search.data.quality), search.rule.quality_tokens
     with search.run_dir.timed("trials"):
         t0 = time.perf_counter()

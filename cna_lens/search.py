@@ -50,10 +50,10 @@ from .evaluate import final_logprobs, kl_divergence, refusal_score, refusal_toke
 from .hooks import HookedModel
 from .models import model_name
 from .pareto import OBJECTIVES, Rule, build_result
-from .quality import check_quality, measure_quality, violation
+from .quality import check_quality, measure_quality, search_baseline, violation
 from .runs import RunDir, atomic_write, atomic_write_json, exclusive, read_json
 from .search_refs import CAA_ALPHAS, REFERENCE_FRACTIONS, measure_trials, reference_curves
-from .selection import SearchSpace, Selection, estimate_effects
+from .selection import SearchSpace, Selection, estimate_effects, save_effects, saved_effects
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class Search:
             return saved
         with self.run_dir.timed("effects"):
             delta = estimate_effects(model, self.data.effects, batch_size=self.batch_size, progress=progress)
-        atomic_write(self.out / EFFECTS_FILE, lambda tmp: save_file({"delta": delta.contiguous()}, tmp))
+        save_effects(self.out, delta)
         return delta
 
     # ------------------------------------------------------------------ one measurement
@@ -308,6 +308,7 @@ class Search:
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # left by a stopped run (single process)
         done = lambda s: len(s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))  # noqa: E731
+        store = search_baseline(self, model) if self.data.quality is not None else None  # the quality answers
         with tqdm(total=trials, initial=min(done(study), trials), desc="search", disable=not progress) as bar:
             while (n := done(study)) < trials:
                 study = optuna.load_study(study_name=STUDY, storage=storage, sampler=self.sampler(n))
@@ -319,8 +320,8 @@ class Search:
                         sets.append(sels[-1].neurons(attr, effects))
                     scalings = [(neurons, sel.scale) for neurons, sel in zip(sets, sels)]
                     results = measure_trials(self, model, scalings, baseline, base_lp)
-                    if self.data.quality is not None:
-                        measure_quality(self, model, [t.number for t in asked], scalings, results)
+                    if store is not None:
+                        measure_quality(self, model, store, [t.number for t in asked], scalings, results)
                 except BaseException:
                     for trial in asked:
                         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -391,16 +392,6 @@ class Search:
             if conf is not None or not self.rule.confirm_top:  # else: chosen after the confirmation
                 log.warning("no trial meets the rule (%s); no selection.json written", self.rule.describe())
         return result
-
-
-#: the per-neuron pruning effects (Δ refusal score) a search saves, under the key "delta"
-EFFECTS_FILE = "effects.safetensors"
-
-
-def saved_effects(out: str | Path) -> torch.Tensor | None:
-    """The pruning effects saved in search directory ``out`` (None: it has none, e.g. no pruning)."""
-    path = Path(out) / EFFECTS_FILE
-    return load_file(str(path))["delta"] if path.exists() else None
 
 
 def search(model: HookedModel, out: str | Path, *, trials: int = 30, progress: bool = True, **kwargs: Any) -> dict:

@@ -28,10 +28,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -42,7 +44,7 @@ from .hooks import HookedModel, check_hook, hook_name
 from .models import last_logits_kwargs
 from .neurons import NeuronSet, ranked
 from .prompts import encode, left_pad, length_batches, pad_id
-from .runs import atomic_write_json, read_json
+from .runs import atomic_write, atomic_write_json, read_json
 
 FORMAT_VERSION = 1
 RANKINGS = ("abs", "diff", "effect", "t", "contrast_minus_utility")
@@ -314,3 +316,18 @@ def _probe(act: Tensor, hook: object, *, acts: list, zeros: list, layer: int) ->
     z = torch.zeros_like(act, requires_grad=True)
     acts[layer], zeros[layer] = act.detach(), z
     return act + z
+
+
+#: the per-neuron pruning effects (Δ refusal score) a search saves, under the key "delta"
+EFFECTS_FILE = "effects.safetensors"
+
+
+def save_effects(out: str | Path, delta: Float[Tensor, "layer neuron"]) -> None:
+    """Save pruning effects (:func:`estimate_effects`) in search directory ``out``."""
+    atomic_write(Path(out) / EFFECTS_FILE, lambda tmp: save_file({"delta": delta.contiguous()}, tmp))
+
+
+def saved_effects(out: str | Path) -> Float[Tensor, "layer neuron"] | None:
+    """The pruning effects saved in search directory ``out`` (None: it has none, e.g. no pruning)."""
+    path = Path(out) / EFFECTS_FILE
+    return load_file(str(path))["delta"] if path.exists() else None

@@ -528,8 +528,8 @@ def test_trial_batch_measures_each_trial_as_alone_and_resumes(planted, search_da
     from cna_lens.confirm import ConfirmData
     from cna_lens.evaluate import final_logprobs
     from cna_lens.pareto import Rule
-    from cna_lens.search import saved_effects
     from cna_lens.search_refs import measure_neurons, measure_trials
+    from cna_lens.selection import saved_effects
 
     from ..helpers import logit_tol
 

@@ -35,7 +35,25 @@ from cna_lens.search import Search
 from cna_lens.search_refs import CURVES
 
 #: what a search computes once, before its trials, from its validation prompts (not the quality ones)
-SHARED = ("attribution", "caa", "effects.safetensors", "baseline.json", "baseline.safetensors")
+SHARED = ("attribution", "caa", "resid", "effects.safetensors", "baseline.json", "baseline.safetensors")
+
+
+def header(kind: str, args: argparse.Namespace) -> dict:
+    """A result's kind, model, dtype, the machine's limits (:func:`cna_lens.bench.machine`) and settings."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("work", "out")}
+    return {"kind": kind, "model": args.model, "dtype": args.dtype, "machine": machine(True), "settings": settings}
+
+
+def start_from(search: Search, source: Search | None = None, shared: tuple[str, ...] = SHARED) -> None:
+    """Prepare ``search`` so that only its trials run: a ``references.json`` with empty curves (no
+    reference point is measured) and, from ``source``, the ``shared`` one-time stages it would repeat."""
+    for f in shared if source is not None else ():
+        src, dst = source.out / f, search.out / f
+        if src.exists() and not dst.exists():
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    refs = search.out / "references.json"
+    if not refs.exists():
+        atomic_write_json(refs, {"kind": "cna_lens.SearchReferences", "curves": {c: [] for c in CURVES}})
 
 
 def main() -> None:
@@ -68,14 +86,7 @@ def main() -> None:
     model = load_model(args.model, dtype=args.dtype)
     results = {}
     for name, search in searches.items():
-        if name == "quality":
-            for f in SHARED:
-                src, dst = searches["plain"].out / f, search.out / f
-                if not dst.exists():
-                    (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
-        refs = search.out / "references.json"
-        if not refs.exists():
-            atomic_write_json(refs, {"kind": "cna_lens.SearchReferences", "curves": {c: [] for c in CURVES}})
+        start_from(search, searches["plain"] if name == "quality" else None)
         results[name] = search.run(model, args.trials)
     plain_rows, quality_rows = (results[k]["trials"] for k in ("plain", "quality"))
     rows = [
@@ -93,11 +104,7 @@ def main() -> None:
     live = [r for r in rows if r["n_neurons"]]
     mean = lambda k: sum(r[k] for r in live) / len(live)  # noqa: E731
     out = {
-        "kind": "cna_lens.bench.TrialQuality",
-        "model": args.model,
-        "dtype": args.dtype,
-        "machine": machine(quick=True),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
+        **header("cna_lens.bench.TrialQuality", args),
         "quality_prompts": data["quality"].names["quality"],
         "seconds_per_trial": {"plain": mean("seconds_plain"), "quality": mean("seconds_quality")},
         "ratio": mean("seconds_quality") / mean("seconds_plain"),

@@ -16,7 +16,6 @@ python benchmarks/quality_constraint.py --model smollm2-135m-instruct --trials 2
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from trial_quality import header, start_from
@@ -24,6 +23,8 @@ from trial_quality import header, start_from
 from cna_lens import load_model
 from cna_lens.datasets import SearchData
 from cna_lens.pareto import Rule
+from cna_lens.quality import FILE as QUALITY_FILE
+from cna_lens.quality import stored
 from cna_lens.runs import atomic_write_json
 from cna_lens.search import Search
 
@@ -75,9 +76,8 @@ def main() -> None:
     model = load_model(args.model, dtype=args.dtype)
     results = {}
     for name, search in searches.items():
-        if name == "constrained" and not (search.out / "quality.json").exists():  # the unmodified model's answers
-            store = json.loads((searches["measured"].out / "quality.json").read_text())
-            atomic_write_json(search.out / "quality.json", {**store, "trials": {}})
+        if name == "constrained" and stored(search.out) is None:  # the unmodified model's answers
+            atomic_write_json(search.out / QUALITY_FILE, {**stored(searches["measured"].out), "trials": {}})
         start_from(search, searches["measured"] if name == "constrained" else None)
         results[name] = search.run(model, args.trials)
     judge = Rule(quality_margin=args.margin)  # both searches judged by the same margin

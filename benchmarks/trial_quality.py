@@ -30,6 +30,7 @@ from cna_lens.bench import machine
 from cna_lens.datasets import SearchData
 from cna_lens.evaluate import quality
 from cna_lens.pareto import Rule
+from cna_lens.quality import stored
 from cna_lens.runs import atomic_write_json, atomic_write_text
 from cna_lens.search import Search
 from cna_lens.search_refs import CURVES
@@ -115,7 +116,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out.parent / f"{args.out.name}.json", out)
-    store = json.loads((searches["quality"].out / "quality.json").read_text())
+    store = stored(searches["quality"].out)
     answers = [("baseline", store["baseline"])] + [(f"trial:{n}", t) for n, t in store["trials"].items()]
     lines = [
         json.dumps(

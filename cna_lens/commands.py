@@ -289,7 +289,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .confirm import ConfirmData
     from .models import resolve_dtype
     from .pareto import Rule, summary
-    from .plot import fresh_front, pareto_front, save_figure
+    from .plot import fresh_front, pareto_front, save_figures
     from .search import Search, SearchData, SearchSpace
     from .search_refs import samples
 
@@ -339,9 +339,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     )
     model = _load(args)
     result = search.run(model, args.trials)
-    written = save_figure(pareto_front(result), Path(args.out) / "pareto", png=args.png)
+    figures = {Path(args.out) / "pareto": pareto_front(result)}
     if "front" in (result.get("confirmation") or {}):
-        written += save_figure(fresh_front(result), Path(args.out) / "pareto_fresh", png=args.png)
+        figures[Path(args.out) / "pareto_fresh"] = fresh_front(result)
+    written = save_figures(figures, png=args.png)
     if args.samples:
         samples(search, model, result, n=args.samples, max_new_tokens=args.sample_tokens)
     print(summary(result))

@@ -166,12 +166,18 @@ class SearchData:
         quality: str | None = None,
         n_quality: int = 16,
         confirm_quality: int = 100,
+        n_discovery: int | None = None,
     ):
-        """Discovery on the paper's sets, pruning effects on ``harmful_train``, objectives on
+        """Discovery on the paper's sets (the first ``n_discovery`` of each; None: all), pruning effects on
+        ``harmful_train``, objectives on
         ``harmful_val`` / ``alpaca_val`` (first ``n`` of each; over-refusal on ``benign`` if given);
         answer quality (if ``quality`` names a bundled set) on ``n_quality`` evenly spaced prompts of those
         the confirmation's ``confirm_quality`` evenly spaced ones (:meth:`ConfirmData.bundled`) leave out."""
-        names = {"discovery": "discovery_harmful/discovery_harmless", "effects": f"harmful_train[:{n_effects}]"}
+        cut = "" if n_discovery is None else f"[:{n_discovery}]"
+        names = {
+            "discovery": f"discovery_harmful{cut}/discovery_harmless{cut}",
+            "effects": f"harmful_train[:{n_effects}]",
+        }
         names |= {"harmful": f"harmful_val[:{n_harmful}]", "harmless": f"alpaca_val[:{n_harmless}]"}
         names["benign"] = benign or names["harmless"]
         prompts = None
@@ -185,8 +191,8 @@ class SearchData:
             prompts = tuple(spread(rest, n_quality))
             names["quality"] = f"{quality} ({n_quality} evenly spaced, outside the confirmation's {confirm_quality})"
         return cls(
-            tuple(load_prompts("discovery_harmful")),
-            tuple(load_prompts("discovery_harmless")),
+            tuple(load_prompts("discovery_harmful", n_discovery)),
+            tuple(load_prompts("discovery_harmless", n_discovery)),
             tuple(load_prompts("harmful_train", n_effects)),
             tuple(load_prompts("harmful_val", n_harmful)),
             tuple(load_prompts("alpaca_val", n_harmless)),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
+import plotly.io as pio
 import torch
 from plotly.subplots import make_subplots
 
@@ -17,6 +19,7 @@ from .compare import check_same_shape
 from .conditions import Condition
 from .neurons import NeuronSet
 from .plot_search import fresh_front, fresh_fronts, pareto_front  # noqa: F401  (search figures, re-exported: plot.pareto_front)
+from .runs import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -246,17 +249,38 @@ def method_curves(results: dict[str, Any]) -> go.Figure:
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
 
 
-def save_figure(fig: go.Figure, stem: str | os.PathLike, png: bool = True) -> list[Path]:
-    """Write ``stem.html`` (self-contained) and, if static export works (kaleido + Chrome), ``stem.png``."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    html, image = stem.parent / f"{stem.name}.html", stem.parent / f"{stem.name}.png"  # names may hold dots
-    fig.write_html(html, include_plotlyjs="cdn")
-    written = [html]
-    if png:
-        try:
-            fig.write_image(image, scale=2)
-            written.append(image)
+def save_figures(figures: Mapping[str | os.PathLike, go.Figure], png: bool = True) -> list[Path]:
+    """Write ``stem.html`` (self-contained but for plotly.js, from its CDN) for each ``stem: figure`` and, if
+    static export works (kaleido + Chrome), ``stem.png``, all PNGs from one Chrome. A figure whose HTML on
+    disk is the same text (and whose PNG is there) is left alone, so a resumed run redraws only what
+    changed; a PNG is written before its HTML, so an interrupted write is redone. Returns the files."""
+    todo, files = [], []  # (figure, html, png, html text) of the figures to write
+    for stem, fig in figures.items():
+        stem = Path(stem)
+        html, image = stem.parent / f"{stem.name}.html", stem.parent / f"{stem.name}.png"  # names may hold dots
+        text = pio.to_html(fig, include_plotlyjs="cdn", div_id="figure")  # a fixed id: the same figure, the same text
+        if not (html.exists() and html.read_text(encoding="utf-8") == text and (image.exists() or not png)):
+            image.unlink(missing_ok=True)  # it showed the figure before this one
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            todo.append((fig, html, image, text))
+        files += [html, image]
+    if png and todo:
+        figs = [t[0] for t in todo]
+        try:  # write_images takes the size from its arguments only, not from the figures' layouts
+            pio.write_images(
+                figs,
+                [t[2] for t in todo],
+                scale=2,
+                width=[f.layout.width for f in figs],
+                height=[f.layout.height for f in figs],
+            )
         except Exception as e:  # kaleido or a Chrome missing: HTML is still there
             log.warning("static PNG export failed (%s); wrote HTML only", e)
-    return written
+    for _, html, _, text in todo:
+        atomic_write_text(html, text)
+    return [f for f in files if f.exists()]
+
+
+def save_figure(fig: go.Figure, stem: str | os.PathLike, png: bool = True) -> list[Path]:
+    """:func:`save_figures` of one figure."""
+    return save_figures({stem: fig}, png)

@@ -265,10 +265,14 @@ def reproduce(
     with rep.run.timed("split_half"):
         results["split_half_jaccard"] = rep.split_half_jaccard(chosen)
     publish("complete")
-    from .plot import dose_response, method_curves, save_figure
+    from .plot import dose_response, method_curves, save_figures
 
-    save_figure(dose_response(results), rep.out / "figures" / "dose_response")
-    save_figure(method_curves(results), rep.out / "figures" / "methods")
+    save_figures(
+        {
+            rep.out / "figures" / "dose_response": dose_response(results),
+            rep.out / "figures" / "methods": method_curves(results),
+        }
+    )
     return results
 
 

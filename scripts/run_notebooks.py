@@ -27,7 +27,7 @@ REAL = {
     '"results/reproduce-qwen2.5-coder-0.5b-instruct/attribution"]',
     "04_selection_search.ipynb": 'MODEL = "qwen2.5-coder-1.5b-instruct"\nDTYPE = "auto"\n'
     'SEARCH = "results/search-qwen2.5-coder-1.5b-instruct-judge"\n'
-    'TRIALS = 12\nN_SEARCH = 12\nCONFIRM = 3\nN_EVAL = 4\nMAX_NEW_TOKENS = 64\nJUDGE = "default"',
+    'TRIALS = 12\nN_SEARCH = 12\nN_DISCOVERY = None\nCONFIRM = 3\nN_EVAL = 4\nMAX_NEW_TOKENS = 64\nJUDGE = "default"',
 }
 
 p = argparse.ArgumentParser()

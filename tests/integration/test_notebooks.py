@@ -1,9 +1,10 @@
 """The notebooks run top to bottom on the packaged SmolLM2 (outputs are not saved).
 
 Each notebook reuses a discovery saved under its runs directory (``cached_attribution``). The tests seed
-that directory with one attribution on a few prompts, computed once, so that the notebooks skip three
+that directory with attributions on a few prompts, computed once, so that the notebooks skip four
 202-prompt discovery passes and run everything else: selection, figures, generation, judging, export,
-circuit maps, the base/instruct comparison (whose model B is always attributed afresh).
+circuit maps, the base/instruct comparison (model B's discovery is seeded from other prompts than A's,
+so that the two differ), and a small search, which runs its own discovery.
 """
 
 import shutil
@@ -28,7 +29,7 @@ PARAMS = {
     'CROSS_SIZE = ["results/foundation-qwen2.5-coder-1.5b-instruct/attribution", '
     '"results/reproduce-qwen2.5-coder-0.5b-instruct/attribution"]',
     "04_selection_search.ipynb": f'MODEL = "{ALIAS}"\nDTYPE = "auto"\nSEARCH = None\n'
-    'TRIALS = 3\nN_SEARCH = 4\nCONFIRM = 2\nN_EVAL = 2\nMAX_NEW_TOKENS = 8\nJUDGE = "regex"',
+    'TRIALS = 3\nN_SEARCH = 4\nN_DISCOVERY = 24\nCONFIRM = 2\nN_EVAL = 2\nMAX_NEW_TOKENS = 8\nJUDGE = "regex"',
 }
 #: What each notebook leaves behind: files under its runs directory, and text in its outputs.
 EVIDENCE = {
@@ -43,20 +44,26 @@ EVIDENCE = {
         ["re-measured on fresh prompts", "; search: ", "judged comply: baseline"],
     ),
 }
-#: The names under which the notebooks look for a saved discovery of the model (``cached_attribution``).
+#: The names under which the notebooks look for a saved discovery of the model (``cached_attribution``),
+#: and that of notebook 03's model B (A with perturbed MLP weights, ``PERTURB = 0.5``).
 ATTRIBUTION_NAMES = (ALIAS, "A-" + ALIAS)
+B_NAME = f"B-{ALIAS}-perturbed-0.5"
 
 pytestmark = [pytest.mark.integration, needs_smollm2]
 
 
 @pytest.fixture(scope="module")
 def seeded_runs(smol, tmp_path_factory):
-    """A runs directory holding a discovery on 12 + 12 prompts under every name the notebooks use."""
+    """A runs directory holding a discovery on 12 + 12 prompts under every name the notebooks use, and
+    one on the next 12 + 12 as model B's."""
     runs = tmp_path_factory.mktemp("seed")
-    harmful, harmless = load_prompts("discovery_harmful", limit=12), load_prompts("discovery_harmless", limit=12)
-    attr = cna_lens.attribute(smol, harmful, harmless, batch_size=12, progress=False)
+    harmful, harmless = load_prompts("discovery_harmful", limit=24), load_prompts("discovery_harmless", limit=24)
+    attr = cna_lens.attribute(smol, harmful[:12], harmless[:12], batch_size=12, progress=False)
     for name in ATTRIBUTION_NAMES:
         attr.save(runs / name / "attribution")
+    cna_lens.attribute(smol, harmful[12:], harmless[12:], batch_size=12, progress=False).save(
+        runs / B_NAME / "attribution"
+    )
     return runs
 
 
@@ -76,6 +83,8 @@ def test_notebook_executes(name, seeded_runs, tmp_path, monkeypatch):
     assert not list(scratch.iterdir()), "the notebook left files in the temporary directory"
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    seeded = sorted(p.relative_to(seeded_runs) for p in seeded_runs.glob("*/attribution"))
+    assert sorted(p.relative_to(runs) for p in runs.glob("*/attribution")) == seeded  # no discovery of its own
     files, texts = EVIDENCE[name]
     for f in files:
         assert (runs / f).exists(), f  # the notebook saved its results

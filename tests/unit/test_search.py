@@ -336,6 +336,20 @@ def test_search_data_quality_prompts():
         SearchData(*fields, quality=())
 
 
+def test_search_data_smaller_discovery():
+    """``n_discovery``: the first n prompts of each discovery set, named so in the config; all by default."""
+    from cna_lens.datasets import load_prompts
+
+    plain, small = SearchData.bundled(), SearchData.bundled(n_discovery=8)
+    assert plain.discovery_pos == tuple(load_prompts("discovery_harmful")) and len(plain.discovery_neg) == 103
+    assert small.discovery_pos == plain.discovery_pos[:8] and small.discovery_neg == plain.discovery_neg[:8]
+    assert small.names["discovery"] == "discovery_harmful[:8]/discovery_harmless[:8]"
+    assert plain.names["discovery"] == "discovery_harmful/discovery_harmless" and small.digest() != plain.digest()
+    assert small.harmful == plain.harmful and small.effects == plain.effects
+    with pytest.raises(ValueError, match="limit=100 but 'discovery_harmful' has 99 prompts"):
+        SearchData.bundled(n_discovery=100)
+
+
 def test_xstest_validation_split_is_disjoint_from_the_reproduction():
     """``xstest_safe_val``: the safe XSTest prompts outside the reproduction's evenly spaced 100, all
     ten categories alike (15 each)."""

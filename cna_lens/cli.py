@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--replace-selection", action="store_true", help="a finished run's stored selection makes way for --selection"
     )
     r.add_argument("--heldout", action=argparse.BooleanOptionalAction, default=True, help="harmful_test transfer")
+    r.add_argument("--heldout-limit", type=int, default=None, help="first N harmful_test prompts (default all 572)")
     r.set_defaults(func=cmd_reproduce)
 
     b = sub.add_parser("bench", help="CNA's speed as fractions of this machine's limits (JSON + markdown)")

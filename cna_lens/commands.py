@@ -250,6 +250,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         choose_by=args.choose_by,
         choose_tokens=args.choose_tokens,
         heldout=args.heldout,
+        heldout_limit=args.heldout_limit,
         selection=args.selection,
         replace_selection=args.replace_selection,
         dtype=args.dtype,

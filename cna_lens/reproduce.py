@@ -111,6 +111,7 @@ def reproduce(
     choose_by: str = "first_token",
     choose_tokens: int = 48,
     heldout: bool = True,
+    heldout_limit: int | None = None,
     selection: str | os.PathLike | None = None,
     replace_selection: bool = False,
     seed: int = 0,
@@ -119,7 +120,8 @@ def reproduce(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) the whole experiment in ``out``; returns ``results.json``'s content.
-    ``mmlu_limit``: MMLU items (None: all 570, 0: skip). ``mmlu_on`` / ``perplexity_on``: the JBB
+    ``mmlu_limit``: MMLU items (None: all 570, 0: skip); ``heldout_limit``: the first N ``harmful_test``
+    prompts of the transfer check (None: all 572). ``mmlu_on`` / ``perplexity_on``: the JBB
     harmful conditions that get MMLU / completion perplexity, as kinds (``caa``), keys (``caa:0.5``),
     ``chosen``, ``all`` or ``none``; they only add work, so a later call may extend them on a
     finished run. ``selection``: a ``selection.json``
@@ -138,11 +140,13 @@ def reproduce(
         raise ValueError(f"choose_tokens must be an int >= 1, got {choose_tokens!r}")
     if not fractions or not all(0 < f < 1 for f in fractions):
         raise ValueError(f"fractions {list(fractions)}: each must be a share in (0, 1)")
-    n_xstest, n_mmlu = len(load_dataset("xstest_safe")), len(load_dataset("mmlu"))
+    n_xstest, n_mmlu, n_heldout = (len(load_dataset(d)) for d in ("xstest_safe", "mmlu", "harmful_test"))
     if xstest_limit is not None and not 0 <= xstest_limit <= n_xstest:
         raise ValueError(f"--xstest-limit {xstest_limit}: xstest_safe has {n_xstest} prompts (0 = skip)")
     if mmlu_limit is not None and not 0 <= mmlu_limit <= n_mmlu:
         raise ValueError(f"--mmlu-limit {mmlu_limit}: the bundled MMLU has {n_mmlu} items (0 = skip)")
+    if heldout_limit is not None and not 1 <= heldout_limit <= n_heldout:
+        raise ValueError(f"--heldout-limit {heldout_limit}: harmful_test has {n_heldout} prompts (--no-heldout: skip)")
     judge_name = resolve_judge(judge)
     sel, neurons_file, replace = _selection(out, selection, replace_selection)
     name = model if isinstance(model, str) else model_name(model)
@@ -177,7 +181,7 @@ def reproduce(
         "judge": judge_name,
         "choose_by": choose_by,
         "choose_tokens": choose_tokens,
-        "heldout": "harmful_test" if heldout else None,
+        "heldout": ("harmful_test" + ("" if heldout_limit is None else f"[:{heldout_limit}]")) if heldout else None,
         "package_version": __version__,
     }
     check_config(out, config)  # before the model loads: a wrong --out fails at once
@@ -252,8 +256,10 @@ def reproduce(
         ppl_on = {c.key for c in harmful if _selected(c, perplexity_on, chosen)}
         results["perplexity"] = perplexity_table(rep.perplexity("jbb_harmful", ppl_on), labels)
     with rep.run.timed("first_token"):
-        scores = rep.prompt_scores("first_token", "jbb_harmful", harmful)
-        held = rep.prompt_scores("heldout", "harmful_test", [BASELINE, chosen, *extra]) if heldout else {}
+        scores = rep.prompt_scores("first_token", "jbb_harmful", harmful, limit)
+        held = (
+            rep.prompt_scores("heldout", "harmful_test", [BASELINE, chosen, *extra], heldout_limit) if heldout else {}
+        )
     results["first_token_vs_judge"] = first_token_vs_judge(scores, labels)
     results["heldout"] = {
         c: {"n": len(s), "first_token_refusal": sum(v > 0 for v in s.values()) / len(s)} for c, s in held.items()

@@ -211,12 +211,14 @@ class Reproduction:
                 labels.setdefault(r["condition"], []).append(r["label"])
         return {k: {"n": len(v), **label_rates(v, LABELS)} for k, v in labels.items()}
 
-    def prompt_scores(self, name: str, dataset: str, conditions: Sequence[Condition]) -> dict[str, Any]:
-        """Per condition, the first-token refusal log-odds of every prompt of ``dataset`` (saved in
-        ``<name>.json`` as ``{condition: {prompt_id: score}}``)."""
+    def prompt_scores(
+        self, name: str, dataset: str, conditions: Sequence[Condition], limit: int | None = None
+    ) -> dict[str, Any]:
+        """Per condition, the first-token refusal log-odds of the first ``limit`` prompts of ``dataset``
+        (None: all), saved in ``<name>.json`` as ``{condition: {prompt_id: score}}``."""
         path = self.out / f"{name}.json"
         done = read_json(path, "cna_lens.PromptScores")["scores"] if path.exists() else {}
-        rows = prompts_of(dataset, self.cfg["limit"] if dataset.startswith("jbb") else None)
+        rows = prompts_of(dataset, limit)
         todo = [c for c in dict.fromkeys(conditions) if c.key not in done]
         for c in tqdm(todo, desc=f"first-token scores ({dataset})", disable=not self.progress):
             s = self.refusal_scores(c, [r["prompt"] for r in rows])

@@ -24,6 +24,7 @@ KW = dict(
     kl_limit=4,
     xstest_limit=4,
     val_limit=4,
+    heldout_limit=5,
     fractions=(0.001, 0.01),
     rankings=("abs", "diff"),
     judge="regex",
@@ -96,6 +97,10 @@ def test_run_directory_contents(full_run):
     assert set(results["perplexity"]) == harmful
     assert results["first_token_vs_judge"]["n"] == 3 * len(harmful)
     assert set(results["heldout"]) == {"baseline", results["chosen"]}
+    held = json.loads((out / "heldout.json").read_text())["scores"]
+    first5 = [r["id"] for r in cna_lens.datasets.load_dataset("harmful_test", 5)]
+    assert all(list(s) == first5 for s in held.values()) and all(e["n"] == 5 for e in results["heldout"].values())
+    assert json.loads((out / "config.json").read_text())["heldout"] == "harmful_test[:5]"
     assert all(pts[0]["condition"] == "baseline" for pts in results["curves"].values())
     op = results["operating_point"]
     judged = ["baseline"] + [f"cna:{b}:{f}" for b in ("abs", "diff") for f in (0.001, 0.01)]

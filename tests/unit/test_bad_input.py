@@ -82,6 +82,11 @@ CASES = {
     "run directory that is a file": ({"r": b"x"}, ["reproduce", "--out", "{d}/r", "--limit", "2"], ["is a file"]),
     "sweep fraction of 1": ({}, ["reproduce", "--out", "{d}/r", "--fractions", "0.001,1"], ["--fractions", "(0, 1)"]),
     "limit out of range": ({}, ["reproduce", "--out", "{d}/r", "--limit", "0"], ["--limit"]),
+    "held-out limit out of range": (
+        {},
+        ["reproduce", "--out", "{d}/r", "--heldout-limit", "573"],
+        ["--heldout-limit 573", "572 prompts"],
+    ),
     "replace without a selection": ({}, ["reproduce", "--out", "{d}/r", "--replace-selection"], ["needs --selection"]),
     "judged sweep of no tokens": (
         {},

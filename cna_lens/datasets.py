@@ -168,11 +168,11 @@ class SearchData:
         confirm_quality: int = 100,
         n_discovery: int | None = None,
     ):
-        """Discovery on the paper's sets (the first ``n_discovery`` of each; None: all), pruning effects on
-        ``harmful_train``, objectives on
-        ``harmful_val`` / ``alpaca_val`` (first ``n`` of each; over-refusal on ``benign`` if given);
-        answer quality (if ``quality`` names a bundled set) on ``n_quality`` evenly spaced prompts of those
-        the confirmation's ``confirm_quality`` evenly spaced ones (:meth:`ConfirmData.bundled`) leave out."""
+        """Discovery on the paper's sets (the first ``n_discovery`` of each; None: all), pruning effects
+        on ``harmful_train``, objectives on ``harmful_val`` / ``alpaca_val`` (first ``n`` of each;
+        over-refusal on ``benign`` if given); answer quality (if ``quality`` names a bundled set) on
+        ``n_quality`` evenly spaced prompts of those the confirmation's ``confirm_quality`` evenly spaced
+        ones (:meth:`ConfirmData.bundled`) leave out."""
         cut = "" if n_discovery is None else f"[:{n_discovery}]"
         names = {
             "discovery": f"discovery_harmful{cut}/discovery_harmless{cut}",

@@ -21,20 +21,19 @@ def side_by_side(prompt: str, left: str, right: str, width: int = 100) -> str:
 
 def demo_plan(model, discovery: list[str], evals: list[str], args: argparse.Namespace):
     """Print what the demo will do and how long it should take here, timed on a slice of the work
-    (one discovery batch, one and five decoding steps); return the stages."""
+    (discovery's pass over one batch, one and five decoding steps); return the stages."""
     import math
 
-    import torch
-
     from . import estimate
+    from .attribute import final_token_activations_multi
     from .generation import generate
-    from .prompts import encode, left_pad, pad_id
+    from .prompts import encode
 
     limits = estimate.measure(next(model.parameters()).dtype)
     seqs = encode(model.tokenizer, discovery[: args.batch_size])
-    ids, mask = left_pad(seqs, pad_id(model.tokenizer), model.cfg.device)
-    with torch.no_grad():
-        per_batch = estimate.timed(lambda: model(ids, attention_mask=mask))
+    # discovery's own pass: it stops after the last MLP, so the unembedding is not part of its cost
+    first_batch = final_token_activations_multi(model, seqs, ("mlp.hook_post",), batch_size=len(seqs))
+    per_batch = estimate.timed(lambda: next(first_batch))
     kw = dict(batch_size=args.batch_size, progress=False)
     first = estimate.timed(lambda: generate(model, evals, max_new_tokens=1, **kw))
     five = estimate.timed(lambda: generate(model, evals, max_new_tokens=5, **kw))

@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--choose-tokens", type=int, default=48, help="generation length of the judged validation sweep")
     r.add_argument("--selection", default=None, help="selection.json from `cna-lens search`, added as a condition")
     r.add_argument(
+        "--direction-strengths",
+        default="",
+        help="directional ablation also at these strengths, comma-separated in (0, 2] (1 = full ablation)",
+    )
+    r.add_argument(
         "--replace-selection", action="store_true", help="a finished run's stored selection makes way for --selection"
     )
     r.add_argument("--heldout", action=argparse.BooleanOptionalAction, default=True, help="harmful_test transfer")

@@ -253,6 +253,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         heldout_limit=args.heldout_limit,
         selection=args.selection,
         replace_selection=args.replace_selection,
+        direction_strengths=[float(x) for x in args.direction_strengths.split(",") if x.strip()],
         dtype=args.dtype,
         process_weights=args.process_weights,
     )

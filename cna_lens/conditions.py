@@ -14,7 +14,8 @@ key                        intervention
 ``top:<rank>:<f>``         the same count, largest activation RMS whatever the contrast (zeroed)
 ``caa:<a>``                ``mlp_out_l ← mlp_out_l − a · v_l`` in every layer (CAA)
 ``caa_layer:<L>:<a>``      ``resid_pre_L ← resid_pre_L − a · u_L`` at one layer, as ``mlp_out_{L−1}``
-``direction:<L>``          the refusal direction of ``resid_pre_L`` projected out of every write
+``direction:<L>[:<s>]``    the refusal direction ``r`` of ``resid_pre_L`` projected out of every write,
+                           ``w ← w − s (w·r) r`` (``s`` = 1 when omitted; 0 < ``s`` ≤ 2)
 ``selection``              the neurons of a :class:`cna_lens.selection.Selection`, at its scale
 =========================  ===================================================================
 
@@ -36,7 +37,7 @@ import torch
 
 from .attribute import Attribution
 from .controls import direction_ablation_hooks, magnitude_matched, refusal_direction, top_mean_activation
-from .edit import edit_direction, edit_weights
+from .edit import check_strength, edit_direction, edit_weights
 from .engine import steer_mlp_out
 from .hooks import FwdHook, HookedModel
 from .intervene import check_compatible, neuron_hooks, steering_hooks
@@ -74,6 +75,7 @@ class Condition:
     scale: float | None = None
     alpha: float | None = None
     layer: int | None = None
+    strength: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -89,8 +91,10 @@ class Condition:
             "direction": ("layer",),
             "selection": (),
         }[self.kind]
-        allowed = set(need) | ({"scale"} if self.kind == "cna" else set())
-        given = {f for f in ("ranking", "fraction", "scale", "alpha", "layer") if getattr(self, f) is not None}
+        allowed = set(need) | {"cna": {"scale"}, "direction": {"strength"}}.get(self.kind, set())
+        given = {
+            f for f in ("ranking", "fraction", "scale", "alpha", "layer", "strength") if getattr(self, f) is not None
+        }
         if set(need) - given or given - allowed:
             raise ValueError(f"a {self.kind!r} condition takes {', '.join(need) or 'nothing'}, got {sorted(given)}")
         if self.ranking is not None and self.ranking not in RANKINGS:
@@ -99,6 +103,8 @@ class Condition:
             raise ValueError(f"fraction {self.fraction}: a share in (0, 1)")
         if self.layer is not None and self.layer < (1 if self.kind == "caa_layer" else 0):
             raise ValueError(f"layer {self.layer} of a {self.kind!r} condition is out of range")
+        if self.strength is not None:
+            check_strength(self.strength)
 
     # ------------------------------------------------------------------ construction and keys
     @classmethod
@@ -116,8 +122,8 @@ class Condition:
                 return cls(kind, alpha=float(args[0]))
             if kind == "caa_layer" and len(args) == 2:
                 return cls(kind, layer=int(args[0]), alpha=float(args[1]))
-            if kind == "direction" and len(args) == 1:
-                return cls(kind, layer=int(args[0]))
+            if kind == "direction" and len(args) in (1, 2):
+                return cls(kind, layer=int(args[0]), strength=float(args[1]) if len(args) == 2 else None)
         except ValueError as e:
             raise ValueError(f"condition {key!r}: {e}") from None
         raise ValueError(f"condition {key!r} is not one of the forms in cna_lens.conditions")
@@ -133,7 +139,8 @@ class Condition:
             return f"caa:{_num(self.alpha)}"  # type: ignore[arg-type]
         if self.kind == "caa_layer":
             return f"caa_layer:{self.layer}:{_num(self.alpha)}"  # type: ignore[arg-type]
-        return f"direction:{self.layer}"
+        tail = f":{_num(self.strength)}" if self.strength is not None else ""
+        return f"direction:{self.layer}{tail}"
 
     def __str__(self) -> str:
         return self.key
@@ -152,7 +159,7 @@ class Condition:
         if self.kind == "caa_layer":
             return f"{name} L{self.layer} α {_num(self.alpha)}"  # type: ignore[arg-type]
         if self.kind == "direction":
-            return f"{name} L{self.layer}"
+            return f"{name} L{self.layer}" + (f" ×{_num(self.strength)}" if self.strength is not None else "")
         return name
 
     @property
@@ -160,9 +167,17 @@ class Condition:
         """The factor a neuron condition multiplies its neurons by."""
         return 0.0 if self.scale is None else float(self.scale)
 
+    @property
+    def direction_strength(self) -> float:
+        """The strength of a direction condition (1 when omitted)."""
+        return 1.0 if self.strength is None else float(self.strength)
+
     def same_as(self) -> Condition:
         """The condition that computes exactly the same: CNA at scale 0 is the plain ablation, and at
-        scale 1 the baseline (``x · 1.0 = x`` in floating point)."""
+        scale 1 the baseline (``x · 1.0 = x`` in floating point); a direction at strength 1 the plain
+        directional ablation."""
+        if self.kind == "direction" and self.strength == 1.0:
+            return Condition("direction", layer=self.layer)
         if self.kind == "cna" and self.scale is not None:
             if self.scale == 0.0:
                 return Condition("cna", self.ranking, self.fraction)
@@ -263,7 +278,7 @@ class Interventions:
             return steering_hooks(self._caa_vectors(), c.alpha)  # type: ignore[arg-type]
         if c.kind == "caa_layer":
             return steering_hooks(self._shifted(c), c.alpha, layers=[c.layer - 1])  # type: ignore[arg-type,operator]
-        return direction_ablation_hooks(self.model, self.direction(c))
+        return direction_ablation_hooks(self.model, self.direction(c), c.direction_strength)
 
     def hooked(self, c: Condition) -> contextlib.AbstractContextManager:
         """A context manager that holds ``c``'s TransformerLens hooks."""
@@ -284,8 +299,8 @@ class Interventions:
         if c.kind == "caa_layer":
             v, a, layer = self._shifted(c), float(c.alpha), c.layer - 1  # type: ignore[arg-type,operator]
             return lambda: steer_mlp_out(self.model, v, a, layers=[layer])
-        r = self.direction(c)
-        return lambda: edit_direction(self.model, r)
+        r, s = self.direction(c), c.direction_strength
+        return lambda: edit_direction(self.model, r, s)
 
     def describe(self, c: Condition) -> dict[str, Any]:
         """JSON-ready facts of ``c``: its neuron count, or its layer / α."""

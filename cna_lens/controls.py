@@ -175,14 +175,17 @@ def refusal_direction(attr_resid: Attribution, layer: int) -> Float[Tensor, " d_
     return (d / d.norm()).float()
 
 
-def direction_ablation_hooks(model: HookedModel, direction: Float[Tensor, "*layer d_model"]) -> list[FwdHook]:
-    """``fwd_hooks`` of directional ablation equal to :func:`cna_lens.edit_direction` on this model:
-    the unembedding's input is projected too where the embedding is tied to it."""
+def direction_ablation_hooks(
+    model: HookedModel, direction: Float[Tensor, "*layer d_model"], strength: float = 1.0
+) -> list[FwdHook]:
+    """``fwd_hooks`` of directional ablation equal to :func:`cna_lens.edit_direction` on this model (at
+    ``strength``): the unembedding's input is projected too where the embedding is tied to it."""
     try:
         tied = tied_embeddings(hf_model(model))
     except TypeError:  # a HookedTransformer: no weight form to match
         tied = False
-    return direction_hooks(unit_directions(direction, model.cfg.n_layers, model.cfg.d_model), unembed=tied)
+    r = unit_directions(direction, model.cfg.n_layers, model.cfg.d_model)
+    return direction_hooks(r, unembed=tied, strength=strength)
 
 
 @dataclass(frozen=True)

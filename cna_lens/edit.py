@@ -258,12 +258,23 @@ def tied_embeddings(hf: Any) -> bool:
     return w_out is not None and w_in.data_ptr() == w_out.data_ptr()
 
 
-@contextmanager
-def edit_direction(model: HookedModel, direction: Float[Tensor, "*layer d_model"]) -> Iterator[HookedModel]:
-    """Directional ablation as a weight edit: every writer to the residual stream loses ``r``.
+def check_strength(strength: float) -> float:
+    """A directional ablation's strength ``s`` in (0, 2]: the writes keep ``1 − s`` of their component
+    along ``r`` (1 removes it, 2 reflects it)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < float(strength) <= 2:
+        raise ValueError(f"direction strength {strength!r}: a number in (0, 2] (1 ablates, 2 reflects)")
+    return float(strength)
 
-    ``E ← E − (E r) rᵀ`` on the embedding rows and ``W ← W − r (rᵀ W)``, ``b ← b − r (rᵀ b)`` on
-    each block's attention ``o_proj`` and MLP ``down_proj``. A ``[layer, d_model]`` direction uses
+
+@contextmanager
+def edit_direction(
+    model: HookedModel, direction: Float[Tensor, "*layer d_model"], strength: float = 1.0
+) -> Iterator[HookedModel]:
+    """Directional ablation as a weight edit: each writer to the residual stream loses s times its part along r.
+
+    ``E ← E − s (E r) rᵀ`` on the embedding rows and ``W ← W − s r (rᵀ W)``, ``b ← b − s r (rᵀ b)`` on
+    each block's attention ``o_proj`` and MLP ``down_proj`` (``s`` = ``strength``, 1 by default:
+    :func:`check_strength`). A ``[layer, d_model]`` direction uses
     ``r_l`` for block ``l``'s writers and ``r_0`` for the embedding. The equal hook form is
     ``cna_lens.ablate_direction`` (projection after ``hook_embed``, ``hook_attn_out`` and
     ``hook_mlp_out``). On a model with tied embeddings (SmolLM2) the embedding edit also edits the
@@ -286,32 +297,34 @@ def edit_direction(model: HookedModel, direction: Float[Tensor, "*layer d_model"
             "orthogonalising o_proj / down_proj does not remove the direction there; use cna_lens.ablate_direction"
         )
     r = unit_directions(direction, n_layers, d_model)
+    s = check_strength(strength)
     with _editing() as saved:
         emb = hf.get_input_embeddings().weight
         if saved.first_time(emb):
             saved.whole(emb)
-            _project_rows(emb, r[0])
+            _project_rows(emb, r[0], s)
         for layer in range(n_layers):
             for path in ("self_attn.o_proj", "mlp.down_proj"):
                 mod = _linear(layers[layer], path, layer)
                 for t in (mod.weight, mod.bias):
                     if t is not None and saved.first_time(t):
                         saved.whole(t)
-                        _project_out(t, r[layer])
+                        _project_out(t, r[layer], s)
         yield model
 
 
-def _project_rows(e: Tensor, r: Tensor, chunk: int = 1 << 14) -> None:
-    """``E ← E − (E r) rᵀ`` in place, in fp32, a block of rows at a time."""
+def _project_rows(e: Tensor, r: Tensor, s: float = 1.0, chunk: int = 1 << 14) -> None:
+    """``E ← E − s (E r) rᵀ`` in place, in fp32, a block of rows at a time."""
     r = r.to(e.device)
     for start in range(0, e.shape[0], chunk):
         rows = e[start : start + chunk]
         f = rows.float()
-        rows.copy_(f - torch.outer(f @ r, r))
+        rows.copy_(f - torch.outer(f @ r, r if s == 1.0 else s * r))
 
 
-def _project_out(w: Tensor, r: Tensor) -> None:
-    """``W ← W − r (rᵀ W)`` on the output (first) dimension, in fp32."""
+def _project_out(w: Tensor, r: Tensor, s: float = 1.0) -> None:
+    """``W ← W − s r (rᵀ W)`` on the output (first) dimension, in fp32."""
     r = r.to(w.device)
     f = w.float()
-    w.copy_(f - torch.outer(r, r @ f) if f.ndim == 2 else f - r * (r @ f))
+    sr = r if s == 1.0 else s * r
+    w.copy_(f - torch.outer(sr, r @ f) if f.ndim == 2 else f - sr * (r @ f))

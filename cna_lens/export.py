@@ -35,7 +35,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .edit import check_neurons, edit_direction, edit_weights, hf_model, steering_biases, unit_directions
+from .edit import (
+    check_neurons,
+    check_strength,
+    edit_direction,
+    edit_weights,
+    hf_model,
+    steering_biases,
+    unit_directions,
+)
 from .gguf_export import GGUF_TYPES, check_config, write_gguf
 from .models import HookedModel, model_name, weights_processed
 from .neurons import NeuronSet
@@ -146,6 +154,7 @@ def edit_record(
     alpha: float,
     layers: list[int] | None,
     direction: Tensor | None,
+    strength: float,
     provenance: dict | None,
     format: str,
     gguf_type: str | None,
@@ -183,7 +192,8 @@ def edit_record(
             {
                 "kind": "direction",
                 "direction": direction.detach().float().tolist(),
-                "weights": "W -= r r^T W on embed_tokens rows, self_attn.o_proj, mlp.down_proj (r = unit direction)",
+                "strength": float(strength),
+                "weights": "W -= s r r^T W on embed_tokens rows, self_attn.o_proj, mlp.down_proj (r = unit direction)",
             }
         )
     return {
@@ -221,6 +231,7 @@ def export_model(
     alpha: float = 1.0,
     layers: list[int] | None = None,
     direction: Float[Tensor, "*layer d_model"] | None = None,
+    direction_strength: float = 1.0,
     tokenizer: Any = None,
     provenance: dict | None = None,
     format: str = "hf",
@@ -229,7 +240,8 @@ def export_model(
     force: bool = False,
 ) -> Path:
     """Write the model with ``neurons`` scaled by ``scale``, CAA ``vectors`` added (``−alpha·v_l`` at
-    ``hook_mlp_out``) and/or ``direction`` ablated, as ``out_dir`` (see the module docstring).
+    ``hook_mlp_out``) and/or ``direction`` ablated (at ``direction_strength``, :func:`cna_lens.edit_direction`),
+    as ``out_dir`` (see the module docstring).
 
     ``model``: a bridge from :func:`cna_lens.load_model` (unprocessed weights) or a Hugging Face
     ``PreTrainedModel`` (then pass ``tokenizer``). The weights are written in the model's dtype
@@ -252,6 +264,7 @@ def export_model(
         from .edit import model_shape
 
         unit_directions(direction, *model_shape(hf)[:2])  # validate before any work
+        check_strength(direction_strength)
     config = export_config(hf, mlp_bias=bool(biases))
     if format == "gguf":
         check_config(config)
@@ -264,6 +277,7 @@ def export_model(
         alpha=alpha,
         layers=layers,
         direction=direction,
+        strength=direction_strength,
         provenance=provenance,
         format=format,
         gguf_type=gguf_type,
@@ -275,7 +289,7 @@ def export_model(
             if neurons is not None:
                 stack.enter_context(edit_weights(model, neurons, scale))
             if direction is not None:
-                stack.enter_context(edit_direction(model, direction))
+                stack.enter_context(edit_direction(model, direction, direction_strength))
             ref = _reference(hf, config)
             tensors = state_dict(hf, ref, biases)
             if format == "hf":

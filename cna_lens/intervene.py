@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .edit import check_steering, unit_directions
+from .edit import check_steering, check_strength, unit_directions
 from .hooks import FwdHook, HookedModel, check_hook, hook_name
 from .neurons import NeuronSet
 
@@ -115,7 +115,7 @@ def steer(
         yield model
 
 
-def _project_hook(r: Tensor) -> Callable[[Tensor, object], Tensor]:
+def _project_hook(r: Tensor, s: float = 1.0) -> Callable[[Tensor, object], Tensor]:
     cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def hook(act: Tensor, hook: object) -> Tensor:
@@ -123,33 +123,39 @@ def _project_hook(r: Tensor) -> Callable[[Tensor, object], Tensor]:
         u = cache.get(key)
         if u is None:
             u = cache[key] = r.to(act.device, act.dtype)
-        return act - (act @ u).unsqueeze(-1) * u
+        along = (act @ u).unsqueeze(-1) * u
+        return act - (along if s == 1.0 else s * along)
 
     return hook
 
 
-def direction_hooks(directions: Float[Tensor, "layer d_model"], unembed: bool = False) -> list[FwdHook]:
+def direction_hooks(
+    directions: Float[Tensor, "layer d_model"], unembed: bool = False, strength: float = 1.0
+) -> list[FwdHook]:
     """``fwd_hooks`` equal to :func:`ablate_direction` for unit ``directions`` (one per layer)."""
-    hooks = [("hook_embed", _project_hook(directions[0]))]
+    s = check_strength(strength)
+    hooks = [("hook_embed", _project_hook(directions[0], s))]
     for layer in range(directions.shape[0]):
-        hooks += [(hook_name(layer, h), _project_hook(directions[layer])) for h in ("hook_attn_out", "hook_mlp_out")]
+        r = directions[layer]
+        hooks += [(hook_name(layer, h), _project_hook(r, s)) for h in ("hook_attn_out", "hook_mlp_out")]
     if unembed:
-        hooks.append(("unembed.hook_in", _project_hook(directions[0])))  # tied: the embedding's r_0
+        hooks.append(("unembed.hook_in", _project_hook(directions[0], s)))  # tied: the embedding's r_0
     return hooks
 
 
 @contextmanager
 def ablate_direction(
-    model: HookedModel, direction: Float[Tensor, "*layer d_model"], unembed: bool = False
+    model: HookedModel, direction: Float[Tensor, "*layer d_model"], unembed: bool = False, strength: float = 1.0
 ) -> Iterator[HookedModel]:
-    """Directional ablation (Arditi et al.): ``x ← x − (x·r) r`` on every write to the residual stream.
+    """Directional ablation (Arditi et al.): ``x ← x − s (x·r) r`` on every write to the residual stream.
 
     ``r = direction / ‖direction‖`` is removed after the embedding (``hook_embed``) and from each
-    block's attention and MLP outputs (``hook_attn_out``, ``hook_mlp_out``), so the residual stream
-    never holds it. A ``[layer, d_model]`` direction uses ``r_l`` in block ``l`` (``r_0`` for the
-    embedding). ``unembed=True`` also projects the unembedding's input (what
+    block's attention and MLP outputs (``hook_attn_out``, ``hook_mlp_out``), so at ``s`` = ``strength``
+    = 1 the residual stream never holds it; at other ``s`` in (0, 2] it keeps ``1 − s`` of its part
+    along ``r`` (the writes add up). A ``[layer, d_model]`` direction uses ``r_l`` in block ``l``
+    (``r_0`` for the embedding). ``unembed=True`` also projects the unembedding's input (what
     :func:`cna_lens.edit_direction` does on a model with tied embeddings).
     """
     r = unit_directions(direction, model.cfg.n_layers, model.cfg.d_model)
-    with model.hooks(fwd_hooks=direction_hooks(r, unembed)):
+    with model.hooks(fwd_hooks=direction_hooks(r, unembed, strength)):
         yield model

@@ -166,14 +166,17 @@ def report(results: dict[str, Any]) -> str:
             f"| {_label(cond, results)} `{cond}` | {_rate(comp.get('jbb_benign', {}).get(cond), 'refuse', True)} | "
             f"{_rate(x, 'refuse', True)} | {_pct(g['refusal_rate'])} |"
         )
-    m = results.get("matched") or {}
-    for name, key in (("at_kl", "KL"), ("at_compliance", "compliance")):
-        if name in m:
-            lines += ["", f"## Methods at the chosen point's {key} ({m[name]['target']:.3g})", ""]
-            lines += ["| method | KL | compliance | MMLU |", "|---|---|---|---|"]
-            for method, row in m[name]["methods"].items():
-                cells = ["—"] * 3 if row is None else [_num(row.get(k), ".3f") for k in ("kl", "compliance", "mmlu")]
-                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for field, point in (("matched", "the chosen point"), ("matched_selection", "the searched selection")):
+        m = results.get(field) or {}
+        for name, key in (("at_kl", "KL"), ("at_compliance", "compliance")):
+            if name in m:
+                lines += ["", f"## Methods at {point}'s {key} ({m[name]['target']:.3g})", ""]
+                lines += ["| method | KL | compliance | MMLU |", "|---|---|---|---|"]
+                for method, row in m[name]["methods"].items():
+                    cells = (
+                        ["—"] * 3 if row is None else [_num(row.get(k), ".3f") for k in ("kl", "compliance", "mmlu")]
+                    )
+                    lines.append(f"| {method} | " + " | ".join(cells) + " |")
     ft = results.get("first_token_vs_judge") or {}
     held = results.get("heldout") or {}
     jv = results.get("judge_validation") or {}

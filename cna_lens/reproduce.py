@@ -26,6 +26,7 @@ from . import __version__
 from .compliance import read_verdicts, write_compliance
 from .conditions import RANKINGS, Condition, with_scale
 from .datasets import XSTEST_TEST, load_dataset
+from .edit import check_strength
 from .judge import resolve_judge
 from .models import HookedModel, load_model, model_name, resolve_dtype, weights_processed
 from .report import report, summarize
@@ -114,6 +115,7 @@ def reproduce(
     heldout_limit: int | None = None,
     selection: str | os.PathLike | None = None,
     replace_selection: bool = False,
+    direction_strengths: Sequence[float] = (),
     seed: int = 0,
     dtype: torch.dtype | str = "auto",
     process_weights: bool = False,
@@ -124,7 +126,9 @@ def reproduce(
     prompts of the transfer check (None: all 572). ``mmlu_on`` / ``perplexity_on``: the JBB
     harmful conditions that get MMLU / completion perplexity, as kinds (``caa``), keys (``caa:0.5``),
     ``chosen``, ``all`` or ``none``; they only add work, so a later call may extend them on a
-    finished run. ``selection``: a ``selection.json``
+    finished run. ``direction_strengths``: directional ablation at these strengths too (0 < s ≤ 2,
+    ``direction:<L>:<s>``), on JBB harmful as the other curves; also only added work, and the strengths
+    of earlier calls stay. ``selection``: a ``selection.json``
     written by ``cna-lens search`` (with the ``neurons.json`` beside it when present), added as the
     condition ``selection``; it is kept in the run directory, so it can be added to a finished run
     (``replace_selection``: a finished run's stored selection and its results make way for it)."""
@@ -148,6 +152,7 @@ def reproduce(
     if heldout_limit is not None and not 1 <= heldout_limit <= n_heldout:
         raise ValueError(f"--heldout-limit {heldout_limit}: harmful_test has {n_heldout} prompts (--no-heldout: skip)")
     judge_name = resolve_judge(judge)
+    strengths = _strengths(out, direction_strengths)
     sel, neurons_file, replace = _selection(out, selection, replace_selection)
     name = model if isinstance(model, str) else model_name(model)
     if isinstance(model, str):
@@ -193,6 +198,7 @@ def reproduce(
         direction_choice = rep.direction_layer()
     layer = int(direction_choice["layer"])
     direction = Condition("direction", layer=layer)
+    partial = [Condition("direction", layer=layer, strength=s) for s in strengths if s != 1.0]
     grid = [BASELINE] + [Condition(k, by, f) for by in rankings for f in fractions for k in ("cna", "random")]
     with rep.run.timed("sweep"):
         first = rep.sweep(grid)
@@ -211,10 +217,10 @@ def reproduce(
             + [with_scale(chosen, s) for s in SCALES]
             + [Condition("caa", alpha=a) for a in dict.fromkeys([*CAA_SWEEP, *caa_alphas])]
             + [Condition("caa_layer", layer=max(layer, 1), alpha=a) for a in dict.fromkeys([*LAYER_SWEEP, layer_alpha])]
-            + [direction, *controls, *extra]
+            + [direction, *partial, *controls, *extra]
         )
     cna_curve = list(dict.fromkeys([PAPER, *(Condition("cna", chosen.ranking, f) for f in fractions if f <= 0.01)]))
-    harmful = [BASELINE, *cna_curve, *controls, *caa, one_layer, direction, *extra]
+    harmful = [BASELINE, *cna_curve, *controls, *caa, one_layer, direction, *partial, *extra]
     benign = [BASELINE, chosen, *extra]
     results: dict[str, Any] = {
         "kind": "cna_lens.Results",
@@ -224,7 +230,11 @@ def reproduce(
         "chosen": chosen.key,
         "paper_point": PAPER.key,
         "conditions": {c.key: {"kind": c.kind, **rep.iv.describe(c)} for c in harmful},
-        "stages": {"mmlu_on": list(mmlu_on), "perplexity_on": list(perplexity_on)},
+        "stages": {
+            "mmlu_on": list(mmlu_on),
+            "perplexity_on": list(perplexity_on),
+            "direction_strengths": strengths,
+        },
         "direction": direction_choice,
         "sweep": sweep,
         "operating_point": op,
@@ -267,6 +277,8 @@ def reproduce(
     results["curves"] = curves(harmful, table.get("jbb_harmful", {}), results["capability"])
     at = next((p for pts in results["curves"].values() for p in pts if p["condition"] == chosen.key), None)
     results["matched"] = matched(results["curves"], at) if at else None
+    at_sel = next((p for p in results["curves"].get("selection", []) if p["condition"] == "selection"), None)
+    results["matched_selection"] = matched(results["curves"], at_sel) if at_sel else None
     results["judge_validation"] = _judge_validation()
     with rep.run.timed("split_half"):
         results["split_half_jaccard"] = rep.split_half_jaccard(chosen)
@@ -285,6 +297,15 @@ def reproduce(
 def _selected(c: Condition, names: Sequence[str], chosen: Condition) -> bool:
     """Whether ``names`` (kinds, keys, ``chosen``, ``all``, ``none``) select ``c``."""
     return "all" in names or c.kind in names or c.key in names or ("chosen" in names and c == chosen)
+
+
+def _strengths(out: str | Path, given: Sequence[float]) -> list[float]:
+    """The run's extra direction strengths: those of earlier calls (``results.json``) and ``given``, sorted."""
+    path = Path(out) / "results.json"
+    stored = (
+        read_json(path, "cna_lens.Results").get("stages", {}).get("direction_strengths", []) if path.exists() else []
+    )
+    return sorted({check_strength(s) for s in [*stored, *given]})
 
 
 def _selection(

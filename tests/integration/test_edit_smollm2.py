@@ -43,13 +43,14 @@ def test_edit_weights_equals_ablate(smol, prompts):
     assert digest(smol) == before
 
 
-def test_edit_direction_equals_hooks_with_tied_unembedding(smol, prompts):
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_edit_direction_equals_hooks_with_tied_unembedding(smol, prompts, strength):
     assert cna_lens.edit.tied_embeddings(smol.original_model)  # SmolLM2 ties them
     r = torch.randn(smol.cfg.d_model, generator=torch.Generator().manual_seed(1))
     ids, mask = batch(smol, prompts)
-    with cna_lens.ablate_direction(smol, r, unembed=True):
+    with cna_lens.ablate_direction(smol, r, unembed=True, strength=strength):
         hooked = logits(smol, ids, mask)
-    with cna_lens.edit_direction(smol, r):
+    with cna_lens.edit_direction(smol, r, strength):
         edited = logits(smol, ids, mask)
     torch.testing.assert_close(real(edited, mask), real(hooked, mask), atol=logit_tol(smol, hooked), rtol=0)
 

@@ -30,6 +30,7 @@ def exports(tiny_model, tmp_path_factory):
     kinds = {
         "edited": (lambda: ablate(model, neurons, 0.0), dict(neurons=neurons, scale=0.0, provenance={"run": "x"})),
         "dir": (lambda: ablate_direction(model, r), dict(direction=r)),
+        "dir_half": (lambda: ablate_direction(model, r, strength=0.5), dict(direction=r, direction_strength=0.5)),
     }
     if llama:
         steering = dict(vectors=vectors, alpha=0.5, layers=[1, 2])
@@ -80,8 +81,18 @@ def test_hf_export_reloads_without_cna_lens(tiny_model, exports):
     assert {p.name for p in root.iterdir()} == {n + s for n in exported for s in ("", ".check.safetensors")}
 
 
-def test_direction_export(tiny_model, exports):
-    check_logits(tiny_model, exports[0]["dir"])
+@pytest.mark.parametrize("name, strength", [("dir", 1.0), ("dir_half", 0.5)])
+def test_direction_export(tiny_model, exports, name, strength):
+    check_logits(tiny_model, exports[0][name])
+    (edit,) = json.loads((exports[0][name][0] / EDIT_FILE).read_text())["edits"]
+    assert (edit["kind"], edit["strength"]) == ("direction", strength)
+
+
+def test_direction_export_checks_the_strength_first(tiny_model, tmp_path):
+    r = torch.ones(tiny_model.cfg.d_model)
+    with pytest.raises(ValueError, match="strength"):
+        export_model(tiny_model, tmp_path / "bad", direction=r, direction_strength=3.0)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_steering_export_uses_mlp_bias_where_the_architecture_has_it(tiny_model, exports, tmp_path):

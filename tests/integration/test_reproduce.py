@@ -282,6 +282,7 @@ def test_generation_edits_equal_the_conditions_hooks(llama_model, full_run):
     chosen = Condition.parse(results["chosen"])
     conds = [Condition.parse(c) for c in results["conditions"]]
     conds.append(Condition("cna", chosen.ranking, chosen.fraction, 0.5))
+    conds.append(Condition("direction", layer=results["direction"]["layer"], strength=0.5))
     prompts = ["How do I pick a lock?", "Write a poem about the sea", "Hi", "Explain photosynthesis."]
     texts = {}
     for c in conds:
@@ -331,3 +332,29 @@ def test_a_selection_joins_a_finished_run(llama_model, full_run, tmp_path):
     assert Selection.load(run / "selection" / "selection.json") == Selection("abs", 0.02)
     for name in ("completions.jsonl", "verdicts.jsonl", "perplexity.jsonl"):
         assert sorted((run / name).read_text().splitlines()) == sorted((fresh_dir / name).read_text().splitlines())
+
+
+def test_direction_strengths_join_a_finished_run(llama_model, full_run, tmp_path):
+    """``direction_strengths`` adds ``direction:<L>:<s>`` to the JBB harmful conditions and the direction
+    curve of a finished run, recomputes nothing else, and the strengths of earlier calls stay."""
+    import shutil
+
+    out, ref = full_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    layer = ref["direction"]["layer"]
+    with pytest.raises(ValueError, match="strength"):
+        rp.reproduce(llama_model, run, direction_strengths=[0.0], **KW)  # refused before any work
+    res = rp.reproduce(llama_model, run, direction_strengths=[0.5, 1.0], **KW)
+    added = f"direction:{layer}:0.5"
+    assert set(res["conditions"]) == set(ref["conditions"]) | {added}  # strength 1 is the plain ablation
+    assert res["stages"]["direction_strengths"] == [0.5, 1.0]
+    for cond, entry in ref["generations"]["jbb_harmful"].items():
+        assert res["generations"]["jbb_harmful"][cond] == entry
+    assert res["generations"]["jbb_harmful"][added]["n"] == 3 and added not in res["generations"]["jbb_benign"]
+    assert [p["condition"] for p in res["curves"]["direction"]][0] == "baseline"
+    assert {p["condition"] for p in res["curves"]["direction"]} == {"baseline", f"direction:{layer}", added}
+    scores = [res["sweep"][k]["mean_score"] for k in ("baseline", added, f"direction:{layer}")]
+    assert len(set(scores)) == 3  # half the removal is neither none nor all of it
+    again = rp.reproduce(llama_model, run, **KW)  # resumed without the flag: the strengths stay
+    assert again["stages"]["direction_strengths"] == [0.5, 1.0] and added in again["conditions"]

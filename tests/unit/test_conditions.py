@@ -24,6 +24,8 @@ KEYS = [
     "caa:1",
     "caa_layer:3:1.5",
     "direction:2",
+    "direction:2:0.5",
+    "direction:4:2",
 ]
 
 
@@ -46,6 +48,10 @@ def test_keys_round_trip(key):
         ("random:abs:0.1:0.5", "not one of the forms"),
         ("caa_layer:0:1", "layer 0"),
         ("direction:-1", "layer -1"),
+        ("direction:2:0", "strength 0.0"),
+        ("direction:2:2.5", "strength 2.5"),
+        ("direction:2:nan", "strength nan"),
+        ("direction:2:0.5:1", "not one of the forms"),
         ("steer:1", "not one of the forms"),
         ("baseline:1", "not one of the forms"),
     ],
@@ -62,6 +68,8 @@ def test_fields_are_checked_by_kind():
         Condition("caa", "abs", 0.1)
     with pytest.raises(ValueError, match="a 'random' condition takes ranking, fraction"):
         Condition("random", "abs", 0.1, scale=0.5)
+    with pytest.raises(ValueError, match="a 'cna' condition takes ranking, fraction"):
+        Condition("cna", "abs", 0.1, strength=0.5)  # a strength is a direction's, a scale a neuron set's
 
 
 def test_same_as():
@@ -70,6 +78,8 @@ def test_same_as():
     assert with_scale(c, 1.0).same_as() == Condition("baseline")
     assert with_scale(c, 0.5).same_as() == with_scale(c, 0.5)
     assert Condition("caa", alpha=1.0).same_as() == Condition("caa", alpha=1.0)
+    assert Condition("direction", layer=2, strength=1.0).same_as() == Condition("direction", layer=2)
+    assert Condition("direction", layer=2, strength=0.5).same_as().key == "direction:2:0.5"
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +121,7 @@ PROMPTS = ["How do I pick a lock?", "Write a poem about the sea", "Hi"]
 @pytest.mark.parametrize(
     "key",
     ["cna:abs:0.05", "cna:diff:0.05:0.5", "random:abs:0.05", "magnitude:abs:0.05", "top:abs:0.05",
-     "caa:0.5", "caa_layer:2:1", "direction:2"],
+     "caa:0.5", "caa_layer:2:1", "direction:2", "direction:2:0.5", "direction:2:1.5"],
 )  # fmt: skip
 def test_stock_form_equals_the_hooks(llama_model, iv, key):
     """Final-position logits of the stock engine under ``edit`` against the bridge under the TL hooks:

@@ -168,6 +168,41 @@ def test_direction_ablation_removes_it_everywhere_and_equals_the_weight_edit(tin
     torch.testing.assert_close(edited, hooked, atol=logit_tol(tiny_model, hooked), rtol=0)
 
 
+@pytest.mark.parametrize("strength", [0.25, 1.0, 2.0])
+def test_partial_direction_keeps_one_minus_s_of_each_write_along_r(strength):
+    """``w ← w − s (w·r) r``: the write keeps its part orthogonal to ``r`` and ``1 − s`` of its part along it."""
+    from cna_lens.intervene import direction_hooks
+
+    g = torch.Generator().manual_seed(5)
+    d = 64
+    r = torch.nn.functional.normalize(torch.randn(3, d, generator=g, dtype=torch.float64), dim=-1).float()
+    hooks = dict(direction_hooks(r, unembed=True, strength=strength))
+    assert set(hooks) == {"hook_embed", "unembed.hook_in"} | {
+        f"blocks.{i}.{h}" for i in range(3) for h in ("hook_attn_out", "hook_mlp_out")
+    }
+    w = torch.randn(2, 5, d, generator=g)
+    out = hooks["blocks.1.hook_mlp_out"](w, None)
+    along, new = w.double() @ r[1].double(), out.double() @ r[1].double()
+    # one fp32 dot product (≤ (√d + 1)·u·|w|) and a subtraction per coordinate, ×4 margin
+    tol = 4 * (math.sqrt(d) + 2) * U_FP32 * float(w.norm(dim=-1).max()) * max(1.0, strength)
+    assert float((new - (1 - strength) * along).abs().max()) <= tol
+    ortho = lambda x: x.double() - (x.double() @ r[1].double()).unsqueeze(-1) * r[1].double()  # noqa: E731
+    assert float((ortho(out) - ortho(w)).abs().max()) <= tol
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 2.01, float("nan"), float("inf"), True, "1"])
+def test_direction_strength_is_checked(tiny_model, resid_attr, bad):
+    from cna_lens.intervene import ablate_direction
+
+    r = refusal_direction(resid_attr, 1)
+    with pytest.raises(ValueError, match="strength"):
+        direction_ablation_hooks(tiny_model, r, bad)
+    with pytest.raises(ValueError, match="strength"), edit_direction(tiny_model, r, bad):
+        pass
+    with pytest.raises(ValueError, match="strength"), ablate_direction(tiny_model, r, strength=bad):
+        pass
+
+
 def test_choose_direction_layer(tiny_model, resid_attr):
     choice = choose_direction_layer(tiny_model, resid_attr, HARMFUL, layers=[1, 2, 3], harmless=HARMLESS, max_kl=1e9)
     assert set(choice.scores) == {1, 2, 3} and choice.kl_filter_met

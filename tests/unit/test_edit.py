@@ -76,17 +76,17 @@ def test_only_touched_columns_are_saved(tiny_model):
         assert w[:, cols].abs().max() == 0 and w[:, other].abs().max() > 0
 
 
-@pytest.mark.parametrize("per_layer", [False, True])
-def test_edit_direction_equals_projection_hooks(tiny_model, prompts, per_layer):
+@pytest.mark.parametrize("per_layer, strength", [(False, 1.0), (True, 1.0), (False, 0.5), (True, 2.0)])
+def test_edit_direction_equals_projection_hooks(tiny_model, prompts, per_layer, strength):
     g = torch.Generator().manual_seed(2)
     shape = (tiny_model.cfg.n_layers, tiny_model.cfg.d_model) if per_layer else (tiny_model.cfg.d_model,)
     r = torch.randn(shape, generator=g)
     ids, mask = batch(tiny_model, prompts)
     base = logits(tiny_model, ids, mask)
-    with ablate_direction(tiny_model, r):
+    with ablate_direction(tiny_model, r, strength=strength):
         hooked = logits(tiny_model, ids, mask)
         hooked_tokens = [greedy(tiny_model, p) for p in prompts[:3]]
-    with edit_direction(tiny_model, r):
+    with edit_direction(tiny_model, r, strength):
         edited = logits(tiny_model, ids, mask)
         edited_tokens = [greedy(tiny_model, p) for p in prompts[:3]]
     assert (hooked - base).abs().max() > 0.1

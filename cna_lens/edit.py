@@ -319,12 +319,12 @@ def _project_rows(e: Tensor, r: Tensor, s: float = 1.0, chunk: int = 1 << 14) ->
     for start in range(0, e.shape[0], chunk):
         rows = e[start : start + chunk]
         f = rows.float()
-        rows.copy_(f - torch.outer(f @ r, r if s == 1.0 else s * r))
+        rows.copy_(f - torch.outer(f @ r, s * r))
 
 
 def _project_out(w: Tensor, r: Tensor, s: float = 1.0) -> None:
     """``W ← W − s r (rᵀ W)`` on the output (first) dimension, in fp32."""
     r = r.to(w.device)
     f = w.float()
-    sr = r if s == 1.0 else s * r
+    sr = s * r  # s = 1.0 leaves r bit for bit
     w.copy_(f - torch.outer(sr, r @ f) if f.ndim == 2 else f - sr * (r @ f))

@@ -123,8 +123,7 @@ def _project_hook(r: Tensor, s: float = 1.0) -> Callable[[Tensor, object], Tenso
         u = cache.get(key)
         if u is None:
             u = cache[key] = r.to(act.device, act.dtype)
-        along = (act @ u).unsqueeze(-1) * u
-        return act - (along if s == 1.0 else s * along)
+        return act - s * ((act @ u).unsqueeze(-1) * u)  # s = 1.0 multiplies exactly
 
     return hook
 

@@ -267,6 +267,27 @@ def heldout_report(rows: Sequence[dict[str, Any]], judges: Mapping[str, Sequence
     }
 
 
+def hand_labels(completions: Sequence[Mapping[str, Any]], dataset: str = "jbb_harmful") -> dict[str, Any]:
+    """The blind hand labels that describe a run's conditions word for word: for each condition of
+    ``completions`` (rows with ``model``, ``dataset``, ``condition``, ``prompt_id``, ``completion``) whose
+    ``dataset`` completions are exactly those of one held-out labelled condition (same model, same prompts,
+    the same text), that condition's name (``labelled_as``) and :func:`label_rates` of its final labels."""
+    labelled: dict[tuple[str, str], dict[str, tuple[str, str]]] = {}
+    for r in heldout_rows():
+        labelled.setdefault((r["model"], r["condition"]), {})[r["prompt_id"]] = (r["completion"], r["label"])
+    runs: dict[tuple[str, str], dict[str, str]] = {}
+    for r in completions:
+        if r["dataset"] == dataset:
+            runs.setdefault((r["model"], r["condition"]), {})[r["prompt_id"]] = r["completion"]
+    out: dict[str, Any] = {}
+    for (model, cond), texts in runs.items():
+        for (m, name), items in labelled.items():
+            if m == model and items.keys() == texts.keys() and all(items[k][0] == texts[k] for k in texts):
+                out[cond] = {"labelled_as": name, **label_rates([lab for _, lab in items.values()])}
+                break
+    return out
+
+
 def validate(cache: EmbeddingCache, progress: bool = False) -> dict[str, Any]:
     """All validation numbers (see the module docstring) as a JSON-ready dict."""
     xs, jb = list(xstest_rows()), list(jbb_rows())

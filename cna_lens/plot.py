@@ -206,14 +206,18 @@ def dose_response(results: dict[str, Any]) -> go.Figure:
     return fig
 
 
-def method_curves(results: dict[str, Any]) -> go.Figure:
-    """Judged compliance on JBB harmful against KL on harmless prompts (left) and against MMLU
-    accuracy (right), one curve per method, every curve starting at the baseline."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("compliance vs KL", "compliance vs MMLU"))
+def method_curves(results: dict[str, Any], kl_zoom: float = 0.3) -> go.Figure:
+    """Judged compliance on JBB harmful against KL on harmless prompts (left; middle: KL ≤ ``kl_zoom``)
+    and against MMLU accuracy (right), one curve per method, every curve starting at the baseline; on
+    the KL panels also the conditions read blind by hand (``results["hand_labels"]``, Wilson 95 % intervals)."""
+    panels = ((1, "kl"), (2, "kl"), (3, "mmlu"))
+    fig = make_subplots(
+        rows=1, cols=3, subplot_titles=("compliance vs KL", f"KL ≤ {kl_zoom:g} nats", "compliance vs MMLU")
+    )
     for i, (method, pts) in enumerate(results.get("curves", {}).items()):
         labels = [Condition.parse(p["condition"]).label for p in pts]
         color = _PALETTE[i % len(_PALETTE)]
-        for col, key in ((1, "kl"), (2, "mmlu")):
+        for col, key in panels:
             shown = [(p[key], p["compliance"], t) for p, t in zip(pts, labels) if key in p]
             if not shown:
                 continue
@@ -233,14 +237,43 @@ def method_curves(results: dict[str, Any]) -> go.Figure:
                 row=1,
                 col=col,
             )
+    kl = {p["condition"]: p["kl"] for pts in results.get("curves", {}).values() for p in pts if "kl" in p}
+    hand = [(kl[c], h["comply"], c) for c, h in (results.get("hand_labels") or {}).items() if c in kl]
+    if hand:
+        x, r, text = zip(*hand)
+        for col in (1, 2):
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=[h["rate"] for h in r],
+                    error_y=dict(
+                        type="data",
+                        symmetric=False,
+                        array=[h["ci"][1] - h["rate"] for h in r],
+                        arrayminus=[h["rate"] - h["ci"][0] for h in r],
+                    ),
+                    text=[Condition.parse(c).label for c in text],
+                    mode="markers",
+                    name="read blind by hand",
+                    legendgroup="hand",
+                    showlegend=col == 1,
+                    marker=dict(symbol="diamond-open", size=11, color="black"),
+                    hovertemplate="%{text} (hand labels)<br>%{x:.3f}, %{y:.2f}",
+                ),
+                row=1,
+                col=col,
+            )
     chosen = results.get("chosen")
     fig.update_xaxes(title_text="KL on harmless prompts (nats)", row=1, col=1)
-    fig.update_xaxes(title_text="MMLU accuracy", row=1, col=2)
-    fig.update_yaxes(title_text="judged compliance (JBB harmful)", range=[-0.02, 1.02])
+    fig.update_xaxes(title_text="KL on harmless prompts (nats)", range=[-0.02 * kl_zoom, kl_zoom], row=1, col=2)
+    fig.update_xaxes(title_text="MMLU accuracy", row=1, col=3)
+    fig.update_yaxes(title_text="judged compliance (JBB harmful)", range=[-0.02, 1.02], row=1, col=1)
+    fig.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
+    fig.update_yaxes(range=[-0.02, 1.02], row=1, col=3)
     fig.update_layout(
         title=f"Methods, {results['config']['model']} (chosen CNA point {chosen})",
         template="plotly_white",
-        width=1200,
+        width=1600,
         height=460,
     )
     return fig

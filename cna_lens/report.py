@@ -60,6 +60,28 @@ def _rate(entry: dict[str, Any] | None, label: str, ci: bool = False) -> str:
     return f"{_pct(r['rate'])} [{_pct(r['ci'][0])}–{_pct(r['ci'][1])}]" if ci else _pct(r["rate"])
 
 
+def hand_label_table(results: dict[str, Any]) -> list[str]:
+    """Markdown rows for the conditions whose JBB-harmful completions were read blind by hand
+    (``results["hand_labels"]``), beside the run's judge."""
+    hand = results.get("hand_labels") or {}
+    if not hand:
+        return []
+    judged = (results.get("compliance") or {}).get("jbb_harmful", {})
+    lines = [
+        "",
+        "## Read blind by two readers (JBB harmful; cna_lens/data/jbb_labels_heldout.jsonl, docs/judge.md)",
+        "",
+        "| condition | labelled as | comply % [CI] | evade % | refuse % | judge's comply % |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cond, h in hand.items():
+        lines.append(
+            f"| {_label(cond, results)} `{cond}` | `{h['labelled_as']}` | {_rate(h, 'comply', True)} | "
+            f"{_rate(h, 'evade')} | {_rate(h, 'refuse')} | {_rate(judged.get(cond), 'comply')} |"
+        )
+    return lines
+
+
 def _num(x: Any, fmt: str) -> str:
     return "—" if x is None else format(x, fmt)
 
@@ -153,6 +175,7 @@ def report(results: dict[str, Any]) -> str:
             + (f"{mq['diff']:+.3f} ({mq['n']})" if mq else "—")
             + " |"
         )
+    lines += hand_label_table(results)
     lines += [
         "",
         "## Over-refusal (judged refusal %)",

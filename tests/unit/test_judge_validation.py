@@ -23,6 +23,7 @@ from cna_lens.judge_validation import (
     JBB_LABELS_FILE,
     XSTEST_FILE,
     feature_table,
+    hand_labels,
     heldout_report,
     heldout_rows,
     jbb_rows,
@@ -118,6 +119,35 @@ def test_heldout_report_counts_by_hand():
     assert rep["readers"]["per_condition"]["m | A"]["accuracy"] == 0.75
     assert rep["classifier"]["per_condition"]["m | B"]["rate_judge"]["comply"] == 1.0
     assert rep["regex"]["all"]["rate_judge"]["comply"] == 1.0  # "Sure, here it is." holds no refusal phrase
+
+
+def test_hand_labels_describe_only_word_for_word_completions():
+    """A run's condition gets the hand labels of a held-out condition only if its JBB-harmful completions
+    are exactly those read: same model, same prompts, the same text."""
+    model, name = "qwen2.5-coder-1.5b-instruct", "selection:27"
+    read = [r for r in heldout_rows() if (r["model"], r["condition"]) == (model, name)]
+    assert len(read) == 100
+
+    def run(rows, model=model):
+        return [
+            {
+                "model": model,
+                "dataset": "jbb_harmful",
+                "condition": "selection",
+                **{k: r[k] for k in ("prompt_id", "completion")},
+            }
+            for r in rows
+        ] + [{"model": model, "dataset": "jbb_benign", "condition": "selection", "prompt_id": "b0", "completion": "x"}]
+
+    got = hand_labels(run(read))
+    assert list(got) == ["selection"] and got["selection"]["labelled_as"] == name
+    assert got["selection"]["comply"]["count"] == sum(r["label"] == "comply" for r in read)
+    assert got["selection"]["comply"]["rate"] == got["selection"]["comply"]["count"] / 100
+    changed = [dict(r) for r in read]
+    changed[50]["completion"] += " "
+    assert hand_labels(run(changed)) == {}
+    assert hand_labels(run(read[:-1])) == {}
+    assert hand_labels(run(read, model="qwen2.5-coder-0.5b-instruct")) == {}
 
 
 def test_validation_numbers_recompute_exactly(cache):

@@ -6,7 +6,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import pytest
 
-from cna_lens.plot import save_figure, save_figures
+from cna_lens.plot import method_curves, save_figure, save_figures
+from cna_lens.report import hand_label_table
 
 
 def line(ys, **layout):
@@ -94,3 +95,40 @@ def test_png_size_is_the_layouts(tmp_path):
     ):
         head = (tmp_path / f"{name}.png").read_bytes()[16:24]  # the PNG header's width and height
         assert (int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")) == size, name
+
+
+def test_hand_labels_drawn_at_their_conditions_kl_and_tabled_beside_the_judge():
+    """A hand-labelled condition appears on the KL panel at its curve point's KL with its Wilson interval,
+    and in the report beside the judge's rate; one without a KL point is tabled but not drawn."""
+    rate = {"count": 47, "rate": 0.47, "ci": [0.38, 0.57]}
+    none = {"count": 0, "rate": 0.0, "ci": [0.0, 0.04]}
+    results = {
+        "config": {"model": "m"},
+        "chosen": "cna:abs:0.003",
+        "curves": {
+            "direction": [
+                {"condition": "baseline", "kl": 0.0, "compliance": 0.12},
+                {"condition": "direction:16:0.75", "kl": 0.032, "compliance": 0.46},
+            ]
+        },
+        "hand_labels": {
+            "direction:16:0.75": {"labelled_as": "direction:16:0.75", "comply": rate, "evade": rate, "refuse": none},
+            "selection": {"labelled_as": "selection:27", "comply": rate, "evade": rate, "refuse": none},
+        },
+        "compliance": {
+            "jbb_harmful": {"direction:16:0.75": {"comply": {"count": 46, "rate": 0.46, "ci": [0.37, 0.56]}}}
+        },
+    }
+    fig = method_curves(results)
+    hand = [tr for tr in fig.data if tr.name == "read blind by hand"]
+    assert [tr.xaxis for tr in hand] == ["x", "x2"]  # the full KL panel and its zoom, not the MMLU one
+    for tr in hand:
+        assert list(tr.x) == [0.032] and list(tr.y) == [0.47]
+        assert list(tr.error_y.array) == pytest.approx([0.10])
+        assert list(tr.error_y.arrayminus) == pytest.approx([0.09])
+    assert fig.layout.xaxis2.range[1] == 0.3
+    rows = [r for r in hand_label_table(results) if r.startswith("| ") and "`" in r]
+    assert len(rows) == 2
+    assert rows[0].endswith("| `direction:16:0.75` | 47 [38–57] | 47 | 0 | 46 |")
+    assert rows[1].endswith("| `selection:27` | 47 [38–57] | 47 | 0 | — |")
+    assert hand_label_table({}) == []

@@ -272,19 +272,20 @@ def hand_labels(completions: Sequence[Mapping[str, Any]], dataset: str = "jbb_ha
     ``completions`` (rows with ``model``, ``dataset``, ``condition``, ``prompt_id``, ``completion``) whose
     ``dataset`` completions are exactly those of one held-out labelled condition (same model, same prompts,
     the same text), that condition's name (``labelled_as``) and :func:`label_rates` of its final labels."""
-    labelled: dict[tuple[str, str], dict[str, tuple[str, str]]] = {}
+    read: dict[tuple[str, str], tuple[dict[str, str], list[str]]] = {}  # (model, condition) -> texts, labels
     for r in heldout_rows():
-        labelled.setdefault((r["model"], r["condition"]), {})[r["prompt_id"]] = (r["completion"], r["label"])
+        texts, labels = read.setdefault((r["model"], r["condition"]), ({}, []))
+        texts[r["prompt_id"]] = r["completion"]
+        labels.append(r["label"])
     runs: dict[tuple[str, str], dict[str, str]] = {}
     for r in completions:
         if r["dataset"] == dataset:
             runs.setdefault((r["model"], r["condition"]), {})[r["prompt_id"]] = r["completion"]
     out: dict[str, Any] = {}
     for (model, cond), texts in runs.items():
-        for (m, name), items in labelled.items():
-            if m == model and items.keys() == texts.keys() and all(items[k][0] == texts[k] for k in texts):
-                out[cond] = {"labelled_as": name, **label_rates([lab for _, lab in items.values()])}
-                break
+        name = next((c for (m, c), (t, _) in read.items() if m == model and t == texts), None)
+        if name is not None:
+            out[cond] = {"labelled_as": name, **label_rates(read[model, name][1])}
     return out
 
 

@@ -267,9 +267,8 @@ def method_curves(results: dict[str, Any], kl_zoom: float = 0.3) -> go.Figure:
     fig.update_xaxes(title_text="KL on harmless prompts (nats)", row=1, col=1)
     fig.update_xaxes(title_text="KL on harmless prompts (nats)", range=[-0.02 * kl_zoom, kl_zoom], row=1, col=2)
     fig.update_xaxes(title_text="MMLU accuracy", row=1, col=3)
-    fig.update_yaxes(title_text="judged compliance (JBB harmful)", range=[-0.02, 1.02], row=1, col=1)
-    fig.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
-    fig.update_yaxes(range=[-0.02, 1.02], row=1, col=3)
+    fig.update_yaxes(range=[-0.02, 1.02])
+    fig.update_yaxes(title_text="judged compliance (JBB harmful)", row=1, col=1)
     fig.update_layout(
         title=f"Methods, {results['config']['model']} (chosen CNA point {chosen})",
         template="plotly_white",

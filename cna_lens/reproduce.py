@@ -279,8 +279,10 @@ def reproduce(
     results["matched"] = matched(results["curves"], at) if at else None
     at_sel = next((p for p in results["curves"].get("selection", []) if p["condition"] == "selection"), None)
     results["matched_selection"] = matched(results["curves"], at_sel) if at_sel else None
-    results["judge_validation"] = _judge_validation()
-    results["hand_labels"] = _hand_labels(rep.run.rows)
+    from .judge_validation import hand_labels, load_validation
+
+    results["judge_validation"] = load_validation()["summary"]  # the default judge against human labels
+    results["hand_labels"] = hand_labels(rep.run.rows)  # where the run's completions are those read by hand
     with rep.run.timed("split_half"):
         results["split_half_jaccard"] = rep.split_half_jaccard(chosen)
     publish("complete")
@@ -331,18 +333,3 @@ def _selection(
         return None, None, False
     beside = Path(given).parent / "neurons.json"  # type: ignore[arg-type]
     return sel, beside if beside.exists() else None, stored.exists()
-
-
-def _hand_labels(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Blind hand labels of the run's JBB-harmful conditions, where its completions are word for word
-    those read (``cna_lens/data/jbb_labels_heldout.jsonl``)."""
-    from .judge_validation import hand_labels
-
-    return hand_labels(rows)
-
-
-def _judge_validation() -> dict[str, Any]:
-    """The default judge's agreement with human labels (``cna_lens/data/judge_validation.json``)."""
-    from .judge_validation import load_validation
-
-    return load_validation()["summary"]

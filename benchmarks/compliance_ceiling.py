@@ -66,6 +66,21 @@ def interventions(run: Path, model, seed: int) -> Interventions:
     )
 
 
+def report_head(kind: str, run: Path, cfg: dict, n: int) -> dict:
+    """What a report of these benchmarks opens with: the run, its model, dtype and token budget, the
+    prompts, and the library versions."""
+    return {
+        "kind": kind,
+        "run": str(run),
+        "model": cfg["model"],
+        "dtype": cfg["dtype"],
+        "max_new_tokens": cfg["max_new_tokens"],
+        "dataset": DATASET,
+        "n": n,
+        "versions": {p: importlib.metadata.version(p) for p in ("torch", "transformers", "transformer-lens")},
+    }
+
+
 def share(labels: list[str], label: str) -> dict:
     k = sum(x == label for x in labels)
     return {"share": k / len(labels), "ci95": proportion_ci(k, len(labels))}
@@ -174,18 +189,7 @@ def main() -> None:
             on_done=save,
         )
 
-    report: dict = {
-        "kind": "cna_lens.ComplianceCeiling",
-        "run": str(run),
-        "model": cfg["model"],
-        "dtype": cfg["dtype"],
-        "max_new_tokens": cfg["max_new_tokens"],
-        "dataset": DATASET,
-        "n": len(rows),
-        "judge": JUDGE,
-        "versions": {p: importlib.metadata.version(p) for p in ("torch", "transformers", "transformer-lens")},
-        "conditions": {},
-    }
+    report = report_head("cna_lens.ComplianceCeiling", run, cfg, len(rows)) | {"judge": JUDGE, "conditions": {}}
     if (run / "selection" / "selection.json").exists():  # what the 'selection' condition is
         report["selection"] = json.loads((run / "selection" / "selection.json").read_text())
     prompts = [r["prompt"] for r in rows]

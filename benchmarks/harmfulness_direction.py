@@ -16,7 +16,7 @@ discovery prompts, ``hook_resid_pre`` at ``t_inst``.
 Written to OUT: ``completions.jsonl`` (appended as answers finish; a rerun generates only the missing
 ones), ``harm_directions.safetensors`` (``h`` per layer), ``harmfulness.json``: the cosine of ``h``
 per layer with ``r`` and with the same layer's refusal direction, KL on the run's harmless KL prompts,
-the classifier's labels, and the blind hand labels of conditions whose answers were read
+the classifier's label shares, and the blind hand labels of conditions whose answers were read
 (``cna_lens/data/jbb_labels_heldout.jsonl``, matched word for word) with the exact McNemar test of
 comply between the two conditions.
 

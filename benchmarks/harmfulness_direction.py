@@ -32,7 +32,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from compliance_ceiling import interventions, read_done, report_head, share
+from compliance_ceiling import interventions, read_done, report_head
 from safetensors.torch import load_file, save_file
 
 import cna_lens
@@ -41,11 +41,11 @@ from cna_lens.conditions import Condition
 from cna_lens.datasets import load_dataset, load_prompts
 from cna_lens.evaluate import final_logprobs, kl_divergence
 from cna_lens.generation import generate_many
-from cna_lens.judge import LABELS, judge_completions
+from cna_lens.judge import judge_completions
 from cna_lens.judge_validation import hand_labels, heldout_rows
 from cna_lens.prompts import encode
 from cna_lens.runs import append_jsonl, atomic_write_json
-from cna_lens.scoring import mcnemar
+from cna_lens.scoring import label_rates, mcnemar
 
 DATASET = "jbb_harmful"
 JUDGE = "classifier"
@@ -154,7 +154,7 @@ def main() -> None:
     for key in keys:
         texts = [done[key, x["id"]]["completion"] for x in rows]
         judged = [v.label for v in judge_completions(prompts, texts, JUDGE)]
-        entry: dict = {"kl": kl[key], JUDGE: {lab: share(judged, lab) for lab in LABELS}}
+        entry: dict = {"kl": kl[key], JUDGE: label_rates(judged)}  # the same form as the hand labels
         if key in hand:
             entry["hand"] = hand[key]
         report["conditions"][key] = entry
@@ -165,7 +165,7 @@ def main() -> None:
     atomic_write_json(out / "harmfulness.json", report)
     print(f"refusal direction alone: {report['same_as_run']} of {len(rows)} answers as in the run")
     for key, e in report["conditions"].items():
-        print(f"{key:>22}: KL {e['kl']:.3f}, classifier comply {e[JUDGE]['comply']['share']:.2f}")
+        print(f"{key:>22}: KL {e['kl']:.3f}, classifier comply {e[JUDGE]['comply']['rate']:.2f}")
 
 
 if __name__ == "__main__":
